@@ -1,0 +1,195 @@
+"""Benchmark of the pruning core: scoring + selection for M=256 visual tokens.
+
+Measures, per pruner, keep ratio and batch size, the host-side cost of what the engine calls
+once per frame: ``attention_rows`` on captured post-RoPE q/k plus ``semantic_scores`` (only
+the rows the pruner needs: all T rows for vlapruner, the last row for fastv, none for
+divprune), vlapruner's per-frame action bookkeeping (7 action rows -> ``action_scores`` ->
+``ActionHistory.push``/``estimate``), and ``select_batch``. Shapes follow OpenVLA-7B's
+``bench`` scale: T=290 prompt (BOS + 256 visual + 33 text), Hq=Hkv=8 heads of D=64 (a
+reduced head count: the cost is linear in heads), E=4096 projector-output embeddings.
+
+Run: ``python benchmarks/bench_pruning.py`` (writes benchmarks/results/pruning.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_vla_pruner.pruning import (
+    ActionHistory,
+    PruneInputs,
+    action_scores,
+    attention_rows,
+    budget_for,
+    select_batch,
+    semantic_scores,
+)
+
+T, M, VISUAL_START, HQ, HKV, D, E, A = 290, 256, 1, 8, 8, 64, 4096, 7
+METHODS = ("vlapruner", "fastv", "divprune")
+KEEPS = (0.5, 0.25, 0.125)
+BATCHES = (1, 32)
+
+
+def timed(fn, budget_s: float = 0.6, max_reps: int = 15) -> float:
+    """Median wall time in ms: one warm-up, then repeats until ~budget_s (at least 3)."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    reps = max(3, min(max_reps, int(budget_s / max(first, 1e-6))))
+    samples = [first]
+    for _ in range(reps - 1):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(samples)
+
+
+def make_request(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "q": torch.randn(T, HQ, D, generator=g),
+        "k": torch.randn(T + A, HKV, D, generator=g),
+        "emb": torch.randn(M, E, generator=g),
+        "act_q": torch.randn(A, HQ, D, generator=g),
+        "session": f"robot-{seed}",
+    }
+
+
+def semantic_scoring(req: dict, method: str) -> torch.Tensor:
+    """Scores the engine would compute at layer K-1 for this method."""
+    k = req["k"][:T]
+    if method == "fastv":
+        rows = attention_rows(req["q"][-1:], k, torch.tensor([T - 1]))
+        attn = torch.zeros(T, T)
+        attn[-1] = rows[0]
+        return attn
+    attn = attention_rows(req["q"], k, torch.arange(T))
+    semantic_scores(attn, VISUAL_START, M)
+    return attn
+
+
+def action_bookkeeping(req: dict, history: ActionHistory, kept: torch.Tensor) -> None:
+    """Per frame: the A action queries over the pruned key set -> S_act -> history."""
+    n_text = T - VISUAL_START - M
+    vis_pos = VISUAL_START + kept
+    key_pos = torch.cat(
+        [torch.arange(VISUAL_START), vis_pos, torch.arange(VISUAL_START + M, T + A)]
+    )
+    keys = req["k"][key_pos]
+    rows = attention_rows(req["act_q"], keys, torch.arange(T, T + A), k_positions=key_pos)
+    vki = torch.arange(VISUAL_START, VISUAL_START + kept.numel())
+    s_act = action_scores(rows, vki, kept, M)
+    history.push(req["session"], s_act)
+    history.estimate(req["session"])
+    del n_text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "pruning.json"))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    reqs = [make_request(i) for i in range(max(BATCHES))]
+    history = ActionHistory()
+    for r in reqs:  # warm history so vlapruner runs its full path
+        for _ in range(3):
+            history.push(r["session"], torch.rand(M))
+
+    # Score tensors are computed once per (method, request) for the selection timing.
+    attn_cache = {m: [semantic_scoring(r, m) for r in reqs] for m in ("vlapruner", "fastv")}
+    results = []
+    for method in METHODS:
+        for keep in KEEPS:
+            budget = budget_for(M, keep)
+            for bsz in BATCHES:
+                batch = reqs[:bsz]
+                attn_src = attn_cache["fastv" if method == "fastv" else "vlapruner"]
+                items = [
+                    (
+                        PruneInputs(
+                            attn=attn_src[i],
+                            visual_start=VISUAL_START,
+                            num_visual=M,
+                            embeddings=r["emb"],
+                            action_estimate=history.estimate(r["session"])
+                            if method == "vlapruner"
+                            else None,
+                            semantic_rows="last" if method == "fastv" else "all",
+                        ),
+                        method,
+                        budget,
+                    )
+                    for i, r in enumerate(batch)
+                ]
+                scoring_ms = 0.0
+                if method != "divprune":
+                    scoring_ms = timed(lambda b=batch: [semantic_scoring(r, method) for r in b])
+                select_ms = timed(lambda it=items: select_batch(it))
+                history_ms = 0.0
+                if method == "vlapruner":
+                    kept = select_batch(items[:1])[0]
+                    history_ms = timed(
+                        lambda b=batch, k=kept: [action_bookkeeping(r, history, k) for r in b]
+                    )
+                total = scoring_ms + select_ms + history_ms
+                results.append(
+                    {
+                        "method": method,
+                        "keep_ratio": keep,
+                        "budget": budget,
+                        "batch": bsz,
+                        "scoring_ms": round(scoring_ms, 3),
+                        "selection_ms": round(select_ms, 3),
+                        "action_history_ms": round(history_ms, 3),
+                        "total_ms": round(total, 3),
+                        "total_per_request_ms": round(total / bsz, 3),
+                    }
+                )
+                print(
+                    f"  {method:10s} keep={keep:<5} batch={bsz:<2} total={total:8.2f} ms",
+                    flush=True,
+                )
+
+    header = (
+        "| method | keep | budget | batch | scoring ms | selection ms | action+history ms "
+        "| total ms | per request ms |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    for r in results:
+        lines.append(
+            f"| {r['method']} | {r['keep_ratio']} | {r['budget']} | {r['batch']} "
+            f"| {r['scoring_ms']:.2f} | {r['selection_ms']:.2f} | {r['action_history_ms']:.2f} "
+            f"| {r['total_ms']:.2f} | {r['total_per_request_ms']:.2f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    meta = {
+        "shapes": {"T": T, "M": M, "Hq": HQ, "Hkv": HKV, "D": D, "E": E, "action_queries": A},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "timing": "median wall ms over repeats after one warm-up",
+        "runtime_s": round(time.perf_counter() - started, 1),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=2) + "\n")
+    print(f"\nwrote {out} in {meta['runtime_s']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""vllm-vla-pruner: serve VLA robot policies on vLLM with VLA-Pruner visual token pruning.
+
+``register`` is the ``vllm.general_plugins`` entry point. vLLM runs it in every process it
+starts (API server, engine core, workers, the model-inspection subprocess), so it must be
+idempotent and cheap.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+MODEL_ARCH = "OpenVLAForActionPrediction"
+_registered = False
+
+
+def register() -> None:
+    """Take over vLLM's OpenVLA architecture and install the engine-side pruning hooks."""
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    ModelRegistry.register_model(MODEL_ARCH, "vllm_vla_pruner.openvla:OpenVLAForActionPrediction")
+    try:
+        from vllm_vla_pruner.patches import apply_all
+    except ImportError:  # patches not built yet
+        apply_all = None
+    if apply_all is not None:
+        apply_all()
+    _registered = True

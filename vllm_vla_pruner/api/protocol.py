@@ -1,0 +1,279 @@
+"""Request/response models of ``POST /v1/actions`` and the errors the route can answer.
+
+The models are strict on purpose: a robot client that sends ``"keep_ratio": "0.5"`` or an
+``instructions`` typo should hear about it at once (HTTP 422 naming the field) instead of
+silently running with server defaults. Checks that depend on the served checkpoint or on the
+pruning registry (pruner names, ``unnorm_key``) read the allowed values from the pydantic
+validation context, so the same models validate in the API server, in a Ray Serve ingress
+and in unit tests without an engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+__all__ = [
+    "MAX_INSTRUCTION_CHARS",
+    "MAX_SESSION_ID_CHARS",
+    "SESSION_ID_HEADER",
+    "ActionRequest",
+    "ActionResponse",
+    "ApiError",
+    "InfoResponse",
+    "PruningReport",
+    "PruningSettings",
+    "Timing",
+    "parse_action_request",
+    "validation_error_to_api_error",
+]
+
+#: Header that carries the robot episode id when the body has no ``session_id`` (vLLM's name).
+SESSION_ID_HEADER = "X-Session-ID"
+MAX_INSTRUCTION_CHARS = 2000
+MAX_SESSION_ID_CHARS = 256
+
+# Keys of the pydantic validation context (see parse_action_request).
+CTX_PRUNERS = "pruners"
+CTX_UNNORM_KEYS = "unnorm_keys"
+
+
+class ApiError(Exception):
+    """An error that becomes ``{"error": {"field", "message", "type"}}`` with an HTTP status.
+
+    One exception type for every refusal, so the FastAPI route, a Ray Serve deployment and
+    tests all map errors the same way.
+    """
+
+    def __init__(
+        self, status: int, message: str, field: str | None = None, type: str = "invalid_request"
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.type = type
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"field": self.field, "message": self.message, "type": self.type}}
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status}, field={self.field!r}, message={self.message!r})"
+
+
+def _one_of(value: str, allowed: Collection[str] | None, what: str) -> str:
+    """Check ``value`` against a server-provided set; no set (no context) means no check."""
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {sorted(allowed)}")
+    return value
+
+
+def _context_set(info: ValidationInfo, key: str) -> Collection[str] | None:
+    ctx = info.context
+    if isinstance(ctx, Mapping) and ctx.get(key) is not None:
+        return ctx[key]
+    return None
+
+
+class PruningSettings(BaseModel):
+    """Per-request pruning knobs; omitted ones fall back to the server's engine flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: StrictStr | None = Field(
+        default=None, description="A pruner of the registry (GET /v1/actions/info lists them)."
+    )
+    keep_ratio: float | None = Field(
+        default=None, description="Fraction of visual tokens kept after layer K, 0 < r <= 1."
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must be a non-empty pruner name")
+        return _one_of(v, _context_set(info, CTX_PRUNERS), "pruning method")
+
+    @field_validator("keep_ratio", mode="before")
+    @classmethod
+    def _ratio_range(cls, v: Any) -> float | None:
+        if v is None:
+            return v
+        # JSON numbers only: "0.5" and true are client bugs, not ratios.
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"must be a number, got {type(v).__name__}")
+        v = float(v)
+        if not (0.0 < v <= 1.0):  # also rejects NaN
+            raise ValueError(f"must satisfy 0 < keep_ratio <= 1, got {v}")
+        return v
+
+
+class ActionRequest(BaseModel):
+    """Body of ``POST /v1/actions``: one camera frame and instruction -> one action."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = Field(default=None, description="Served model name; default: it.")
+    image: StrictStr = Field(
+        description="Base64 PNG/JPEG bytes, or a data: URL (data:image/png;base64,...)."
+    )
+    instruction: StrictStr = Field(description="Task in words, e.g. 'pick up the red block'.")
+    unnorm_key: StrictStr | None = Field(
+        default=None, description="norm_stats key used to un-normalise the action."
+    )
+    session_id: StrictStr | None = Field(
+        default=None, description="Robot episode id (also the X-Session-ID header)."
+    )
+    new_episode: StrictBool = Field(
+        default=False, description="Reset this session's temporal pruning history first."
+    )
+    pruning: PruningSettings | None = None
+
+    @field_validator("image")
+    @classmethod
+    def _image_present(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a non-empty base64 string or data: URL")
+        return v
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction_text(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must be a non-empty string")
+        if len(v) > MAX_INSTRUCTION_CHARS:
+            raise ValueError(f"is longer than {MAX_INSTRUCTION_CHARS} characters")
+        return v
+
+    @field_validator("unnorm_key")
+    @classmethod
+    def _known_unnorm_key(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        return _one_of(v, _context_set(info, CTX_UNNORM_KEYS), "unnorm_key")
+
+    @field_validator("session_id")
+    @classmethod
+    def _session_text(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        return check_session_id(v)
+
+
+def check_session_id(v: str) -> str:
+    """Session ids end up in logs, metrics labels and routing hashes: keep them printable."""
+    if not v or len(v) > MAX_SESSION_ID_CHARS:
+        raise ValueError(f"must be 1..{MAX_SESSION_ID_CHARS} characters")
+    if not v.isprintable():
+        raise ValueError("must contain printable characters only")
+    return v
+
+
+class PruningReport(BaseModel):
+    """What pruning did for this request (or, where the engine does not say, what was asked)."""
+
+    method: str | None = Field(description="Pruner used; null: the engine's default.")
+    keep_ratio: float | None = Field(description="Keep ratio used; null: the engine's default.")
+    visual_tokens_total: int
+    visual_tokens_kept: int | None = Field(
+        description="Visual tokens the layers >= K saw; null if unknown."
+    )
+    warmup: bool | None = Field(
+        default=None, description="True: the frame ran unpruned to fill history; null: unknown."
+    )
+    source: Literal["engine", "requested"] = Field(
+        description="'engine': counts reported by the engine; 'requested': the budget asked for."
+    )
+
+
+class Timing(BaseModel):
+    """Milliseconds; engine-side parts are null when the engine does not record stats."""
+
+    total_ms: float
+    preprocess_ms: float | None = None
+    queue_ms: float | None = None
+    prefill_ms: float | None = None
+    decode_ms: float | None = None
+
+
+class ActionResponse(BaseModel):
+    """Body of a successful ``POST /v1/actions``."""
+
+    id: str
+    model: str
+    action: list[float] = Field(description="One float per action dimension, un-normalised.")
+    action_token_ids: list[int]
+    unnorm_key: str
+    session_id: str | None
+    pruning: PruningReport
+    timing: Timing
+
+
+class InfoResponse(BaseModel):
+    """Body of ``GET /v1/actions/info``: what a client needs to build valid requests."""
+
+    model: str
+    served_model_names: list[str]
+    action_dims: dict[str, int]
+    default_unnorm_key: str | None
+    visual_tokens: int
+    image_size: int
+    pruners: list[str]
+    defaults: dict[str, Any]
+    limits: dict[str, int]
+
+
+def validation_error_to_api_error(exc: ValidationError) -> ApiError:
+    """First pydantic error -> ApiError naming the offending field (dotted path)."""
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return ApiError(422, "invalid request body", field=None)
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    kind = err.get("type", "")
+    msg = str(err.get("msg", "invalid value"))
+    if kind == "extra_forbidden":
+        # Name every unknown field at once: the client usually has a whole set of typos.
+        extra = [
+            ".".join(str(p) for p in e["loc"]) for e in errors if e["type"] == "extra_forbidden"
+        ]
+        names = ", ".join(repr(n) for n in extra)
+        return ApiError(422, f"unknown field(s) {names}", field=extra[0])
+    if kind == "missing":
+        return ApiError(422, f"field required: {'.'.join(loc)}", field=".".join(loc) or None)
+    if kind == "model_type" and not loc:
+        return ApiError(422, "request body must be a JSON object", field=None)
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    field = ".".join(loc) or None
+    return ApiError(422, f"{field}: {msg}" if field else msg, field=field)
+
+
+def parse_action_request(
+    data: Any,
+    *,
+    pruners: Collection[str] | None = None,
+    unnorm_keys: Collection[str] | None = None,
+) -> ActionRequest:
+    """Validate a decoded JSON body; raise ApiError (422) naming the first bad field."""
+    if not isinstance(data, dict):
+        raise ApiError(422, "request body must be a JSON object", field=None)
+    ctx = {CTX_PRUNERS: pruners, CTX_UNNORM_KEYS: unnorm_keys}
+    try:
+        return ActionRequest.model_validate(data, context=ctx)
+    except ValidationError as exc:
+        raise validation_error_to_api_error(exc) from None

@@ -1,0 +1,590 @@
+"""``ActionService``: camera frame + instruction -> robot action, on any vLLM ``EngineClient``.
+
+This is the engine-facing core of ``POST /v1/actions``. It knows nothing about HTTP so the
+same object serves the vLLM API-server route (``api/endpoint.py``) and a Ray Serve replica.
+Every refusal is an :class:`ApiError` naming the offending field; every engine failure or
+timeout is an :class:`ApiError` with a 5xx status, raised after the request was aborted in
+the engine, so a caller never hangs and the engine never keeps working for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import logging
+import os
+import time
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from vllm_vla_pruner.api.protocol import (
+    SESSION_ID_HEADER,
+    ActionRequest,
+    ActionResponse,
+    ApiError,
+    InfoResponse,
+    PruningReport,
+    Timing,
+    check_session_id,
+)
+
+__all__ = [
+    "ActionService",
+    "ServiceLimits",
+    "available_pruners",
+    "decode_image",
+    "engine_extra_args",
+]
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+#: PNG and JPEG only: what robot cameras send, and what the spec promises.
+ACCEPTED_IMAGE_FORMATS = ("PNG", "JPEG")
+
+# Per-request pruning settings travel to the engine in SamplingParams.extra_args under these
+# keys (shared with the engine side, vllm_vla_pruner.engine).
+XARG_METHOD = "vla_pruner"
+XARG_KEEP_RATIO = "vla_keep_ratio"
+XARG_NEW_EPISODE = "vla_new_episode"
+XARG_SESSION_ID = "vla_session_id"
+# Engine-side validation errors name these parameters; report them as the request's fields.
+_XARG_FIELDS = {
+    XARG_METHOD: "pruning.method",
+    XARG_KEEP_RATIO: "pruning.keep_ratio",
+    XARG_NEW_EPISODE: "new_episode",
+    XARG_SESSION_ID: "session_id",
+}
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Request limits; the body limit is enforced by the HTTP layer, the rest here."""
+
+    max_body_bytes: int = 8 * MiB
+    max_image_bytes: int = 6 * MiB  # decoded; base64 of 6 MiB is exactly 8 MiB
+    max_image_pixels: int = 4096 * 4096  # guards against decompression bombs
+    timeout_s: float = field(
+        default_factory=lambda: _env_float("VLA_PRUNER_REQUEST_TIMEOUT_S", 120.0)
+    )
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _b64_payload(data: str) -> tuple[str, str | None]:
+    """Split a data: URL into (base64 payload, declared media type); plain base64 passes."""
+    s = data.strip()
+    if not s.startswith("data:"):
+        return s, None
+    head, sep, payload = s.partition(",")
+    if not sep:
+        raise ApiError(422, "image: data: URL has no ',' before its payload", field="image")
+    params = head[len("data:") :].split(";")
+    if "base64" not in params[1:]:
+        raise ApiError(422, "image: data: URL must be base64-encoded (';base64,')", field="image")
+    media = params[0].lower() or None
+    if media is not None and media not in ("image/png", "image/jpeg", "image/jpg"):
+        raise ApiError(
+            422,
+            f"image: media type {media!r} not accepted; send image/png or image/jpeg",
+            field="image",
+        )
+    return payload, media
+
+
+def decode_image(data: str, limits: ServiceLimits | None = None) -> Image.Image:
+    """Base64 PNG/JPEG (or a data: URL) -> fully decoded RGB PIL image, or ApiError('image').
+
+    The whole image is decoded here, not lazily in the engine, so a truncated file is the
+    client's 422 instead of an engine-side failure.
+    """
+    limits = limits or ServiceLimits()
+    payload, _ = _b64_payload(data)
+    payload = "".join(payload.split())  # tolerate line-wrapped base64
+    if len(payload) > (limits.max_image_bytes * 4) // 3 + 4:
+        raise ApiError(
+            413,
+            f"image: larger than {limits.max_image_bytes} bytes decoded",
+            field="image",
+            type="payload_too_large",
+        )
+    if payload.startswith(("http://", "https://")):
+        raise ApiError(422, "image: URLs are not fetched; send base64 bytes", field="image")
+    try:
+        if "-" in payload or "_" in payload:
+            raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        else:
+            raw = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "image: not valid base64", field="image") from None
+    if not raw:
+        raise ApiError(422, "image: empty after base64 decoding", field="image")
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            fmt = img.format
+            if fmt not in ACCEPTED_IMAGE_FORMATS:
+                raise ApiError(
+                    422, f"image: format {fmt} not accepted; send PNG or JPEG", field="image"
+                )
+            w, h = img.size
+            if w < 1 or h < 1 or w * h > limits.max_image_pixels:
+                raise ApiError(
+                    422,
+                    f"image: {w}x{h} pixels outside 1..{limits.max_image_pixels}",
+                    field="image",
+                )
+            img.load()
+            rgb = img.convert("RGB")
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise ApiError(422, "image: not a decodable PNG or JPEG image", field="image") from None
+    return rgb
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def available_pruners() -> list[str]:
+    """Names of the pruning registry; empty if the pruning core cannot be imported."""
+    try:
+        from vllm_vla_pruner.pruning import PRUNERS
+    except ImportError:  # pragma: no cover - the pruning core ships with the package
+        return []
+    return sorted(PRUNERS)
+
+
+def engine_extra_args(
+    req: ActionRequest, session_id: str | None, defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The request's pruning settings as ``SamplingParams.extra_args``.
+
+    Settings the client did not give are left out, so the engine applies its own server-wide
+    defaults (engine flags) instead of this process guessing them.
+    """
+    xargs: dict[str, Any] = {XARG_NEW_EPISODE: bool(req.new_episode)}
+    if session_id is not None:
+        xargs[XARG_SESSION_ID] = session_id
+    pruning = req.pruning
+    if pruning is not None and pruning.method is not None:
+        xargs[XARG_METHOD] = pruning.method
+    if pruning is not None and pruning.keep_ratio is not None:
+        xargs[XARG_KEEP_RATIO] = float(pruning.keep_ratio)
+    return xargs
+
+
+def _budget(num_visual: int, keep_ratio: float) -> int:
+    try:
+        from vllm_vla_pruner.pruning import budget_for
+    except ImportError:  # pragma: no cover
+        return max(1, int(num_visual * keep_ratio + 0.5))
+    return int(budget_for(num_visual, keep_ratio))
+
+
+def _engine_pruning_info(out: Any) -> Mapping[str, Any] | None:
+    """What the engine says it did for this request, if it says anything.
+
+    The engine may attach a mapping (keys ``method``, ``keep_ratio``, ``visual_tokens_kept``,
+    ``warmup``) to the final ``RequestOutput`` or to its completion as ``vla_pruning``.
+    """
+    for holder in (out, *(getattr(out, "outputs", None) or ())):
+        info = getattr(holder, "vla_pruning", None)
+        if isinstance(info, Mapping):
+            return info
+    params = getattr(out, "kv_transfer_params", None)
+    if isinstance(params, Mapping) and isinstance(params.get("vla_pruning"), Mapping):
+        return params["vla_pruning"]
+    return None
+
+
+# ----------------------------------------------------------------------------- service
+
+
+def _ms(a: float, b: float) -> float | None:
+    return round((b - a) * 1000.0, 3) if a > 0 and b > 0 and b >= a else None
+
+
+class ActionService:
+    """Turns an :class:`ActionRequest` into an :class:`ActionResponse` with one engine call.
+
+    ``engine_client`` is vLLM's ``EngineClient`` (``AsyncLLM``); anything with the same
+    ``generate``/``abort`` coroutines works, which is how the unit tests drive it.
+    """
+
+    def __init__(
+        self,
+        engine_client: Any,
+        model_dir: str,
+        *,
+        served_model_names: Sequence[str] | None = None,
+        limits: ServiceLimits | None = None,
+        decoder: Any = None,
+        tokenizer: Any = None,
+        hf_config: Any = None,
+        max_model_len: int | None = None,
+        pruning_defaults: Mapping[str, Any] | None = None,
+    ) -> None:
+        from vllm_vla_pruner.config import image_size, load_config_json, num_visual_tokens
+
+        self.engine = engine_client
+        self.model_dir = str(model_dir)
+        names = [n for n in (served_model_names or []) if n]
+        self.served_model_names = names or [self.model_dir]
+        self.limits = limits or ServiceLimits()
+        model_config = getattr(engine_client, "model_config", None)
+        self.config = (
+            hf_config
+            if hf_config is not None
+            else getattr(model_config, "hf_config", None) or load_config_json(self.model_dir)
+        )
+        if decoder is None:
+            from vllm_vla_pruner.actions import ActionDecoder
+
+            decoder = ActionDecoder.from_pretrained(self.model_dir)
+        self.decoder = decoder
+        self._tokenizer = tokenizer
+        self.num_visual = num_visual_tokens(self.config)
+        self.image_side = image_size(self.config)
+        self.max_model_len = max_model_len or getattr(model_config, "max_model_len", None)
+        self.pruning_defaults = dict(pruning_defaults or {})
+        self.unnorm_keys = self._unnorm_keys()
+        self.action_dims = {k: int(decoder.action_dim(k)) for k in self.unnorm_keys}
+        self.pruners = available_pruners()
+
+    # -- construction helpers
+
+    @classmethod
+    def from_engine_client(
+        cls, engine_client: Any, served_model_names: Sequence[str] | None = None, **kw: Any
+    ) -> ActionService:
+        """Build from a running engine: model path, names and limits come from its config."""
+        mc = engine_client.model_config
+        if not served_model_names:
+            name = getattr(mc, "served_model_name", None)
+            served_model_names = [name] if isinstance(name, str) else list(name or [])
+        return cls(engine_client, mc.model, served_model_names=served_model_names, **kw)
+
+    def _unnorm_keys(self) -> list[str]:
+        keys = getattr(self.decoder, "unnorm_keys", None)
+        if callable(keys):
+            keys = keys()
+        if keys is None:
+            stats = getattr(self.decoder, "norm_stats", None)
+            if stats is None:
+                cfg = self.config
+                stats = cfg.get("norm_stats") if isinstance(cfg, Mapping) else cfg.norm_stats
+            keys = list(stats or {})
+        return sorted(keys)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The engine's own tokenizer (same ids as chat completions), else the checkpoint's."""
+        if self._tokenizer is None:
+            renderer = getattr(self.engine, "renderer", None)
+            tok = None
+            if renderer is not None:
+                try:
+                    tok = renderer.get_tokenizer()
+                except Exception:  # noqa: BLE001 - e.g. skip_tokenizer_init
+                    tok = None
+            if tok is None:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(self.model_dir)
+            self._tokenizer = tok
+        return self._tokenizer
+
+    @property
+    def default_unnorm_key(self) -> str | None:
+        return self.decoder.default_unnorm_key
+
+    # -- validation
+
+    def check_model(self, name: str | None) -> str:
+        if name is None:
+            return self.served_model_names[0]
+        if name not in self.served_model_names:
+            raise ApiError(
+                404,
+                f"model {name!r} is not served here; served: {self.served_model_names}",
+                field="model",
+                type="not_found",
+            )
+        return name
+
+    def resolve_unnorm_key(self, key: str | None) -> str:
+        if key is None:
+            key = self.default_unnorm_key
+            if key is None:
+                raise ApiError(
+                    422,
+                    f"unnorm_key: required, this model has several: {self.unnorm_keys}",
+                    field="unnorm_key",
+                )
+        if key not in self.action_dims:
+            raise ApiError(
+                422,
+                f"unnorm_key: unknown key {key!r}; expected one of {self.unnorm_keys}",
+                field="unnorm_key",
+            )
+        return key
+
+    def resolve_session(self, req: ActionRequest, header: str | None) -> str | None:
+        """Body ``session_id`` wins over the ``X-Session-ID`` header; neither -> no session."""
+        if req.session_id is not None:
+            return req.session_id
+        if header is None:
+            return None
+        try:
+            return check_session_id(header.strip())
+        except ValueError as exc:
+            raise ApiError(422, f"{SESSION_ID_HEADER} header: {exc}", field="session_id") from None
+
+    def check_pruning(self, req: ActionRequest) -> None:
+        """Registry check here too: a Ray ingress may have validated without the context."""
+        method = req.pruning.method if req.pruning else None
+        if method is not None and self.pruners and method not in self.pruners:
+            raise ApiError(
+                422,
+                f"pruning.method: unknown pruning method {method!r}; expected one of "
+                f"{self.pruners}",
+                field="pruning.method",
+            )
+
+    def validation_context(self) -> dict[str, Collection[str] | None]:
+        """Allowed values for :func:`parse_action_request` (pruners, unnorm_key)."""
+        return {"pruners": self.pruners or None, "unnorm_keys": self.unnorm_keys or None}
+
+    # -- the call
+
+    def _prompt(self, instruction: str, image: Image.Image, action_dim: int) -> dict[str, Any]:
+        ids = [int(t) for t in self.decoder.prompt_token_ids(self.tokenizer, instruction)]
+        if self.max_model_len is not None:
+            need = len(ids) + self.num_visual + action_dim
+            if need > self.max_model_len:
+                raise ApiError(
+                    422,
+                    f"instruction: too long, the prompt needs {need} tokens with the image and "
+                    f"action, max_model_len is {self.max_model_len}",
+                    field="instruction",
+                )
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}
+
+    def _sampling_params(self, action_dim: int, extra_args: dict[str, Any]) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        # Greedy, exactly action_dim tokens (OpenVLA: EOS is not an action), ids only.
+        return SamplingParams(
+            temperature=0.0,
+            max_tokens=action_dim,
+            min_tokens=action_dim,
+            ignore_eos=True,
+            detokenize=False,
+            skip_special_tokens=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            extra_args=extra_args,
+        )
+
+    async def _engine_input(self, prompt: dict[str, Any]) -> Any:
+        """Render through the engine's renderer (the non-deprecated path) when it has one."""
+        renderer = getattr(self.engine, "renderer", None)
+        if renderer is None or not hasattr(renderer, "render_cmpl_async"):
+            return prompt
+        (engine_input,) = await renderer.render_cmpl_async([prompt])
+        return engine_input
+
+    async def _run(self, engine_input: Any, params: Any, request_id: str, sid: str | None) -> Any:
+        final = None
+        kwargs = {"session_id": sid} if sid is not None else {}
+        async for out in self.engine.generate(engine_input, params, request_id, **kwargs):
+            final = out
+        return final
+
+    async def predict(
+        self, req: ActionRequest, session_header: str | None = None
+    ) -> ActionResponse:
+        """Validate, run one greedy action decode, un-normalise; ApiError on any failure."""
+        t0 = time.perf_counter()
+        model = self.check_model(req.model)
+        key = self.resolve_unnorm_key(req.unnorm_key)
+        self.check_pruning(req)
+        sid = self.resolve_session(req, session_header)
+        action_dim = self.action_dims[key]
+        image = await asyncio.to_thread(decode_image, req.image, self.limits)
+        prompt = self._prompt(req.instruction, image, action_dim)
+        params = self._sampling_params(action_dim, engine_extra_args(req, sid))
+        request_id = f"vla-{uuid.uuid4().hex}"
+        try:
+            engine_input = await self._engine_input(prompt)
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the processor refusing the image or prompt
+            raise self._client_or_server_error(exc, request_id, "preprocessing") from exc
+        t_pre = time.perf_counter()
+        try:
+            out = await asyncio.wait_for(
+                self._run(engine_input, params, request_id, sid), self.limits.timeout_s
+            )
+        except asyncio.TimeoutError:
+            await self._abort(request_id)
+            raise ApiError(
+                504,
+                f"engine did not answer within {self.limits.timeout_s:g} s; request aborted",
+                type="timeout",
+            ) from None
+        except asyncio.CancelledError:
+            await self._abort(request_id)
+            raise
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to 4xx/5xx below
+            raise self._client_or_server_error(exc, request_id, "engine") from exc
+        if out is None or not getattr(out, "outputs", None):
+            raise ApiError(500, "engine returned no output", type="engine_error")
+        token_ids = [int(t) for t in out.outputs[0].token_ids]
+        if len(token_ids) != action_dim:
+            raise ApiError(
+                500,
+                f"engine returned {len(token_ids)} tokens, expected {action_dim}",
+                type="engine_error",
+            )
+        try:
+            action = [float(a) for a in self.decoder.decode(token_ids, key)]
+        except Exception as exc:  # noqa: BLE001 - a non-action token from the model
+            raise ApiError(
+                500, f"could not decode action tokens {token_ids}: {exc}", type="engine_error"
+            ) from exc
+        t_end = time.perf_counter()
+        return ActionResponse(
+            id=request_id,
+            model=model,
+            action=action,
+            action_token_ids=token_ids,
+            unnorm_key=key,
+            session_id=sid,
+            pruning=self._pruning_report(req, out),
+            timing=self._timing(out, t0, t_pre, t_end),
+        )
+
+    # -- response parts
+
+    def _pruning_report(self, req: ActionRequest, out: Any) -> PruningReport:
+        asked = req.pruning
+        method = asked.method if asked and asked.method else self.pruning_defaults.get("method")
+        ratio = (
+            asked.keep_ratio
+            if asked and asked.keep_ratio is not None
+            else self.pruning_defaults.get("keep_ratio")
+        )
+        info = _engine_pruning_info(out)
+        if info is not None:
+            kept = info.get("visual_tokens_kept")
+            return PruningReport(
+                method=info.get("method", method),
+                keep_ratio=info.get("keep_ratio", ratio),
+                visual_tokens_total=int(info.get("visual_tokens_total", self.num_visual)),
+                visual_tokens_kept=None if kept is None else int(kept),
+                warmup=info.get("warmup"),
+                source="engine",
+            )
+        if method == "none" or ratio is None:
+            kept = self.num_visual if method == "none" or ratio == 1.0 else None
+        else:
+            kept = _budget(self.num_visual, float(ratio))
+        return PruningReport(
+            method=method,
+            keep_ratio=None if ratio is None else float(ratio),
+            visual_tokens_total=self.num_visual,
+            visual_tokens_kept=kept,
+            warmup=None,
+            source="requested",
+        )
+
+    @staticmethod
+    def _timing(out: Any, t0: float, t_pre: float, t_end: float) -> Timing:
+        stats = getattr(out, "metrics", None)
+        queued = float(getattr(stats, "queued_ts", 0.0) or 0.0)
+        sched = float(getattr(stats, "scheduled_ts", 0.0) or 0.0)
+        first = float(getattr(stats, "first_token_ts", 0.0) or 0.0)
+        last = float(getattr(stats, "last_token_ts", 0.0) or 0.0)
+        return Timing(
+            total_ms=round((t_end - t0) * 1000.0, 3),
+            preprocess_ms=round((t_pre - t0) * 1000.0, 3),
+            queue_ms=_ms(queued, sched),
+            prefill_ms=_ms(sched, first),
+            decode_ms=_ms(first, last),
+        )
+
+    # -- errors
+
+    async def _abort(self, request_id: str) -> None:
+        abort = getattr(self.engine, "abort", None)
+        if abort is None:
+            return
+        try:
+            await asyncio.wait_for(abort(request_id), 5.0)
+        except Exception:  # noqa: BLE001 - best effort; the request may already be gone
+            logger.debug("abort of %s failed", request_id, exc_info=True)
+
+    def _client_or_server_error(self, exc: Exception, request_id: str, stage: str) -> ApiError:
+        """vLLM's client errors (bad settings, prompt too long) -> 4xx; the rest -> 5xx."""
+        try:
+            from vllm.exceptions import VLLMClientError, VLLMValidationError
+            from vllm.v1.engine.exceptions import EngineDeadError
+        except ImportError:  # pragma: no cover - vLLM is a hard dependency at run time
+            VLLMClientError = VLLMValidationError = EngineDeadError = ()  # type: ignore[misc,assignment]  # noqa: N806
+        if isinstance(exc, EngineDeadError):
+            return ApiError(503, "engine is dead; the server must be restarted", type="engine_dead")
+        if isinstance(exc, VLLMValidationError):
+            param = getattr(exc, "parameter", None)
+            fld = _XARG_FIELDS.get(str(param), param)
+            msg = str(exc.args[0]) if exc.args else str(exc)
+            return ApiError(422, f"{fld}: {msg}" if fld else msg, field=fld)
+        if isinstance(exc, VLLMClientError) or (stage == "preprocessing" and _is_value_error(exc)):
+            return ApiError(400, f"request refused by the engine: {exc}", field=None)
+        logger.exception("%s failed for %s", stage, request_id)
+        return ApiError(500, f"{stage} failed: {type(exc).__name__}: {exc}", type="engine_error")
+
+    # -- info
+
+    def info(self) -> InfoResponse:
+        return InfoResponse(
+            model=self.served_model_names[0],
+            served_model_names=list(self.served_model_names),
+            action_dims=dict(self.action_dims),
+            default_unnorm_key=self.default_unnorm_key,
+            visual_tokens=self.num_visual,
+            image_size=self.image_side,
+            pruners=list(self.pruners),
+            defaults={
+                "method": self.pruning_defaults.get("method"),
+                "keep_ratio": self.pruning_defaults.get("keep_ratio"),
+                "note": "null: the engine's server-wide default applies",
+            },
+            limits={
+                "max_body_bytes": self.limits.max_body_bytes,
+                "max_image_bytes": self.limits.max_image_bytes,
+                "max_image_pixels": self.limits.max_image_pixels,
+                "timeout_s": int(self.limits.timeout_s),
+                "max_model_len": int(self.max_model_len or 0),
+            },
+        )
+
+
+def _is_value_error(exc: BaseException) -> bool:
+    return isinstance(exc, (ValueError, TypeError))

@@ -1,0 +1,97 @@
+"""Scheduler-side pruning plan: decided once per request, before any KV is allocated.
+
+The scheduler must know up front how many KV slots layers >= K need, so the number of kept
+visual tokens (and whether this frame is a warm-up frame) is fixed here, in the engine-core
+process, and written into the request's ``extra_args[vla_plan]``, which travels to the worker.
+The worker then decides *which* tokens to keep at layer K, always exactly ``num_keep``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from vllm_vla_pruner.engine.settings import (
+    KEY_KEEP_RATIO,
+    KEY_METHOD,
+    KEY_NEW_EPISODE,
+    KEY_PLAN,
+    KEY_SESSION,
+    PruningSettings,
+)
+from vllm_vla_pruner.pruning import budget_for, needs_action_history
+
+
+class FrameCounter:
+    """Frames seen per robot episode, bounded like the worker's history (LRU + idle timeout)."""
+
+    def __init__(self, max_sessions: int, idle_timeout_s: float) -> None:
+        self._frames: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._max = max_sessions
+        self._idle = idle_timeout_s
+        self._lock = threading.Lock()
+
+    def next_frame(self, session: str, new_episode: bool) -> int:
+        """Count this frame and return how many frames of the episode came before it."""
+        now = time.monotonic()
+        with self._lock:
+            count, last = self._frames.pop(session, (0, now))
+            if new_episode or now - last > self._idle:
+                count = 0
+            self._frames[session] = (count + 1, now)
+            while len(self._frames) > self._max:
+                self._frames.popitem(last=False)
+            return count
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+
+def make_plan(
+    extra_args: dict[str, Any] | None,
+    session_id: str | None,
+    visual_start: int,
+    num_visual: int,
+    settings: PruningSettings,
+    frames: FrameCounter,
+) -> dict[str, Any]:
+    """The request's pruning plan; ``prune`` False means this frame runs unpruned."""
+    args = extra_args or {}
+    method = args.get(KEY_METHOD, settings.method)
+    keep_ratio = float(args.get(KEY_KEEP_RATIO, settings.keep_ratio))
+    session = session_id or args.get(KEY_SESSION)
+    new_episode = bool(args.get(KEY_NEW_EPISODE, False))
+    history = needs_action_history(method)
+    prior = frames.next_frame(session, new_episode) if session and history else 0
+    # Warm-up (paper and reference code): until `window` frames of action history exist the
+    # frame runs unpruned and only fills the history. Without a session there is no history:
+    # the method then uses its semantic half from the first frame on.
+    warmup = bool(session) and history and prior < settings.window
+    num_keep = num_visual if method == "none" else budget_for(num_visual, keep_ratio)
+    prune = method != "none" and not warmup and num_keep < num_visual
+    return {
+        "method": method,
+        "keep_ratio": keep_ratio,
+        "num_visual": num_visual,
+        "visual_start": visual_start,
+        "num_keep": num_keep if prune else num_visual,
+        "prune": prune,
+        "warmup": warmup,
+        "session": session,
+        "new_episode": new_episode,
+        "track_actions": bool(session) and history,
+    }
+
+
+def plan_of(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
+    return (extra_args or {}).get(KEY_PLAN)
+
+
+def pruned_slots(extra_args: dict[str, Any] | None) -> int:
+    """P: KV slots layers >= K do not need for this request."""
+    plan = plan_of(extra_args)
+    if not plan or not plan["prune"]:
+        return 0
+    return plan["num_visual"] - plan["num_keep"]

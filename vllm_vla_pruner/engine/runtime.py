@@ -1,0 +1,411 @@
+"""The decoder loop that prunes visual tokens inside the engine.
+
+Runs vLLM's own Llama layers. For a step that carries pruned requests:
+
+* layer K-1 is run by hand to keep its post-RoPE queries/keys; the pruning core turns the
+  rows of each request being prefilled into semantic scores and picks ``num_keep`` visual
+  tokens (with the robot's smoothed action scores where the method uses them);
+* before layer K the rows of dropped tokens are removed; layers >= K get attention metadata
+  built by the backend's own builder for the compacted layout (BOS, kept visual tokens, the
+  rest, every pruned request shifted down by P = M - num_keep), so they neither compute nor
+  write KV for dropped tokens; kept tokens keep their original RoPE positions;
+* at the action layer, each tracked request's action queries (the last prompt row, then each
+  decode row) are scored against the visual keys; when the request has emitted its action the
+  mean goes into the robot's temporal history;
+* final hidden states are scattered back to the runner's row order for the sampler.
+
+A step without pruning plans takes the plain loop (identical to vLLM's LlamaModel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_vla_pruner.config import grid_shape
+from vllm_vla_pruner.engine import step as step_ctx
+from vllm_vla_pruner.engine.settings import PruningSettings
+from vllm_vla_pruner.pruning import (
+    ActionHistory,
+    PruneInputs,
+    action_scores,
+    attention_rows,
+    select_batch,
+)
+
+PAD_SLOT_ID = -1
+
+
+@dataclass
+class _ActionTrack:
+    """A request in flight whose action attention feeds its robot's history."""
+
+    session: str
+    num_visual: int
+    max_rows: int
+    keys: torch.Tensor | None = None  # action layer keys seen so far [Tk, Hkv, D]
+    visual_ids: torch.Tensor | None = None  # original ids of the visual keys in that layout
+    visual_start: int = 1
+    total: torch.Tensor | None = None
+    rows: int = 0
+    done: bool = False
+
+
+@dataclass
+class _Req:
+    """One request's rows in this step."""
+
+    req_id: str
+    plan: dict[str, Any] | None
+    max_tokens: int
+    q_start: int  # row offset in the runner's layout
+    q_len: int
+    num_computed: int
+    seq_len: int
+    shift: int = 0  # P for pruned requests, else 0
+    prune_now: bool = False  # choose kept tokens in this step (its prefill)
+    kept: torch.Tensor | None = None  # original visual ids kept (prune_now only)
+    row: int = 0  # row offset in the current (possibly compacted) layout
+    rows_now: int = 0
+
+
+@dataclass
+class PruneStats:
+    """Counters the metrics exporter and benchmarks read (worker process)."""
+
+    steps_pruned: int = 0
+    requests_pruned: int = 0
+    warmup_frames: int = 0
+    visual_tokens_total: int = 0
+    visual_tokens_kept: int = 0
+    select_seconds: float = 0.0
+    layers_after_k: int = 0
+    num_layers: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class PrunedDecoder:
+    """Owns the pruning state of one model replica (worker process)."""
+
+    def __init__(self, model: Any, vllm_config: Any) -> None:
+        self.model = model
+        text = model.config.text_config
+        self.num_layers = text.num_hidden_layers
+        self.settings = PruningSettings.from_vllm_config(vllm_config).check(self.num_layers)
+        self.K = self.settings.layer
+        self.action_layer = self.settings.action_layer_for(self.num_layers)
+        self.num_heads = text.num_attention_heads
+        self.num_kv_heads = getattr(text, "num_key_value_heads", self.num_heads)
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // self.num_heads
+        self.grid = grid_shape(model.config)
+        self.history = ActionHistory(
+            window=self.settings.window,
+            gamma=self.settings.gamma,
+            max_sessions=self.settings.max_sessions,
+            idle_timeout_s=self.settings.idle_timeout_s,
+        )
+        self.tracks: dict[str, _ActionTrack] = {}
+        self.stats = PruneStats(
+            layers_after_k=self.num_layers - self.K, num_layers=self.num_layers
+        )
+        self._lock = threading.Lock()
+        self._trace_path = os.environ.get("VLA_PRUNER_TRACE")
+
+    # ------------------------------------------------------------------ entry point
+
+    def run(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        lm = self.model.language_model.model
+        ctx = step_ctx.current()
+        if ctx is None or not any(r.plan for r in ctx.requests):
+            return self._plain(lm, embeds, positions)
+        return self._pruned(lm, ctx, embeds, positions)
+
+    @staticmethod
+    def _plain(lm: Any, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        residual = None
+        for layer in lm.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = lm.norm(hidden, residual)
+        return hidden
+
+    # ------------------------------------------------------------------ pruned step
+
+    def _describe(self, ctx: step_ctx.StepContext) -> list[_Req]:
+        cm = ctx.common_metadata[0]
+        qsl = cm.query_start_loc_cpu.tolist()
+        seq_lens = cm.seq_lens.cpu().tolist()
+        reqs = []
+        for i, sr in enumerate(ctx.requests):
+            q_start, q_len = qsl[i], qsl[i + 1] - qsl[i]
+            r = _Req(sr.req_id, sr.plan, sr.max_tokens, q_start, q_len, seq_lens[i] - q_len, seq_lens[i])
+            plan = sr.plan
+            if plan and plan["prune"]:
+                r.shift = plan["num_visual"] - plan["num_keep"]
+                end_visual = plan["visual_start"] + plan["num_visual"]
+                if r.num_computed == 0:
+                    r.prune_now = True
+                elif r.num_computed < end_visual:
+                    raise RuntimeError(
+                        "visual token pruning needs the whole image in one prefill step: "
+                        "disable chunked prefill (--no-enable-chunked-prefill)"
+                    )
+            r.row, r.rows_now = q_start, q_len
+            reqs.append(r)
+        return reqs
+
+    def _pruned(
+        self, lm: Any, ctx: step_ctx.StepContext, embeds: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        reqs = self._describe(ctx)
+        for r in reqs:
+            self._start_tracking(r)
+        any_prune = any(r.prune_now for r in reqs)
+        any_shift = any(r.shift for r in reqs)
+        tracked = [r for r in reqs if r.req_id in self.tracks and not self.tracks[r.req_id].done]
+
+        hidden, residual, pos = embeds, None, positions
+        keep_index: torch.Tensor | None = None
+        for i, layer in enumerate(lm.layers):
+            if i == self.K and any_shift:
+                keep_index = self._keep_index(reqs, embeds.shape[0])
+                hidden, residual, pos = hidden[keep_index], residual[keep_index], pos[keep_index]
+                self._install_compacted_metadata(ctx, reqs, pos)
+            capture_sem = i == self.K - 1 and any_prune
+            capture_act = i == self.action_layer and bool(tracked)
+            if capture_sem or capture_act:
+                hidden, residual, q, k = self._layer_with_qk(layer, pos, hidden, residual)
+                if capture_sem:
+                    self._select(reqs, q, k, embeds)
+                if capture_act:
+                    self._capture_actions(tracked, q, k, compacted=i >= self.K)
+            else:
+                hidden, residual = layer(pos, hidden, residual)
+        hidden, _ = lm.norm(hidden, residual)
+        if keep_index is None:
+            return hidden
+        out = hidden.new_zeros(embeds.shape[0], hidden.shape[-1])
+        out[keep_index] = hidden
+        return out
+
+    def _layer_with_qk(self, layer: Any, pos: torch.Tensor, hidden: torch.Tensor, residual):
+        """One Llama decoder layer, returning its post-RoPE q and k as well."""
+        if residual is None:
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+        else:
+            x, residual = layer.input_layernorm(hidden, residual)
+        attn = layer.self_attn
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(pos, q, k)
+        q_copy, k_copy = q.clone(), k.clone()
+        out = attn.attn(q, k, v)
+        out, _ = attn.o_proj(out)
+        x, residual = layer.post_attention_layernorm(out, residual)
+        return layer.mlp(x), residual, q_copy, k_copy
+
+    # ------------------------------------------------------------------ selection (layer K-1)
+
+    def _select(self, reqs: list[_Req], q: torch.Tensor, k: torch.Tensor, embeds: torch.Tensor):
+        t0 = time.perf_counter()
+        items, targets = [], []
+        for r in reqs:
+            if not r.prune_now:
+                continue
+            plan = r.plan
+            rows = slice(r.row, r.row + r.rows_now)
+            qi = q[rows].view(r.rows_now, self.num_heads, self.head_dim).float()
+            ki = k[rows].view(r.rows_now, self.num_kv_heads, self.head_dim).float()
+            attn = attention_rows(qi, ki, torch.arange(r.rows_now))
+            vs, m = plan["visual_start"], plan["num_visual"]
+            estimate = None
+            if plan["track_actions"] and plan["session"]:
+                estimate = self.history.estimate(plan["session"])
+            inputs = PruneInputs(
+                attn=attn,
+                visual_start=vs,
+                num_visual=m,
+                embeddings=embeds[r.row + vs : r.row + vs + m].float(),
+                action_estimate=estimate,
+                grid_shape=self.grid,
+                seed=int(plan.get("seed", 0)),
+                semantic_rows=self.settings.semantic_rows,
+                text_start=vs + m,
+            )
+            items.append((inputs, plan["method"], plan["num_keep"]))
+            targets.append(r)
+        for r, kept in zip(targets, select_batch(items)):
+            r.kept = kept
+        self.stats.select_seconds += time.perf_counter() - t0
+        self.stats.steps_pruned += 1
+        for r in targets:
+            self.stats.requests_pruned += 1
+            self.stats.visual_tokens_total += r.plan["num_visual"]
+            self.stats.visual_tokens_kept += int(r.kept.numel())
+            self._trace(r)
+
+    def _keep_index(self, reqs: list[_Req], num_rows: int) -> torch.Tensor:
+        """Rows that layers >= K run on; updates each request's compacted row range."""
+        keep = torch.ones(num_rows, dtype=torch.bool)
+        last_actual = reqs[-1].q_start + reqs[-1].q_len if reqs else 0
+        keep[last_actual:] = False  # padding rows carry nothing to sample
+        for r in reqs:
+            if r.prune_now:
+                vs, m = r.plan["visual_start"], r.plan["num_visual"]
+                drop = torch.ones(m, dtype=torch.bool)
+                drop[r.kept] = False
+                keep[r.q_start + vs : r.q_start + vs + m] &= ~drop
+        row = 0
+        for r in reqs:
+            r.row = row
+            r.rows_now = r.q_len - (r.shift if r.prune_now else 0)
+            row += r.rows_now
+        return keep.nonzero().squeeze(1)
+
+    def _install_compacted_metadata(
+        self, ctx: step_ctx.StepContext, reqs: list[_Req], pos: torch.Tensor
+    ) -> None:
+        """Attention metadata and KV slots of layers >= K for the compacted rows."""
+        from vllm.forward_context import get_forward_context
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        fc = get_forward_context()
+        runner = ctx.runner
+        q_lens = torch.tensor([r.rows_now for r in reqs], dtype=torch.int32)
+        seq_lens = torch.tensor([r.seq_len - r.shift for r in reqs], dtype=torch.int32)
+        starts = torch.tensor(
+            [r.num_computed - (r.shift if r.num_computed > 0 else 0) for r in reqs],
+            dtype=torch.int64,
+        )
+        qsl = torch.zeros(len(reqs) + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(q_lens, 0)
+        req_of_row = torch.repeat_interleave(torch.arange(len(reqs)), q_lens.long())
+        within = torch.arange(int(qsl[-1])) - qsl[:-1].long()[req_of_row]
+        compact_pos = starts[req_of_row] + within  # index in the compacted KV sequence
+        for gid, groups in enumerate(runner.attn_groups):
+            names = [
+                n for g in groups for n in g.layer_names if extract_layer_index(n) >= self.K
+            ]
+            if not names:
+                continue
+            cm = ctx.common_metadata[gid]
+            bs = runner.kv_cache_config.kv_cache_groups[gid].kv_cache_spec.block_size
+            bt = cm.block_table_tensor
+            device = bt.device
+            slots = (
+                bt[req_of_row.to(device), (compact_pos // bs).to(device)].long() * bs
+                + (compact_pos % bs).to(device)
+            )
+            n_reqs = cm.num_reqs
+            pad_reqs = n_reqs - len(reqs)
+            qsl_full = torch.cat([qsl, qsl[-1:].repeat(pad_reqs)]) if pad_reqs else qsl
+            seq_full = torch.cat([seq_lens, seq_lens.new_zeros(pad_reqs)]) if pad_reqs else seq_lens
+            new_cm = dataclasses.replace(
+                cm,
+                query_start_loc=qsl_full.to(device),
+                query_start_loc_cpu=qsl_full,
+                seq_lens=seq_full.to(device),
+                seq_lens_cpu_upper_bound=seq_full,
+                num_actual_tokens=int(qsl[-1]),
+                max_query_len=int(q_lens.max()),
+                max_seq_len=int(seq_lens.max()),
+                slot_mapping=slots,
+                positions=pos,
+            )
+            for g in groups:
+                layer_names = [n for n in g.layer_names if extract_layer_index(n) >= self.K]
+                if not layer_names:
+                    continue
+                metadata = g.get_metadata_builder(0).build(0, new_cm)
+                for n in layer_names:
+                    fc.attn_metadata[n] = metadata
+                    if isinstance(fc.slot_mapping, dict):
+                        fc.slot_mapping[n] = slots
+
+    # ------------------------------------------------------------------ action attention
+
+    def _start_tracking(self, r: _Req) -> None:
+        plan = r.plan
+        if not plan or not plan.get("track_actions") or r.req_id in self.tracks:
+            return
+        if r.num_computed != 0:
+            return  # joined mid-request (e.g. restart): nothing consistent to record
+        if plan.get("new_episode"):
+            self.history.reset(plan["session"])
+        if plan.get("warmup"):
+            self.stats.warmup_frames += 1
+        self.tracks[r.req_id] = _ActionTrack(
+            session=plan["session"],
+            num_visual=plan["num_visual"],
+            max_rows=r.max_tokens,
+            visual_start=plan["visual_start"],
+        )
+
+    def _capture_actions(self, reqs: list[_Req], q: torch.Tensor, k: torch.Tensor, compacted: bool):
+        t0 = time.perf_counter()
+        for r in reqs:
+            track = self.tracks[r.req_id]
+            rows = slice(r.row, r.row + r.rows_now)
+            ki = k[rows].view(r.rows_now, self.num_kv_heads, self.head_dim).float()
+            if track.keys is None:
+                m = track.num_visual
+                track.visual_ids = (
+                    r.kept if (compacted and r.kept is not None) else torch.arange(m)
+                )
+                track.keys = ki
+                q_rows = q[r.row + r.rows_now - 1 : r.row + r.rows_now]  # last prompt row
+            else:
+                track.keys = torch.cat([track.keys, ki])
+                q_rows = q[rows]
+            n_new = q_rows.shape[0]
+            qi = q_rows.reshape(n_new, self.num_heads, self.head_dim).float()
+            t_keys = track.keys.shape[0]
+            rows_attn = attention_rows(qi, track.keys, torch.arange(t_keys - n_new, t_keys))
+            nv = track.visual_ids.numel()
+            key_cols = torch.arange(track.visual_start, track.visual_start + nv)
+            scores = action_scores(rows_attn, key_cols, track.visual_ids, track.num_visual)
+            track.total = scores * n_new if track.total is None else track.total + scores * n_new
+            track.rows += n_new
+            if track.rows >= track.max_rows:
+                self._finish_track(r.req_id)
+        self.stats.select_seconds += time.perf_counter() - t0
+
+    def _finish_track(self, req_id: str) -> None:
+        track = self.tracks.get(req_id)
+        if track is None or track.done:
+            return
+        track.done = True
+        if track.rows:
+            self.history.push(track.session, track.total / track.rows)
+        track.keys = None
+
+    def on_request_finished(self, req_id: str) -> None:
+        """Runner hook: the request left the batch (finished, aborted or preempted)."""
+        with self._lock:
+            self._finish_track(req_id)
+            self.tracks.pop(req_id, None)
+
+    # ------------------------------------------------------------------ tracing
+
+    def _trace(self, r: _Req) -> None:
+        if not self._trace_path:
+            return
+        rec = {
+            "req_id": r.req_id,
+            "session": r.plan.get("session"),
+            "method": r.plan["method"],
+            "num_keep": r.plan["num_keep"],
+            "kept": r.kept.tolist(),
+            "had_history": bool(
+                r.plan.get("session") and self.history.estimate(r.plan["session"]) is not None
+            ),
+        }
+        with open(self._trace_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")

@@ -1,0 +1,203 @@
+"""Attention rows -> semantic and action importance scores over the visual tokens.
+
+Everything here is engine-free: plain tensors in, plain tensors out. The engine integration
+captures post-RoPE queries/keys (or attention probabilities) and calls these functions; the
+math is kept in float32 whatever the model dtype, because the scores feed a top-k whose
+ordering must not depend on bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["SEMANTIC_ROWS", "action_scores", "attention_rows", "semantic_scores"]
+
+#: Valid ``rows`` choices for :func:`semantic_scores`.
+SEMANTIC_ROWS: tuple[str, ...] = ("all", "last", "text")
+
+# Bound on the [Hq, rows, T] float32 score block materialised at once by attention_rows
+# (elements); larger requests are processed in row chunks so a long prompt cannot spike memory.
+_MAX_BLOCK_ELEMS = 1 << 24
+
+
+def _require_finite(name: str, x: Tensor) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def attention_rows(
+    q: Tensor,
+    k: Tensor,
+    q_positions: Tensor,
+    k_positions: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Head-averaged causal attention probabilities of R query rows over T keys.
+
+    Recomputes what eager attention would have returned for a few rows, so the engine can
+    keep its fused attention kernel and only pay for the rows the pruner needs.
+
+    Args:
+        q: ``[R, Hq, D]`` post-RoPE queries.
+        k: ``[T, Hkv, D]`` post-RoPE keys of the request; GQA requires ``Hq % Hkv == 0``
+            (query head ``h`` reads kv head ``h // (Hq // Hkv)``, the usual grouping).
+        q_positions: ``[R]`` position of each query row. Row ``r`` sees key ``j`` iff
+            ``key_pos[j] <= q_positions[r]``.
+        k_positions: ``[T]`` positions of the keys; default ``0..T-1`` (keys in order, no
+            gaps). Pass it when the key set is compacted (e.g. after pruning).
+        scale: softmax scale; default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[R, T]`` float32 probabilities (each row sums to 1 over its visible keys, 0 on
+        masked keys), averaged over the Hq heads.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [R, Hq, D], got shape {tuple(q.shape)}")
+    if k.dim() != 3:
+        raise ValueError(f"k must be [T, Hkv, D], got shape {tuple(k.shape)}")
+    r, hq, d = q.shape
+    t, hkv, dk = k.shape
+    if dk != d:
+        raise ValueError(f"q and k head dims differ: q has D={d}, k has D={dk}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"GQA needs Hq % Hkv == 0: q has Hq={hq} heads, k has Hkv={hkv}")
+    if t == 0 or r == 0:
+        raise ValueError(f"q and k must be non-empty (R={r}, T={t})")
+    if q_positions.dim() != 1 or q_positions.shape[0] != r:
+        raise ValueError(f"q_positions must be [R]=[{r}], got shape {tuple(q_positions.shape)}")
+    if k_positions is None:
+        key_pos = torch.arange(t, device=k.device)
+    else:
+        if k_positions.dim() != 1 or k_positions.shape[0] != t:
+            raise ValueError(f"k_positions must be [T]=[{t}], got shape {tuple(k_positions.shape)}")
+        key_pos = k_positions.to(k.device)
+    q_pos = q_positions.to(k.device)
+    if bool((q_pos < key_pos.min()).any()):
+        raise ValueError("q_positions: some query row sees no key (position before every key)")
+    _require_finite("q", q)
+    _require_finite("k", k)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+
+    group = hq // hkv
+    # [Hkv, group*R, D] x [Hkv, D, T]: shares each kv head across its query group without
+    # materialising repeated keys.
+    qf = q.to(torch.float32).permute(1, 0, 2).reshape(hkv, group, r, d)
+    kf = k.to(torch.float32).permute(1, 2, 0)  # [Hkv, D, T]
+    out = torch.empty(r, t, dtype=torch.float32, device=k.device)
+    chunk = max(1, _MAX_BLOCK_ELEMS // max(1, hq * t))
+    for s in range(0, r, chunk):
+        e = min(r, s + chunk)
+        qc = qf[:, :, s:e, :].reshape(hkv, group * (e - s), d)
+        logits = torch.bmm(qc, kf).mul_(scale).view(hkv, group, e - s, t)
+        visible = key_pos.view(1, t) <= q_pos[s:e].view(-1, 1)  # [rows, T]
+        logits.masked_fill_(~visible, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        out[s:e] = probs.mean(dim=(0, 1))
+    return out
+
+
+def _check_attn_and_span(attn: Tensor, visual_start: int, num_visual: int) -> None:
+    if attn.dim() != 2 or attn.shape[0] != attn.shape[1]:
+        raise ValueError(f"attn must be a square [T, T] matrix, got shape {tuple(attn.shape)}")
+    if num_visual < 1:
+        raise ValueError(f"num_visual must be >= 1, got {num_visual}")
+    if visual_start < 0 or visual_start + num_visual > attn.shape[1]:
+        raise ValueError(
+            f"visual span [visual_start={visual_start}, +num_visual={num_visual}) does not fit "
+            f"in attn with T={attn.shape[1]} keys"
+        )
+
+
+def semantic_scores(
+    attn: Tensor,
+    visual_start: int,
+    num_visual: int,
+    rows: str = "all",
+    text_start: int | None = None,
+) -> Tensor:
+    """Semantic importance S_sem of each visual token from layer K-1 prefill attention.
+
+    Args:
+        attn: ``[T, T]`` head-averaged attention probabilities (rows = queries, cols = keys).
+        visual_start: column of the first visual token.
+        num_visual: M, the number of visual tokens (contiguous from ``visual_start``).
+        rows: which query rows vote: ``'all'`` (mean over every prefill row, the paper's
+            rule; rows before the image contribute 0 under causal masking, which is a
+            constant factor and does not change the ranking), ``'last'`` (last prompt row,
+            FastV's rule) or ``'text'`` (rows ``text_start..T-1``).
+        text_start: first text row for ``rows='text'``; default right after the visual span.
+
+    Returns:
+        ``[M]`` float32 scores in original visual-token order.
+    """
+    _check_attn_and_span(attn, visual_start, num_visual)
+    vis = attn[:, visual_start : visual_start + num_visual]
+    if rows == "all":
+        sel = vis
+    elif rows == "last":
+        sel = vis[-1:]
+    elif rows == "text":
+        ts = visual_start + num_visual if text_start is None else text_start
+        if ts < 0 or ts >= attn.shape[0]:
+            raise ValueError(
+                f"text_start={ts} leaves no text rows in attn with T={attn.shape[0]} rows"
+            )
+        sel = vis[ts:]
+    else:
+        raise ValueError(f"rows must be one of {SEMANTIC_ROWS}, got {rows!r}")
+    return sel.to(torch.float32).mean(dim=0)
+
+
+def action_scores(
+    action_rows: Tensor,
+    visual_key_index: Tensor,
+    kept_visual_ids: Tensor,
+    num_visual: int,
+) -> Tensor:
+    """Action importance S_act of one frame, scattered back to original visual coordinates.
+
+    The action queries of a pruned frame only saw the kept visual keys, possibly stored
+    compacted; ``visual_key_index`` says where they sit on the key axis and
+    ``kept_visual_ids`` which original visual token each one is. Tokens pruned at this frame
+    score 0 (they received no attention).
+
+    Args:
+        action_rows: ``[A, Tk]`` head-averaged attention of the A action queries over the
+            Tk keys they saw.
+        visual_key_index: ``[Mk]`` key-axis columns holding visual tokens.
+        kept_visual_ids: ``[Mk]`` original visual index (0..M-1) of each of those columns;
+            must be unique.
+        num_visual: M.
+
+    Returns:
+        ``[M]`` float32: mean over action queries; 0 for tokens not in ``kept_visual_ids``.
+    """
+    if action_rows.dim() != 2 or action_rows.shape[0] == 0:
+        raise ValueError(f"action_rows must be [A>=1, Tk], got shape {tuple(action_rows.shape)}")
+    if visual_key_index.dim() != 1 or kept_visual_ids.dim() != 1:
+        raise ValueError("visual_key_index and kept_visual_ids must be 1-D")
+    mk = visual_key_index.shape[0]
+    if kept_visual_ids.shape[0] != mk:
+        raise ValueError(
+            f"kept_visual_ids has {kept_visual_ids.shape[0]} entries but visual_key_index has {mk}"
+        )
+    if num_visual < 1 or mk > num_visual:
+        raise ValueError(f"num_visual={num_visual} must be >= 1 and >= the {mk} kept tokens")
+    tk = action_rows.shape[1]
+    vki = visual_key_index.to(device=action_rows.device, dtype=torch.long)
+    ids = kept_visual_ids.to(device=action_rows.device, dtype=torch.long)
+    if mk and (int(vki.min()) < 0 or int(vki.max()) >= tk):
+        raise ValueError(f"visual_key_index out of range for Tk={tk} keys")
+    if mk and (int(ids.min()) < 0 or int(ids.max()) >= num_visual):
+        raise ValueError(f"kept_visual_ids out of range [0, {num_visual})")
+    if torch.unique(ids).numel() != mk:
+        raise ValueError("kept_visual_ids must be unique")
+    _require_finite("action_rows", action_rows)
+    out = torch.zeros(num_visual, dtype=torch.float32, device=action_rows.device)
+    if mk:
+        out[ids] = action_rows.to(torch.float32)[:, vki].mean(dim=0)
+    return out

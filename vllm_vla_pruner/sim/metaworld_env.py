@@ -1,0 +1,170 @@
+"""Meta-World environments as the embedded VLA sees them: one fixed camera, one instruction.
+
+The camera is a free MuJoCo camera framed tightly on the workspace from the front-right, so
+at 64 px the gripper, drawer/window handles, button and goal ball span several 8-px patches
+(Meta-World's own corner cameras show them as 1-3 px dots). Frames are rendered at twice the
+model resolution with shadows and reflections off, then area-averaged down (anti-aliasing).
+
+Goals are sampled from each task's own random-reset space with a seeded generator: training
+uses seeds ``[0, EVAL_SEED_OFFSET)``, evaluation seeds from ``EVAL_SEED_OFFSET`` up, so
+evaluation goals are held out.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+# Task name -> natural-language instruction (Meta-World ships none).
+TASK_INSTRUCTIONS: dict[str, str] = {
+    "drawer-open-v3": "open the drawer",
+    "drawer-close-v3": "close the drawer",
+    "window-open-v3": "slide the window open",
+    "window-close-v3": "slide the window closed",
+    "button-press-topdown-v3": "press the button down",
+    "reach-v3": "reach the red ball",
+}
+DEFAULT_TASKS: tuple[str, ...] = tuple(TASK_INSTRUCTIONS)
+# Pairs that share a scene and differ in the instruction.
+INSTRUCTION_PAIRS: tuple[tuple[str, str], ...] = (
+    ("drawer-open-v3", "drawer-close-v3"),
+    ("window-open-v3", "window-close-v3"),
+)
+EVAL_SEED_OFFSET = 100_000
+DEFAULT_MAX_STEPS = 200
+ACTION_DIM = 4  # xyz hand delta + gripper effort, each in [-1, 1]
+
+
+@dataclass(frozen=True)
+class CameraSpec:
+    """A free MuJoCo camera: looks at ``lookat`` from ``distance`` along azimuth/elevation."""
+
+    lookat: tuple[float, float, float] = (0.0, 0.68, 0.17)
+    distance: float = 0.82
+    azimuth: float = -155.0
+    elevation: float = -45.0
+
+
+DEFAULT_CAMERA = CameraSpec()
+
+
+def _import_metaworld() -> tuple[Any, Any]:
+    from metaworld.env_dict import ENV_CLS_MAP
+    from metaworld.policies import ENV_POLICY_MAP
+
+    return ENV_CLS_MAP, ENV_POLICY_MAP
+
+
+_LIVE_RENDERERS: list[Any] = []
+
+
+@atexit.register
+def _close_renderers() -> None:
+    # Close while EGL is still alive; a renderer collected at interpreter shutdown raises.
+    while _LIVE_RENDERERS:
+        try:
+            _LIVE_RENDERERS.pop().close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+class MetaWorldTask:
+    """One Meta-World task with a fixed camera, seeded goals and its scripted expert."""
+
+    def __init__(
+        self,
+        task: str,
+        image_size: int = 64,
+        camera: CameraSpec = DEFAULT_CAMERA,
+        supersample: int = 2,
+        max_steps: int = DEFAULT_MAX_STEPS,
+    ) -> None:
+        import mujoco
+
+        if task not in TASK_INSTRUCTIONS:
+            raise KeyError(f"unknown task {task!r}; known: {sorted(TASK_INSTRUCTIONS)}")
+        env_cls, policy_map = _import_metaworld()
+        self.task = task
+        self.instruction = TASK_INSTRUCTIONS[task]
+        self.image_size = image_size
+        self.supersample = max(1, supersample)
+        self.max_steps = max_steps
+        self.env = env_cls[task]()
+        # What MT benchmarks do: goal-observable state (the expert reads the goal from it).
+        self.env._set_task_called = True
+        self.env._partially_observable = False
+        self.env._freeze_rand_vec = True
+        self.expert = policy_map[task]()
+        side = image_size * self.supersample
+        self.renderer = mujoco.Renderer(self.env.model, side, side)
+        _LIVE_RENDERERS.append(self.renderer)
+        flags = self.renderer.scene.flags
+        flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+        flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        self.camera = mujoco.MjvCamera()
+        self.camera.type = mujoco.mjtCamera.mjCAMERA_FREE
+        self.camera.lookat[:] = camera.lookat
+        self.camera.distance = camera.distance
+        self.camera.azimuth = camera.azimuth
+        self.camera.elevation = camera.elevation
+        self.obs: np.ndarray | None = None
+        self.steps = 0
+
+    def reset(self, seed: int) -> np.ndarray:
+        """Start an episode whose goal/object positions are drawn from ``seed``."""
+        space = self.env._random_reset_space
+        rng = np.random.default_rng(seed)
+        self.env._last_rand_vec = rng.uniform(space.low, space.high)
+        self.obs, _ = self.env.reset()
+        self.steps = 0
+        return self.obs
+
+    def render(self) -> np.ndarray:
+        """The current frame, uint8 ``(image_size, image_size, 3)``."""
+        self.renderer.update_scene(self.env.data, camera=self.camera)
+        img = self.renderer.render()
+        s = self.supersample
+        if s > 1:
+            h = self.image_size
+            img = img.reshape(h, s, h, s, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+        return np.ascontiguousarray(img)
+
+    def expert_action(self, obs: np.ndarray | None = None) -> np.ndarray:
+        """The scripted expert's action for ``obs`` (default: the current state), clipped."""
+        obs = self.obs if obs is None else obs
+        return np.clip(self.expert.get_action(obs), -1.0, 1.0).astype(np.float32)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, bool, bool]:
+        """Apply ``action``; returns ``(obs, success, done)`` (done = success or step cap)."""
+        action = np.clip(np.asarray(action, dtype=np.float32).reshape(-1)[:ACTION_DIM], -1, 1)
+        self.obs, _, _, truncated, info = self.env.step(action)
+        self.steps += 1
+        success = bool(info.get("success", 0.0))
+        done = success or truncated or self.steps >= self.max_steps
+        return self.obs, success, done
+
+
+_TASK_CACHE: dict[tuple[str, int], MetaWorldTask] = {}
+
+
+def make_task(task: str, image_size: int = 64, **kwargs: Any) -> MetaWorldTask:
+    """A cached :class:`MetaWorldTask` (envs are kept alive: closing them can break EGL)."""
+    key = (task, image_size)
+    if key not in _TASK_CACHE:
+        _TASK_CACHE[key] = MetaWorldTask(task, image_size=image_size, **kwargs)
+    return _TASK_CACHE[key]
+
+
+def train_seeds(n: int, start: int = 0) -> list[int]:
+    return list(range(start, start + n))
+
+
+def eval_seeds(n: int) -> list[int]:
+    """Held-out goal seeds (never used for demonstrations or DAgger)."""
+    return list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + n))
