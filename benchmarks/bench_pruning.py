@@ -53,12 +53,12 @@ def timed(fn, budget_s: float = 0.6, max_reps: int = 15) -> float:
     return 1000.0 * statistics.median(samples)
 
 
-def make_request(seed: int) -> dict:
+def make_request(seed: int, embed_dim: int = E) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {
         "q": torch.randn(T, HQ, D, generator=g),
         "k": torch.randn(T + A, HKV, D, generator=g),
-        "emb": torch.randn(M, E, generator=g),
+        "emb": torch.randn(M, embed_dim, generator=g),
         "act_q": torch.randn(A, HQ, D, generator=g),
         "session": f"robot-{seed}",
     }
@@ -79,7 +79,6 @@ def semantic_scoring(req: dict, method: str) -> torch.Tensor:
 
 def action_bookkeeping(req: dict, history: ActionHistory, kept: torch.Tensor) -> None:
     """Per frame: the A action queries over the pruned key set -> S_act -> history."""
-    n_text = T - VISUAL_START - M
     vis_pos = VISUAL_START + kept
     key_pos = torch.cat(
         [torch.arange(VISUAL_START), vis_pos, torch.arange(VISUAL_START + M, T + A)]
@@ -90,18 +89,18 @@ def action_bookkeeping(req: dict, history: ActionHistory, kept: torch.Tensor) ->
     s_act = action_scores(rows, vki, kept, M)
     history.push(req["session"], s_act)
     history.estimate(req["session"])
-    del n_text
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "pruning.json"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    ap.add_argument("--embed-dim", type=int, default=E, help="E (OpenVLA-7B: 4096)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    reqs = [make_request(i) for i in range(max(BATCHES))]
+    reqs = [make_request(i, args.embed_dim) for i in range(max(BATCHES))]
     history = ActionHistory()
     for r in reqs:  # warm history so vlapruner runs its full path
         for _ in range(3):
@@ -135,7 +134,9 @@ def main() -> None:
                 ]
                 scoring_ms = 0.0
                 if method != "divprune":
-                    scoring_ms = timed(lambda b=batch: [semantic_scoring(r, method) for r in b])
+                    scoring_ms = timed(
+                        lambda b=batch, m=method: [semantic_scoring(r, m) for r in b]
+                    )
                 select_ms = timed(lambda it=items: select_batch(it))
                 history_ms = 0.0
                 if method == "vlapruner":
@@ -176,7 +177,15 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     meta = {
-        "shapes": {"T": T, "M": M, "Hq": HQ, "Hkv": HKV, "D": D, "E": E, "action_queries": A},
+        "shapes": {
+            "T": T,
+            "M": M,
+            "Hq": HQ,
+            "Hkv": HKV,
+            "D": D,
+            "E": args.embed_dim,
+            "action_queries": A,
+        },
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": "cpu",

@@ -16,6 +16,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from vllm_vla_pruner.engine.kv_spec import forget_request, set_pruned_slots
 from vllm_vla_pruner.engine.planner import FrameCounter, make_plan
 from vllm_vla_pruner.engine.settings import KEY_PLAN, REQUEST_KEYS, PruningSettings
 
@@ -50,6 +51,8 @@ def plan_request(scheduler: Any, request: Any) -> None:
         logger.warning("request %s: ignoring invalid pruning settings: %s", request.request_id, e)
         return
     request.sampling_params.extra_args = {**extra, KEY_PLAN: plan}
+    if plan["prune"]:
+        set_pruned_slots(request.request_id, plan["num_visual"] - plan["num_keep"])
 
 
 def apply() -> None:
@@ -66,6 +69,7 @@ def apply() -> None:
 
     def _connector_finished(self, request):
         delay, params = original_finished(self, request)
+        forget_request(request.request_id)
         extra = (request.sampling_params.extra_args or {}) if request.sampling_params else {}
         plan = extra.get(KEY_PLAN)
         if plan is not None and params is None:

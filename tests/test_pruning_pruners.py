@@ -356,3 +356,43 @@ def test_select_batch_openvla_sized_mix():
     for (inp, meth, b), idx in zip(items, got, strict=True):
         assert torch.equal(idx, select_tokens(inp, meth, b))
     assert select_batch([]) == []
+
+
+def test_integer_like_budgets_accepted_bool_refused():
+    np = pytest.importorskip("numpy")
+    assert select_tokens(hand_inputs(), "fastv", np.int64(2)).tolist() == [1, 3]
+    assert select_batch([(hand_inputs(), "fastv", torch.tensor(2))])[0].tolist() == [1, 3]
+    assert budget_for(np.int32(256), np.float32(0.25)) == 64
+    with pytest.raises(ValueError, match="budget"):
+        select_tokens(hand_inputs(), "fastv", True)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        budget_for(256, True)
+
+
+def test_episode_flow_like_the_engine():
+    """Warm-up frames run unpruned and fill the history; then frames are pruned, and the
+    pruned frame's action scores (compacted keys) feed the history with zeros elsewhere."""
+    from vllm_vla_pruner.pruning import ActionHistory, action_scores, attention_rows
+
+    g = torch.Generator().manual_seed(0)
+    m, vs, n_text, a_q, hq, d = 16, 1, 5, 3, 4, 8
+    t = vs + m + n_text
+    hist = ActionHistory(window=3, gamma=0.8)
+    budget = budget_for(m, 0.25)
+    for frame in range(6):
+        q = torch.randn(t + a_q, hq, d, generator=g)
+        k = torch.randn(t + a_q, 2, d, generator=g)
+        attn = attention_rows(q[:t], k[:t], torch.arange(t))
+        est = hist.estimate("robot-1")
+        assert (est is None) == (frame < 3)
+        method = "vlapruner" if hist.is_warm("robot-1") else "none"
+        inp = PruneInputs(attn, vs, m, torch.randn(m, 6, generator=g), action_estimate=est)
+        kept = select_tokens(inp, method, budget)
+        assert kept.numel() == (m if method == "none" else budget)
+        # decode: action queries see BOS, the kept visual tokens and the text (compacted keys)
+        key_pos = torch.cat([torch.arange(vs), vs + kept, torch.arange(vs + m, t + a_q)])
+        rows = attention_rows(q[t:], k[key_pos], torch.arange(t, t + a_q), k_positions=key_pos)
+        s_act = action_scores(rows, torch.arange(vs, vs + kept.numel()), kept, m)
+        assert torch.all(s_act[torch.isin(torch.arange(m), kept, invert=True)] == 0)
+        hist.push("robot-1", s_act)
+    assert hist.num_frames("robot-1") == 3

@@ -6,9 +6,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vllm_vla_pruner.pruning import action_scores, attention_rows, semantic_scores
 from vllm_vla_pruner.pruning import scores as scores_mod
+from vllm_vla_pruner.pruning.scores import all_finite
 
 
 def naive_rows(q, k, q_pos, k_pos=None, scale=None):
@@ -198,3 +201,35 @@ def test_action_scores_scatter_by_hand():
 def test_action_scores_errors(args, match):
     with pytest.raises(ValueError, match=match):
         action_scores(*args)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    rows=st.integers(1, 4),
+    t=st.integers(1, 8),
+    hkv=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 2, 3]),
+    gaps=st.booleans(),
+)
+def test_attention_rows_property_vs_naive(seed, rows, t, hkv, group, gaps):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, hkv * group, 4, generator=g) * 2
+    k = torch.randn(t, hkv, 4, generator=g) * 2
+    k_pos = torch.cumsum(torch.randint(1, 3, (t,), generator=g), 0) if gaps else None
+    hi = int(k_pos[-1]) if gaps else t - 1
+    lo = int(k_pos[0]) if gaps else 0
+    q_pos = torch.randint(lo, hi + 1, (rows,), generator=g)
+    got = attention_rows(q, k, q_pos, k_positions=k_pos)
+    torch.testing.assert_close(got.double(), naive_rows(q, k, q_pos, k_pos), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(rows))
+
+
+def test_all_finite_helper():
+    assert all_finite(torch.zeros(0)) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(3, 1000).to(dtype)
+            x[2, 777] = bad
+            assert not all_finite(x)
+            assert not all_finite(x.t())  # non-contiguous

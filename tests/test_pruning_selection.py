@@ -14,6 +14,7 @@ from vllm_vla_pruner.pruning import (
     combine_then_filter,
     cosine_distance_matrix,
     greedy_maxmin,
+    greedy_maxmin_batched,
     stable_topk,
     union_indices,
 )
@@ -222,3 +223,17 @@ def test_combine_then_filter_invariants(seed, m, frac, levels, with_action):
     allowed = c_sem | (set(stable_topk(act, budget).tolist()) if with_action else set())
     assert set(got.tolist()) <= allowed  # never leaves the union
     assert torch.equal(got, combine_then_filter(sem, act if with_action else None, emb, budget))
+
+
+def test_greedy_batched_padding_matches_single():
+    g = torch.Generator().manual_seed(5)
+    sizes, budgets = [7, 3, 12, 1], [4, 3, 5, 1]
+    n = max(sizes)
+    emb = torch.randn(len(sizes), n, 6, generator=g)
+    valid = torch.arange(n).unsqueeze(0) < torch.tensor(sizes).unsqueeze(1)
+    emb[~valid] = 1e3  # padding content must not matter
+    got = greedy_maxmin_batched(emb, valid, budgets)
+    for b, (size, k) in enumerate(zip(sizes, budgets, strict=True)):
+        assert torch.equal(got[b], greedy_maxmin(emb[b, :size], k))
+    # budget larger than the set: the whole set
+    assert greedy_maxmin_batched(emb[:1], valid[:1], [99])[0].tolist() == list(range(7))

@@ -21,10 +21,10 @@ def register() -> None:
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(MODEL_ARCH, "vllm_vla_pruner.openvla:OpenVLAForActionPrediction")
-    try:
-        from vllm_vla_pruner.patches import apply_all
-    except ImportError:  # patches not built yet
-        apply_all = None
-    if apply_all is not None:
-        apply_all()
+    from vllm_vla_pruner.patches import apply_all
+
+    apply_all()
+    from vllm_vla_pruner.engine.kv_spec import register_spec
+
+    register_spec()
     _registered = True

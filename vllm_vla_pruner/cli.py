@@ -172,16 +172,30 @@ SUBCOMMANDS: list[Subcommand] = [
 ]
 
 
-def build_parser(commands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[Subcommand] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vla-pruner", description="Serve VLA robot policies on vLLM with VLA-Pruner."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for cmd in commands:
+    for cmd in SUBCOMMANDS if commands is None else commands:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.configure(p)
-        p.set_defaults(_subcommand=cmd)
+        p.set_defaults(_subcommand=cmd, _parser=p)
     return parser
+
+
+def _check_passthrough_order(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], extra: list[str]
+) -> None:
+    """Refuse ``serve --unknown-opt MODEL``: argparse cannot know the unknown option takes no
+    value, so it would have read MODEL as that option's value and the value as MODEL."""
+    positional = {str(getattr(args, a.dest)) for a in parser._actions if not a.option_strings}
+    unknown = {e for e in extra if e.startswith("-") and "=" not in e}
+    for value in positional:
+        i = argv.index(value) if value in argv else -1
+        if i > 0 and argv[i - 1] in unknown:
+            tok = argv[i - 1]
+            parser.error(f"put the positional arguments before {tok} (e.g. serve MODEL {tok} ...)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd: Subcommand = args._subcommand
     if extra and not cmd.passthrough:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if cmd.passthrough and extra:
+        _check_passthrough_order(args._parser, args, argv[argv.index(cmd.name) + 1 :], extra)
     return int(cmd.run(args, extra) or 0)
 
 

@@ -184,13 +184,12 @@ class ActionEndpointPlugin:
 
 
 def _pruning_defaults(engine_client: Any) -> dict[str, Any]:
-    """Server-wide pruning defaults, if the engine side publishes them; else empty."""
+    """Server-wide pruning defaults (``--additional-config '{"vla_pruner": {...}}'``)."""
     try:
-        from vllm_vla_pruner.engine import server_pruning_defaults  # type: ignore[attr-defined]
-    except ImportError:
-        return {}
-    try:
-        return dict(server_pruning_defaults(engine_client.vllm_config) or {})
-    except Exception:  # noqa: BLE001 - defaults are informational only
+        from vllm_vla_pruner.engine.settings import PruningSettings
+
+        settings = PruningSettings.from_vllm_config(engine_client.vllm_config)
+    except Exception:  # noqa: BLE001 - informational only; the engine applies its own
         logger.debug("could not read pruning defaults", exc_info=True)
         return {}
+    return {"method": settings.method, "keep_ratio": settings.keep_ratio, "layer": settings.layer}

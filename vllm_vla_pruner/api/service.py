@@ -195,20 +195,24 @@ def _budget(num_visual: int, keep_ratio: float) -> int:
     return int(budget_for(num_visual, keep_ratio))
 
 
-def _engine_pruning_info(out: Any) -> Mapping[str, Any] | None:
+def _engine_pruning_info(out: Any) -> dict[str, Any] | None:
     """What the engine says it did for this request, if it says anything.
 
-    The engine may attach a mapping (keys ``method``, ``keep_ratio``, ``visual_tokens_kept``,
-    ``warmup``) to the final ``RequestOutput`` or to its completion as ``vla_pruning``.
+    The scheduler hook (``patches/scheduler_plan.py``) returns the request's pruning plan in
+    the final output's ``kv_transfer_params["vla_pruner"]`` (unused without a KV connector):
+    ``method``, ``keep_ratio``, ``num_visual``, ``num_keep``, ``prune``, ``warmup``.
     """
-    for holder in (out, *(getattr(out, "outputs", None) or ())):
-        info = getattr(holder, "vla_pruning", None)
-        if isinstance(info, Mapping):
-            return info
     params = getattr(out, "kv_transfer_params", None)
-    if isinstance(params, Mapping) and isinstance(params.get("vla_pruning"), Mapping):
-        return params["vla_pruning"]
-    return None
+    plan = params.get("vla_pruner") if isinstance(params, Mapping) else None
+    if not isinstance(plan, Mapping) or "num_keep" not in plan:
+        return None
+    return {
+        "method": plan.get("method"),
+        "keep_ratio": plan.get("keep_ratio"),
+        "visual_tokens_total": plan.get("num_visual"),
+        "visual_tokens_kept": plan.get("num_keep"),
+        "warmup": plan.get("warmup"),
+    }
 
 
 # ----------------------------------------------------------------------------- service
@@ -494,12 +498,14 @@ class ActionService:
         info = _engine_pruning_info(out)
         if info is not None:
             kept = info.get("visual_tokens_kept")
+            total = info.get("visual_tokens_total")
+            warmup = info.get("warmup")
             return PruningReport(
-                method=info.get("method", method),
+                method=info.get("method") or method,
                 keep_ratio=info.get("keep_ratio", ratio),
-                visual_tokens_total=int(info.get("visual_tokens_total", self.num_visual)),
+                visual_tokens_total=self.num_visual if total is None else int(total),
                 visual_tokens_kept=None if kept is None else int(kept),
-                warmup=info.get("warmup"),
+                warmup=None if warmup is None else bool(warmup),
                 source="engine",
             )
         if method == "none" or ratio is None:
@@ -543,11 +549,9 @@ class ActionService:
 
     def _client_or_server_error(self, exc: Exception, request_id: str, stage: str) -> ApiError:
         """vLLM's client errors (bad settings, prompt too long) -> 4xx; the rest -> 5xx."""
-        try:
-            from vllm.exceptions import VLLMClientError, VLLMValidationError
-            from vllm.v1.engine.exceptions import EngineDeadError
-        except ImportError:  # pragma: no cover - vLLM is a hard dependency at run time
-            VLLMClientError = VLLMValidationError = EngineDeadError = ()  # type: ignore[misc,assignment]  # noqa: N806
+        from vllm.exceptions import VLLMClientError, VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         if isinstance(exc, EngineDeadError):
             return ApiError(503, "engine is dead; the server must be restarted", type="engine_dead")
         if isinstance(exc, VLLMValidationError):
@@ -555,7 +559,14 @@ class ActionService:
             fld = _XARG_FIELDS.get(str(param), param)
             msg = str(exc.args[0]) if exc.args else str(exc)
             return ApiError(422, f"{fld}: {msg}" if fld else msg, field=fld)
-        if isinstance(exc, VLLMClientError) or (stage == "preprocessing" and _is_value_error(exc)):
+        if isinstance(exc, (ValueError, TypeError)):
+            # vLLM (and the plugin's extra_args check, patches/api_validation.py) refuse
+            # requests with ValueError before they are queued; the message names the key.
+            msg = str(exc)
+            key = msg.split(":", 1)[0].strip()
+            fld = _XARG_FIELDS.get(key)
+            return ApiError(422 if fld else 400, f"request refused: {msg}", field=fld)
+        if isinstance(exc, VLLMClientError):
             return ApiError(400, f"request refused by the engine: {exc}", field=None)
         logger.exception("%s failed for %s", stage, request_id)
         return ApiError(500, f"{stage} failed: {type(exc).__name__}: {exc}", type="engine_error")
@@ -574,7 +585,8 @@ class ActionService:
             defaults={
                 "method": self.pruning_defaults.get("method"),
                 "keep_ratio": self.pruning_defaults.get("keep_ratio"),
-                "note": "null: the engine's server-wide default applies",
+                "layer": self.pruning_defaults.get("layer"),
+                "session_warmup": "frames of a session run unpruned until its history fills",
             },
             limits={
                 "max_body_bytes": self.limits.max_body_bytes,
@@ -584,7 +596,3 @@ class ActionService:
                 "max_model_len": int(self.max_model_len or 0),
             },
         )
-
-
-def _is_value_error(exc: BaseException) -> bool:
-    return isinstance(exc, (ValueError, TypeError))

@@ -117,6 +117,23 @@ class PrunedDecoder:
         )
         self._lock = threading.Lock()
         self._trace_path = os.environ.get("VLA_PRUNER_TRACE")
+        if self.settings.separate_kv_group:
+            self._use_pruned_kv_spec(model)
+
+    def _use_pruned_kv_spec(self, model: Any) -> None:
+        """Put layers >= K in their own KV group, sized for the pruned length."""
+        from vllm_vla_pruner.engine.kv_spec import PrunedAttentionSpec, register_spec
+
+        register_spec()
+        for layer in model.language_model.model.layers[self.K :]:
+            attn = layer.self_attn.attn
+            full_spec = attn.get_kv_cache_spec
+
+            def get_kv_cache_spec(vllm_config, _full=full_spec):
+                spec = _full(vllm_config)
+                return None if spec is None else PrunedAttentionSpec.from_full(spec)
+
+            attn.get_kv_cache_spec = get_kv_cache_spec
 
     # ------------------------------------------------------------------ entry point
 

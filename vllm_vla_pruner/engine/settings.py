@@ -35,6 +35,8 @@ class PruningSettings:
     semantic_rows: str = "all"
     max_sessions: int = 4096
     idle_timeout_s: float = 900.0
+    # Layers >= K in their own KV cache group(s) sized for the pruned length (saves memory).
+    separate_kv_group: bool = True
 
     def action_layer_for(self, num_layers: int) -> int:
         return num_layers // 2 if self.action_layer is None else self.action_layer

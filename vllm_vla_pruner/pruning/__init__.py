@@ -23,6 +23,7 @@ from .selection import (
     cosine_distance_matrix,
     greedy_maxmin,
     greedy_maxmin_batched,
+    greedy_maxmin_from_distances,
     stable_topk,
     union_indices,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "get_pruner",
     "greedy_maxmin",
     "greedy_maxmin_batched",
+    "greedy_maxmin_from_distances",
     "needs_action_history",
     "register_pruner",
     "select_batch",

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .scores import all_finite
+
 __all__ = ["ActionHistory", "decay_weights"]
 
 
@@ -103,7 +105,7 @@ class ActionHistory:
         """
         if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.numel() == 0:
             raise ValueError("scores must be a non-empty 1-D tensor [M]")
-        if not bool(torch.isfinite(scores).all()):
+        if not all_finite(scores):
             raise ValueError("scores contains non-finite values (NaN or inf)")
         frame = scores.detach().to(torch.float32).clone()
         with self._lock:

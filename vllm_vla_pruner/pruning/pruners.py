@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .scores import SEMANTIC_ROWS, semantic_scores
-from .selection import greedy_maxmin_batched, stable_topk_batched, union_indices
+from .scores import SEMANTIC_ROWS, all_finite, semantic_scores
+from .selection import (
+    cosine_distance_matrix,
+    greedy_maxmin_from_distances,
+    stable_topk_batched,
+    union_indices,
+)
 
 __all__ = [
     "PRUNERS",
@@ -78,6 +85,7 @@ def register_pruner(
         @functools.wraps(fn)
         def checked(inputs: PruneInputs, budget: int) -> Tensor:
             validate_inputs(inputs, budget)
+            budget = operator.index(budget)
             return _check_output(name, fn(inputs, budget), inputs, budget)
 
         _RAW[name] = fn
@@ -128,16 +136,29 @@ def needs_action_history(method: str) -> bool:
 
 def budget_for(num_visual: int, keep_ratio: float) -> int:
     """Kept-token budget ``round(M * keep_ratio)`` (halves round up), at least 1."""
-    if isinstance(num_visual, bool) or not isinstance(num_visual, int) or num_visual < 1:
+    m = _index(num_visual)
+    if m is None or m < 1:
         raise ValueError(f"num_visual must be an int >= 1, got {num_visual!r}")
-    if not isinstance(keep_ratio, int | float) or not (0.0 < keep_ratio <= 1.0):
+    ok = isinstance(keep_ratio, numbers.Real) and not isinstance(keep_ratio, bool)
+    if not ok or not (0.0 < float(keep_ratio) <= 1.0):
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-    return max(1, min(num_visual, math.floor(num_visual * keep_ratio + 0.5)))
+    return max(1, min(m, math.floor(m * float(keep_ratio) + 0.5)))
 
 
 # -- validation ------------------------------------------------------------------------------
+def _index(v: object) -> int | None:
+    """``v`` as an int if it is integer-like (int, numpy/torch integer scalar), else None.
+    bool is refused: ``budget=True`` is a caller bug, not a budget of 1."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _finite(name: str, x: Tensor) -> None:
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
@@ -182,8 +203,9 @@ def validate_inputs(inputs: PruneInputs, budget: int) -> None:
             raise ValueError(
                 f"grid_shape={inputs.grid_shape!r} must be (rows, cols) with rows*cols == M={m}"
             )
-    if isinstance(budget, bool) or not isinstance(budget, int) or not (1 <= budget <= m):
-        raise ValueError(f"budget={budget!r} out of range [1, M={m}]")
+    b = _index(budget)
+    if b is None or not (1 <= b <= m):
+        raise ValueError(f"budget={budget!r} must be an int in [1, M={m}]")
     _finite("attn", a)
     _finite("embeddings", e)
 
@@ -288,7 +310,8 @@ def _sparsevlm(inputs: PruneInputs) -> Tensor:
 @register_pruner("vlapruner", needs_action_history=True)
 def _vlapruner(inputs: PruneInputs, budget: int) -> Tensor:
     """Combine-then-Filter (S_sem, S_hat); semantic top-k without history."""
-    return _select_vlapruner([(inputs, budget)])[0]
+    out, jobs, _ = _plan_vlapruner([(inputs, budget)])
+    return out[0] if out[0] is not None else _batched_greedy(jobs)[0]
 
 
 @register_pruner("divprune")
@@ -297,8 +320,9 @@ def _divprune(inputs: PruneInputs, budget: int) -> Tensor:
     m = inputs.num_visual
     if budget == m:
         return torch.arange(m, device=inputs.attn.device)
+    dist = cosine_distance_matrix(inputs.embeddings).unsqueeze(0)
     valid = torch.ones(1, m, dtype=torch.bool, device=inputs.attn.device)
-    return greedy_maxmin_batched(inputs.embeddings.unsqueeze(0), valid, [budget])[0]
+    return greedy_maxmin_from_distances(dist, valid, [budget])[0]
 
 
 @register_pruner("random")
@@ -351,56 +375,58 @@ def _batched_topk(jobs: list[tuple[Tensor, int]]) -> list[Tensor]:
 
 
 def _batched_greedy(jobs: list[tuple[Tensor, Tensor, int]]) -> list[Tensor]:
-    """Greedy max-min for many (embeddings [M, E], candidates [C], budget) jobs, padded into
-    one loop per (E, device) group. Returns sorted indices into each job's embeddings."""
+    """Greedy max-min for many (embeddings [M, E], candidates [C], budget) jobs.
+
+    Each job's C x C distances are computed on its own (no FLOPs spent on padding, and the
+    result cannot depend on the batch), then padded into one [B, n, n] block per device for a
+    single greedy loop. Returns sorted indices into each job's embeddings."""
     out: list[Tensor | None] = [None] * len(jobs)
-    groups: dict[tuple[int, torch.device], list[int]] = {}
+    groups: dict[torch.device, list[int]] = {}
     for i, (emb, _, _) in enumerate(jobs):
-        groups.setdefault((emb.shape[1], emb.device), []).append(i)
-    for (e_dim, device), ids in groups.items():
+        groups.setdefault(emb.device, []).append(i)
+    for device, ids in groups.items():
         n = max(jobs[i][1].numel() for i in ids)
-        emb = torch.zeros(len(ids), n, e_dim, dtype=torch.float32, device=device)
+        dist = torch.zeros(len(ids), n, n, dtype=torch.float32, device=device)
         valid = torch.zeros(len(ids), n, dtype=torch.bool, device=device)
         for row, i in enumerate(ids):
             e, cand, _ = jobs[i]
-            emb[row, : cand.numel()] = e[cand].to(torch.float32)
-            valid[row, : cand.numel()] = True
-        picks = greedy_maxmin_batched(emb, valid, [jobs[i][2] for i in ids])
+            c = cand.numel()
+            dist[row, :c, :c] = cosine_distance_matrix(e if c == e.shape[0] else e[cand])
+            valid[row, :c] = True
+        picks = greedy_maxmin_from_distances(dist, valid, [jobs[i][2] for i in ids])
         for row, i in enumerate(ids):
             out[i] = jobs[i][1][picks[row]]
     return out  # type: ignore[return-value]
 
 
-def _select_vlapruner(items: list[tuple[PruneInputs, int]]) -> list[Tensor]:
-    """Combine-then-Filter for many requests: stacked dual top-k, batched diversity filter."""
+def _plan_vlapruner(
+    items: list[tuple[PruneInputs, int]],
+) -> tuple[list[Tensor | None], list[tuple[Tensor, Tensor, int]], list[int]]:
+    """Stacked dual top-k and union for many requests. Returns the finished results (None
+    where the union exceeds the budget) and the diversity-filter jobs still to run, so
+    select_batch can run them in one greedy loop together with divprune's."""
     topk_jobs: list[tuple[Tensor, int]] = []
     for inputs, budget in items:
         topk_jobs.append((_sem(inputs), budget))
         act = _action(inputs)
         if act is not None:
             topk_jobs.append((act, budget))
-    ranked = _batched_topk(topk_jobs)
+    ranked = iter(_batched_topk(topk_jobs))
     out: list[Tensor | None] = [None] * len(items)
     greedy_jobs: list[tuple[Tensor, Tensor, int]] = []
     greedy_owner: list[int] = []
-    j = 0
     for i, (inputs, budget) in enumerate(items):
-        c_sem = ranked[j]
-        j += 1
+        c_sem = next(ranked)
         if inputs.action_estimate is None:
             out[i] = torch.sort(c_sem).values
             continue
-        c_act = ranked[j]
-        j += 1
-        union = union_indices(c_sem, c_act, size=inputs.num_visual)
+        union = union_indices(c_sem, next(ranked), size=inputs.num_visual)
         if union.numel() == budget:
             out[i] = union
         else:
             greedy_jobs.append((inputs.embeddings, union, budget))
             greedy_owner.append(i)
-    for i, idx in zip(greedy_owner, _batched_greedy(greedy_jobs), strict=True):
-        out[i] = idx
-    return out  # type: ignore[return-value]
+    return out, greedy_jobs, greedy_owner
 
 
 def select_tokens(inputs: PruneInputs, method: str, budget: int) -> Tensor:
@@ -414,12 +440,13 @@ def select_batch(items: Sequence[tuple[PruneInputs, str, int]]) -> list[Tensor]:
 
     Vectorised where it pays: all top-k-style selections of equal M share one stacked sort,
     and every diversity filter (vlapruner's union filter, divprune) runs in one padded greedy
-    loop per embedding width instead of one Python loop per request. Results equal the
-    per-request ones.
+    loop per device instead of one Python loop per request. Results equal the per-request
+    ones (each request's distances are computed on its own; only the loop is shared).
     """
     for inputs, method, budget in items:
         get_pruner(method)
         validate_inputs(inputs, budget)
+    items = [(inputs, method, operator.index(budget)) for inputs, method, budget in items]
     out: list[Tensor | None] = [None] * len(items)
     topk_ids: list[int] = []
     vla_ids: list[int] = []
@@ -440,20 +467,22 @@ def select_batch(items: Sequence[tuple[PruneInputs, str, int]]) -> list[Tensor]:
         jobs = [(_SCORE_FNS[items[i][1]](items[i][0]), items[i][2]) for i in topk_ids]
         for i, idx in zip(topk_ids, _batched_topk(jobs), strict=True):
             out[i] = torch.sort(idx).values
+    greedy_jobs: list[tuple[Tensor, Tensor, int]] = []
+    greedy_owner: list[int] = []
     if vla_ids:
-        res = _select_vlapruner([(items[i][0], items[i][2]) for i in vla_ids])
+        res, jobs_v, owners_v = _plan_vlapruner([(items[i][0], items[i][2]) for i in vla_ids])
         for i, idx in zip(vla_ids, res, strict=True):
             out[i] = idx
-    if div_ids:
-        jobs_g = [
-            (
-                items[i][0].embeddings,
-                torch.arange(items[i][0].num_visual, device=items[i][0].attn.device),
-                items[i][2],
-            )
-            for i in div_ids
-        ]
-        for i, idx in zip(div_ids, _batched_greedy(jobs_g), strict=True):
+        greedy_jobs += jobs_v
+        greedy_owner += [vla_ids[o] for o in owners_v]
+    for i in div_ids:
+        inp = items[i][0]
+        greedy_jobs.append(
+            (inp.embeddings, torch.arange(inp.num_visual, device=inp.attn.device), items[i][2])
+        )
+        greedy_owner.append(i)
+    if greedy_jobs:
+        for i, idx in zip(greedy_owner, _batched_greedy(greedy_jobs), strict=True):
             out[i] = idx
     return [
         _check_output(items[i][1], idx, items[i][0], items[i][2])  # type: ignore[arg-type]

@@ -15,11 +15,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .scores import all_finite
+
 __all__ = [
     "combine_then_filter",
     "cosine_distance_matrix",
     "greedy_maxmin",
     "greedy_maxmin_batched",
+    "greedy_maxmin_from_distances",
     "stable_topk",
     "stable_topk_batched",
     "union_indices",
@@ -33,7 +36,7 @@ def _check_scores(name: str, s: Tensor, m: int | None = None) -> None:
         raise ValueError(f"{name} must be 1-D [M], got shape {tuple(s.shape)}")
     if m is not None and s.shape[0] != m:
         raise ValueError(f"{name} has {s.shape[0]} entries, expected M={m}")
-    if not bool(torch.isfinite(s).all()):
+    if not all_finite(s):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
@@ -87,7 +90,7 @@ def cosine_distance_matrix(embeddings: Tensor) -> Tensor:
 def greedy_maxmin_batched(
     embeddings: Tensor, valid: Tensor, budgets: Sequence[int]
 ) -> list[Tensor]:
-    """Greedy max-min diversity for a batch of padded candidate sets, in one loop.
+    """Greedy max-min cosine diversity for a batch of padded candidate sets, in one loop.
 
     Args:
         embeddings: ``[B, n, E]`` candidate embeddings (rows past a set's size are padding).
@@ -96,33 +99,47 @@ def greedy_maxmin_batched(
 
     Returns:
         Per set, the picked positions on the ``n`` axis, sorted ascending.
+    """
+    return greedy_maxmin_from_distances(cosine_distance_matrix(embeddings), valid, budgets)
+
+
+def greedy_maxmin_from_distances(
+    dist: Tensor, valid: Tensor, budgets: Sequence[int]
+) -> list[Tensor]:
+    """The greedy solver on precomputed ``[B, n, n]`` distances (padding entries ignored).
 
     First pick: the candidate whose nearest other candidate is farthest; then repeatedly the
     candidate with the largest min distance to the picked set; ties to the lowest position.
+    Batched callers compute each set's distances on its own and pad the small ``n x n``
+    matrices, so a set's picks do not depend on what it was batched with.
     """
-    bsz, n, _ = embeddings.shape
-    device = embeddings.device
+    bsz, n, _ = dist.shape
+    device = dist.device
     sizes = valid.sum(dim=1)
     kk = torch.as_tensor(list(budgets), dtype=torch.long, device=device)
     kk = torch.minimum(kk, sizes)
-    dist = cosine_distance_matrix(embeddings)  # [B, n, n]
     # Nearest *other* valid candidate: mask self and padding columns with +inf.
     eye = torch.eye(n, dtype=torch.bool, device=device)
     col_invalid = ~valid.unsqueeze(1)  # [B, 1, n]
     nearest = dist.masked_fill(eye | col_invalid, float("inf")).amin(dim=-1)  # [B, n]
     nearest = nearest.masked_fill(~valid, float("-inf"))  # padding is never picked
-    first = nearest.argmax(dim=-1)  # lone candidate: nn=+inf, picked; ties -> lowest position
+    first = nearest.argmax(dim=-1)  # lone candidate: nearest=+inf; ties -> lowest position
     rows = torch.arange(bsz, device=device)
-    picked = torch.zeros(bsz, n, dtype=torch.bool, device=device)
-    picked[rows, first] = kk > 0
-    min_dist = dist[rows, first]  # [B, n]
+    # score = min distance to the picked set, -inf where not pickable (picked or padding);
+    # min(-inf, x) keeps picked entries out without re-masking every step.
+    score = dist[rows, first].masked_fill(~valid, float("-inf"))
+    score[rows, first] = float("-inf")
+    picks = [first]
     kmax = int(kk.max()) if bsz else 0
-    for step in range(1, kmax):
-        score = min_dist.masked_fill(picked | ~valid, float("-inf"))
+    for _ in range(1, kmax):
         nxt = score.argmax(dim=-1)
-        active = kk > step
-        picked[rows, nxt] |= active
-        min_dist = torch.minimum(min_dist, dist[rows, nxt])
+        torch.minimum(score, dist[rows, nxt], out=score)
+        score[rows, nxt] = float("-inf")
+        picks.append(nxt)
+    order = torch.stack(picks, dim=1)  # [B, kmax] in pick order
+    take = torch.arange(len(picks), device=device).unsqueeze(0) < kk.unsqueeze(1)
+    picked = torch.zeros(bsz, n, dtype=torch.bool, device=device)
+    picked[rows.unsqueeze(1).expand_as(order)[take], order[take]] = True
     return [picked[b].nonzero().squeeze(1) for b in range(bsz)]
 
 
@@ -139,7 +156,7 @@ def greedy_maxmin(embeddings: Tensor, budget: int, candidates: Tensor | None = N
     """
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be [M, E], got shape {tuple(embeddings.shape)}")
-    if not bool(torch.isfinite(embeddings).all()):
+    if not all_finite(embeddings):
         raise ValueError("embeddings contains non-finite values (NaN or inf)")
     m = embeddings.shape[0]
     if candidates is None:
@@ -155,9 +172,9 @@ def greedy_maxmin(embeddings: Tensor, budget: int, candidates: Tensor | None = N
     _check_budget(budget, cand.numel())
     if budget == cand.numel():
         return cand
-    sub = embeddings[cand].unsqueeze(0)
+    dist = cosine_distance_matrix(embeddings[cand]).unsqueeze(0)
     valid = torch.ones(1, cand.numel(), dtype=torch.bool, device=embeddings.device)
-    pos = greedy_maxmin_batched(sub, valid, [budget])[0]
+    pos = greedy_maxmin_from_distances(dist, valid, [budget])[0]
     return cand[pos]
 
 
@@ -180,7 +197,7 @@ def combine_then_filter(
         _check_scores("action_scores", action_scores, m)
     if embeddings.dim() != 2 or embeddings.shape[0] != m:
         raise ValueError(f"embeddings must be [M={m}, E], got shape {tuple(embeddings.shape)}")
-    if not bool(torch.isfinite(embeddings).all()):
+    if not all_finite(embeddings):
         raise ValueError("embeddings contains non-finite values (NaN or inf)")
     _check_budget(budget, m)
     c_sem = stable_topk_batched(semantic_scores.unsqueeze(0), budget)[0]

@@ -1,0 +1,161 @@
+"""``vla-pruner`` argument handling and the CPU-safe engine defaults (no engine started)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_vla_pruner import cli
+from vllm_vla_pruner.server_defaults import (
+    cpu_safe_engine_args,
+    cpu_safe_env,
+    flag_value,
+    has_flag,
+)
+
+
+def write_config(tmp_path: Path, dtype: str = "float32", n_visual_side: int = 4) -> Path:
+    cfg = {
+        "model_type": "openvla",
+        "torch_dtype": dtype,
+        "vision_towers": [
+            {
+                "family": "siglip",
+                "width": 16,
+                "depth": 2,
+                "num_heads": 2,
+                "patch_size": 8,
+                "mlp_hidden": 32,
+            }
+        ],
+        "use_fused_vision_backbone": False,
+        "image_sizes": [8 * n_visual_side],
+        "text_config": {"vocab_size": 1000, "max_position_embeddings": 2048},
+        "norm_stats": {"a": {"action": {"q01": [0.0] * 7}}, "b": {"action": {"q01": [0.0] * 3}}},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+def vllm_parse(argv: list[str]):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+
+
+def test_defaults_for_float32_checkpoint(tmp_path: Path):
+    d = write_config(tmp_path)
+    args = cpu_safe_engine_args(d)
+    ns = vllm_parse([str(d), *args])
+    assert ns.dtype == "float32"
+    # 1 BOS + 16 visual + 256 text + 7 action = 280 -> 384
+    assert ns.max_model_len == 384
+    assert ns.enforce_eager is True
+    assert ns.enable_prefix_caching is False
+    assert ns.enable_chunked_prefill is False
+    assert ns.max_num_batched_tokens >= ns.max_model_len
+    assert ns.block_size == 32
+    assert ns.limit_mm_per_prompt == {"image": 1}
+
+
+def test_bf16_checkpoint_keeps_auto_dtype(tmp_path: Path):
+    d = write_config(tmp_path, dtype="bfloat16", n_visual_side=16)
+    args = cpu_safe_engine_args(d)
+    assert not has_flag(args, "--dtype")
+    assert flag_value(args, "--max-model-len") == "640"  # 1 + 256 + 256 + 7 = 520
+
+
+@pytest.mark.parametrize(
+    ("user", "attr", "value"),
+    [
+        (["--dtype", "bfloat16"], "dtype", "bfloat16"),
+        (["--dtype=float16"], "dtype", "float16"),
+        (["--max-model-len", "4096"], "max_model_len", 4096),
+        (["--max_model_len=1k"], "max_model_len", 1000),
+        (["--no-enforce-eager"], "enforce_eager", False),
+        (["--enable-prefix-caching"], "enable_prefix_caching", True),
+        (["--enable-chunked-prefill"], "enable_chunked_prefill", True),
+        (["--block-size", "64"], "block_size", 64),
+        (["--max-num-batched-tokens", "999"], "max_num_batched_tokens", 999),
+    ],
+)
+def test_user_flag_wins(tmp_path: Path, user: list[str], attr: str, value):
+    d = write_config(tmp_path)
+    ns = vllm_parse([str(d), *cpu_safe_engine_args(d, user)])
+    assert getattr(ns, attr) == value
+
+
+def test_batched_tokens_follow_user_max_len(tmp_path: Path):
+    d = write_config(tmp_path)
+    ns = vllm_parse([str(d), *cpu_safe_engine_args(d, ["--max-model-len", "8192"])])
+    assert ns.max_num_batched_tokens >= 8192
+
+
+def test_no_config_still_safe(tmp_path: Path):
+    args = cpu_safe_engine_args(tmp_path / "missing")
+    assert "--enforce-eager" in args and "--no-enable-chunked-prefill" in args
+    assert not has_flag(args, "--max-model-len")
+
+
+def test_env_defaults_keep_user_values():
+    env = {"VLLM_PLUGINS": "other", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    cpu_safe_env(env)
+    assert env["VLLM_PLUGINS"] == "other,vla_pruner"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    env = {"VLLM_PLUGINS": "vla_pruner"}
+    assert cpu_safe_env(env)["VLLM_PLUGINS"] == "vla_pruner"
+
+
+def test_build_serve_args_parse_in_vllm(tmp_path: Path):
+    d = write_config(tmp_path)
+    argv = cli.build_serve_args(str(d), 8011, "127.0.0.1", ["--max-num-seqs", "4"])
+    ns = vllm_parse(argv)
+    assert (ns.model_tag, ns.port, ns.host, ns.max_num_seqs) == (str(d), 8011, "127.0.0.1", 4)
+
+
+def _capture(monkeypatch) -> list:
+    """Replace every subcommand's run with a recorder."""
+    seen: list = []
+    fakes = [
+        dataclasses.replace(cmd, run=lambda a, e: seen.append((a, e)) or 0)
+        for cmd in cli.SUBCOMMANDS
+    ]
+    monkeypatch.setattr(cli, "SUBCOMMANDS", fakes)
+    return seen
+
+
+def test_serve_passthrough(monkeypatch):
+    seen = _capture(monkeypatch)
+    assert cli.main(["serve", "ck", "--port", "9", "--max-num-seqs", "4"]) == 0
+    args, extra = seen[-1]
+    assert (args.model, args.port, extra) == ("ck", 9, ["--max-num-seqs", "4"])
+    cli.main(["serve", "--port", "9", "ck", "--served-model-name", "ck"])
+    assert seen[-1][0].model == "ck" and seen[-1][1] == ["--served-model-name", "ck"]
+
+
+def test_serve_option_before_model_refused(monkeypatch, capsys):
+    _capture(monkeypatch)
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--max-num-seqs", "4", "ck"])
+    assert "positional" in capsys.readouterr().err
+
+
+def test_checkpoint_args(monkeypatch):
+    seen = _capture(monkeypatch)
+    cli.main(["checkpoint", "--preset", "tiny", "--out", "x", "--seed", "3"])
+    a, extra = seen[-1]
+    assert (a.preset, a.out, a.seed, extra) == ("tiny", "x", 3, [])
+    with pytest.raises(SystemExit):
+        cli.main(["checkpoint", "--preset", "tiny", "--out", "x", "--bogus"])
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "checkpoint" in out and "serve" in out

@@ -1,0 +1,227 @@
+"""End-to-end: a real ``vla-pruner serve`` on the tiny checkpoint, real HTTP.
+
+``/v1/actions`` through httpx (good requests, determinism, every bad-input case answered 4xx
+naming the field, and the server still serving afterwards), ``/v1/chat/completions`` with an
+image through the ``openai`` client on the same server.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from vllm_vla_pruner.pruning import budget_for
+
+pytestmark = pytest.mark.engine
+
+TIMEOUT = httpx.Timeout(120.0)
+
+
+def image_b64(seed: int = 0, size: int = 64, fmt: str = "PNG") -> str:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def client(vla_server) -> httpx.Client:
+    with httpx.Client(base_url=vla_server.base_url, timeout=TIMEOUT) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def info(client) -> dict[str, Any]:
+    r = client.get("/v1/actions/info")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def key(info) -> str:
+    return info["default_unnorm_key"] or sorted(info["action_dims"])[0]
+
+
+def good(key: str, seed: int = 0, **kw: Any) -> dict[str, Any]:
+    d = {"image": image_b64(seed), "instruction": "pick up the red block", "unnorm_key": key}
+    d.update(kw)
+    return d
+
+
+def assert_action(r: httpx.Response, dim: int) -> dict[str, Any]:
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["action"]) == dim
+    assert all(isinstance(a, float) and math.isfinite(a) for a in out["action"])
+    assert len(out["action_token_ids"]) == dim
+    assert out["timing"]["total_ms"] > 0
+    return out
+
+
+def test_info(info, vla_server):
+    cfg = json.loads((vla_server.model_dir / "config.json").read_text())
+    assert set(info["action_dims"]) == set(cfg["norm_stats"])
+    for k, stats in cfg["norm_stats"].items():
+        assert info["action_dims"][k] == len(stats["action"]["q01"])
+    assert info["visual_tokens"] > 0
+    assert "none" in info["pruners"] and "vlapruner" in info["pruners"]
+
+
+def test_action_one_float_per_dim(client, info, key, vla_server):
+    out = assert_action(client.post("/v1/actions", json=good(key)), info["action_dims"][key])
+    assert out["model"] == vla_server.model
+    assert out["unnorm_key"] == key
+    p = out["pruning"]
+    assert p["visual_tokens_total"] == info["visual_tokens"]
+
+
+def test_action_deterministic(client, info, key):
+    a = assert_action(client.post("/v1/actions", json=good(key, seed=3)), info["action_dims"][key])
+    b = assert_action(client.post("/v1/actions", json=good(key, seed=3)), info["action_dims"][key])
+    assert a["action"] == b["action"] and a["action_token_ids"] == b["action_token_ids"]
+
+
+def test_data_url_and_jpeg(client, info, key):
+    dim = info["action_dims"][key]
+    assert_action(
+        client.post("/v1/actions", json=good(key, image="data:image/png;base64," + image_b64(1))),
+        dim,
+    )
+    assert_action(client.post("/v1/actions", json=good(key, image=image_b64(1, fmt="JPEG"))), dim)
+
+
+def test_other_unnorm_key_other_dims(client, info):
+    dims = info["action_dims"]
+    if len(set(dims.values())) < 2:
+        pytest.skip(f"tiny checkpoint has no two keys with different action dims: {dims}")
+    for k, d in dims.items():
+        out = assert_action(client.post("/v1/actions", json=good(k)), d)
+        assert out["unnorm_key"] == k
+
+
+def test_session_header_and_pruning_report(client, info, key):
+    dim = info["action_dims"][key]
+    r = client.post(
+        "/v1/actions",
+        json=good(key, pruning={"method": "fastv", "keep_ratio": 0.5}),
+        headers={"X-Session-ID": "robot-hdr"},
+    )
+    out = assert_action(r, dim)
+    assert out["session_id"] == "robot-hdr"
+    p = out["pruning"]
+    assert p["method"] == "fastv" and p["keep_ratio"] == 0.5
+    assert p["source"] == "engine", f"engine did not report its pruning plan: {p}"
+    assert p["visual_tokens_kept"] == budget_for(info["visual_tokens"], 0.5)
+
+
+def _drop(d: dict[str, Any], k: str) -> dict[str, Any]:
+    return {a: b for a, b in d.items() if a != k}
+
+
+# (name, good body -> bad body, expected status, field the error must name)
+BAD_CASES: list[tuple[str, Any, int, str | None]] = [
+    ("missing image", lambda g: _drop(g, "image"), 422, "image"),
+    ("undecodable image", lambda g: {**g, "image": base64.b64encode(b"no").decode()}, 422, "image"),
+    ("not base64", lambda g: {**g, "image": "%%%not-base64%%%"}, 422, "image"),
+    ("truncated png", lambda g: {**g, "image": g["image"][:200]}, 422, "image"),
+    ("image wrong type", lambda g: {**g, "image": 42}, 422, "image"),
+    ("missing instruction", lambda g: _drop(g, "instruction"), 422, "instruction"),
+    ("instruction wrong type", lambda g: {**g, "instruction": ["pick"]}, 422, "instruction"),
+    ("empty instruction", lambda g: {**g, "instruction": "   "}, 422, "instruction"),
+    ("unknown unnorm_key", lambda g: {**g, "unnorm_key": "no_such_set"}, 422, "unnorm_key"),
+    ("keep_ratio zero", lambda g: {**g, "pruning": {"keep_ratio": 0}}, 422, "pruning.keep_ratio"),
+    ("keep_ratio > 1", lambda g: {**g, "pruning": {"keep_ratio": 1.5}}, 422, "pruning.keep_ratio"),
+    (
+        "keep_ratio str",
+        lambda g: {**g, "pruning": {"keep_ratio": "0.5"}},
+        422,
+        "pruning.keep_ratio",
+    ),
+    ("unknown method", lambda g: {**g, "pruning": {"method": "magic"}}, 422, "pruning.method"),
+    ("new_episode wrong type", lambda g: {**g, "new_episode": "yes"}, 422, "new_episode"),
+    ("session_id wrong type", lambda g: {**g, "session_id": 7}, 422, "session_id"),
+    ("unknown field", lambda g: {**g, "temperature": 0.7}, 422, "temperature"),
+    ("wrong model", lambda g: {**g, "model": "not-this-model"}, 404, "model"),
+    ("not an object", lambda g: [g], 422, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "make_bad", "status", "field"), BAD_CASES, ids=[c[0] for c in BAD_CASES]
+)
+def test_bad_input_named_then_good_still_works(client, info, key, name, make_bad, status, field):
+    r = client.post("/v1/actions", json=make_bad(good(key)))
+    assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
+    err = r.json()["error"]
+    assert err["field"] == field, f"{name}: {err}"
+    if field:
+        assert field.split(".")[-1] in err["message"], f"{name}: {err}"
+    assert_action(client.post("/v1/actions", json=good(key)), info["action_dims"][key])
+
+
+def test_not_json_then_good(client, info, key):
+    r = client.post("/v1/actions", content=b"{oops", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert_action(client.post("/v1/actions", json=good(key)), info["action_dims"][key])
+
+
+def test_oversized_body_then_good(client, info, key):
+    big = good(key, image="A" * (9 << 20))
+    r = client.post("/v1/actions", json=big)
+    assert r.status_code == 413, r.text[:300]
+    assert r.json()["error"]["field"] == "image"
+    assert_action(client.post("/v1/actions", json=good(key)), info["action_dims"][key])
+
+
+def test_concurrent_robots_with_garbage(vla_server, info, key):
+    """Several robots at once, one sending garbage: every good request succeeds."""
+    dim = info["action_dims"][key]
+
+    def call(i: int) -> httpx.Response:
+        body = good(key, seed=i, session_id=f"robot-{i}")
+        if i % 4 == 3:
+            body["image"] = "garbage"
+        with httpx.Client(base_url=vla_server.base_url, timeout=TIMEOUT) as c:
+            return c.post("/v1/actions", json=body)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(8)))
+    for i, r in enumerate(results):
+        if i % 4 == 3:
+            assert r.status_code == 422 and r.json()["error"]["field"] == "image"
+        else:
+            assert assert_action(r, dim)["session_id"] == f"robot-{i}"
+
+
+def test_chat_completions_with_image(vla_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{vla_server.base_url}/v1", api_key="unused", timeout=120)
+    data_url = "data:image/png;base64," + image_b64(5)
+    resp = client.chat.completions.create(
+        model=vla_server.model,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url}},
+                    {"type": "text", "text": "What action should the robot take?"},
+                ],
+            }
+        ],
+        max_tokens=7,
+        temperature=0.0,
+    )
+    assert resp.choices and resp.usage.completion_tokens >= 1
+    assert resp.usage.prompt_tokens > 1
+    assert resp.choices[0].message.content is not None
