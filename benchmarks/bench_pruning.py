@@ -38,7 +38,7 @@ KEEPS = (0.5, 0.25, 0.125)
 BATCHES = (1, 32)
 
 
-def timed(fn, budget_s: float = 0.6, max_reps: int = 15) -> float:
+def timed(fn, budget_s: float = 1.0, max_reps: int = 25) -> float:
     """Median wall time in ms: one warm-up, then repeats until ~budget_s (at least 3)."""
     fn()
     t0 = time.perf_counter()

@@ -47,6 +47,7 @@ def _step_requests(runner: Any) -> list[step_ctx.StepRequest]:
 
 def apply() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.worker_base import WorkerBase
 
     if getattr(GPUModelRunner, "_vla_hooked", False):
         return
@@ -74,9 +75,31 @@ def apply() -> None:
     def _on_request_state_removed(self, req_id, req_state):
         decoder = getattr(self.get_model(), "pruned_decoder", None)
         if decoder is not None:
-            decoder.on_request_finished(req_id)
+            blocks = [len(ids) for ids in req_state.block_ids] if req_state is not None else []
+            decoder.on_request_finished(req_id, blocks)
         return original_removed(self, req_id, req_state)
 
+    def vla_pruner_report(self):
+        decoder = getattr(self.model_runner.get_model(), "pruned_decoder", None)
+        return decoder.report() if decoder is not None else None
+
+    def vla_pruner_kv_layout(self):
+        cfg = self.model_runner.kv_cache_config
+        return [
+            {
+                "layers": len(g.layer_names),
+                "page_bytes": g.kv_cache_spec.page_size_bytes,
+                "block_size": g.kv_cache_spec.block_size,
+                "spec": type(g.kv_cache_spec).__name__,
+                "num_blocks": cfg.num_blocks,
+            }
+            for g in cfg.kv_cache_groups
+        ]
+
+    # Worker RPC methods (``collective_rpc("vla_pruner_report")``): how benchmarks and the
+    # metrics exporter read the worker's pruning counters without pickled callables.
+    WorkerBase.vla_pruner_report = vla_pruner_report
+    WorkerBase.vla_pruner_kv_layout = vla_pruner_kv_layout
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache
     GPUModelRunner._model_forward = _model_forward
     GPUModelRunner._on_request_state_removed = _on_request_state_removed

@@ -242,7 +242,10 @@ class FakeDecoder:
 class FakeEngine:
     """Enough of vLLM's EngineClient: records calls, answers with deterministic tokens."""
 
-    def __init__(self, delay: float = 0.0, fail: BaseException | None = None) -> None:
+    def __init__(
+        self, delay: float = 0.0, fail: BaseException | None = None, kv_params: Any = None
+    ) -> None:
+        self.kv_params = kv_params
         self.calls: list[dict[str, Any]] = []
         self.aborted: list[str] = []
         self.delay = delay
@@ -265,6 +268,7 @@ class FakeEngine:
             outputs=[SimpleNamespace(token_ids=list(range(100, 100 + n)))],
             metrics=stats,
             finished=True,
+            kv_transfer_params=self.kv_params,
         )
         yield out
 
@@ -417,6 +421,41 @@ def test_service_engine_errors_mapped():
     with pytest.raises(ApiError) as ei:
         run(make_service(FakeEngine(fail=RuntimeError("boom"))).predict(req))
     assert ei.value.status == 500 and "boom" in ei.value.message
+
+
+def test_service_reports_engine_plan():
+    plan = {
+        "method": "vlapruner",
+        "keep_ratio": 0.25,
+        "num_visual": 16,
+        "num_keep": 16,
+        "prune": False,
+        "warmup": True,
+    }
+    svc = make_service(FakeEngine(kv_params={"vla_pruner": plan}))
+    p = run(svc.predict(parse(body(unnorm_key="bridge", session_id="s")))).pruning
+    assert p.source == "engine" and p.warmup is True
+    assert (p.method, p.keep_ratio, p.visual_tokens_total, p.visual_tokens_kept) == (
+        "vlapruner",
+        0.25,
+        16,
+        16,
+    )
+
+
+def test_service_wrapped_value_error_is_client_error():
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    try:
+        try:
+            raise ValueError("vla_pruner: unknown pruning method 'x'")
+        except ValueError as e:
+            raise EngineGenerateError() from e
+    except EngineGenerateError as wrapped:
+        err = wrapped
+    with pytest.raises(ApiError) as ei:
+        run(make_service(FakeEngine(fail=err)).predict(parse(body(unnorm_key="bridge"))))
+    assert ei.value.status == 422 and ei.value.field == "pruning.method"
 
 
 def test_engine_extra_args_only_given_settings():

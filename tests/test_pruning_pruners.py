@@ -345,9 +345,9 @@ def test_select_batch_equals_single(items):
 
 
 def test_select_batch_openvla_sized_mix():
-    """32 requests of M=256 with mixed pruners/budgets, some without history."""
+    """12 requests of M=256 with mixed pruners/budgets, some without history."""
     items = []
-    for i in range(32):
+    for i in range(12):
         inp = random_inputs(i, 256, 34, 32, with_action=i % 4 != 0, ties=False)
         items.append(
             (inp, ["vlapruner", "fastv", "divprune", "score_fusion"][i % 4], [128, 64, 32][i % 3])
@@ -396,3 +396,15 @@ def test_episode_flow_like_the_engine():
         assert torch.all(s_act[torch.isin(torch.arange(m), kept, invert=True)] == 0)
         hist.push("robot-1", s_act)
     assert hist.num_frames("robot-1") == 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(inputs=inputs_strategy, frac=st.floats(0.0, 1.0))
+def test_vlapruner_equals_combine_then_filter(inputs, frac):
+    from vllm_vla_pruner.pruning import combine_then_filter, semantic_scores
+
+    m = inputs.num_visual
+    budget = max(1, min(m, round(frac * m)))
+    sem = semantic_scores(inputs.attn, inputs.visual_start, m, rows=inputs.semantic_rows)
+    want = combine_then_filter(sem, inputs.action_estimate, inputs.embeddings, budget)
+    assert torch.equal(select_tokens(inputs, "vlapruner", budget), want)

@@ -125,10 +125,10 @@ def decode_image(data: str, limits: ServiceLimits | None = None) -> Image.Image:
     if payload.startswith(("http://", "https://")):
         raise ApiError(422, "image: URLs are not fetched; send base64 bytes", field="image")
     try:
-        if "-" in payload or "_" in payload:
-            raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-        else:
-            raw = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+        padded = payload + "=" * (-len(payload) % 4)
+        # Standard or URL-safe alphabet, strictly: junk characters are an error, not skipped.
+        alt = b"-_" if ("-" in payload or "_" in payload) else None
+        raw = base64.b64decode(padded, altchars=alt, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, "image: not valid base64", field="image") from None
     if not raw:
@@ -550,8 +550,14 @@ class ActionService:
     def _client_or_server_error(self, exc: Exception, request_id: str, stage: str) -> ApiError:
         """vLLM's client errors (bad settings, prompt too long) -> 4xx; the rest -> 5xx."""
         from vllm.exceptions import VLLMClientError, VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+        cause = exc.__cause__
+        if isinstance(exc, EngineGenerateError) and isinstance(
+            cause, (ValueError, TypeError, VLLMClientError)
+        ):
+            # AsyncLLM wraps a plain ValueError raised while admitting the request.
+            exc = cause
         if isinstance(exc, EngineDeadError):
             return ApiError(503, "engine is dead; the server must be restarted", type="engine_dead")
         if isinstance(exc, VLLMValidationError):

@@ -24,6 +24,7 @@ import json
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,7 @@ class PrunedDecoder:
             layers_after_k=self.num_layers - self.K, num_layers=self.num_layers
         )
         self._lock = threading.Lock()
+        self.kv_blocks_log: deque[tuple[str, list[int]]] = deque(maxlen=4096)
         self._trace_path = os.environ.get("VLA_PRUNER_TRACE")
         if self.settings.separate_kv_group:
             self._use_pruned_kv_spec(model)
@@ -403,11 +405,21 @@ class PrunedDecoder:
             self.history.push(track.session, track.total / track.rows)
         track.keys = None
 
-    def on_request_finished(self, req_id: str) -> None:
+    def on_request_finished(self, req_id: str, kv_blocks: list[int] | None = None) -> None:
         """Runner hook: the request left the batch (finished, aborted or preempted)."""
         with self._lock:
             self._finish_track(req_id)
             self.tracks.pop(req_id, None)
+            if kv_blocks:
+                self.kv_blocks_log.append((req_id, kv_blocks))
+
+    def report(self) -> dict[str, Any]:
+        """Counters for metrics and benchmarks (read through ``collective_rpc``)."""
+        return {
+            "stats": dataclasses.asdict(self.stats),
+            "sessions": len(self.history),
+            "kv_blocks": list(self.kv_blocks_log),
+        }
 
     # ------------------------------------------------------------------ tracing
 

@@ -4,12 +4,15 @@ VLA-Pruner's Combine-then-Filter.
 Determinism matters: the same frame must prune the same tokens whether it is served alone or
 in a batch, on any run. CPU ``torch.topk`` does not order ties, so top-k here is a stable
 descending sort (ties -> lowest index). The diversity solver quantises distances to a 2^-20
-grid before comparing them, so float noise from different matmul paths (single vs batched)
-cannot flip near-ties; exact ties then go to the lowest index (``argmax`` returns the first).
+grid before comparing them, so geometrically tied candidates (e.g. duplicate or symmetric
+embeddings) compare equal despite float rounding, and exact ties go to the lowest index
+(``argmax`` returns the first). Batched selection computes each request's distances on its
+own, so batching never changes a result.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -41,7 +44,11 @@ def _check_scores(name: str, s: Tensor, m: int | None = None) -> None:
 
 
 def _check_budget(budget: int, m: int) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, int):
+    try:
+        ok = not isinstance(budget, bool) and operator.index(budget) == budget
+    except TypeError:
+        ok = False
+    if not ok:
         raise ValueError(f"budget must be an int, got {type(budget).__name__}")
     if not 1 <= budget <= m:
         raise ValueError(f"budget={budget} out of range [1, M={m}]")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .metaworld_env import ACTION_DIM, EVAL_SEED_OFFSET, MetaWorldTask, make_task
+from .metaworld_env import ACTION_DIM, DEFAULT_MAX_STEPS, EVAL_SEED_OFFSET, lockstep_envs, make_task
 
 NORM_STATS_KEY = "metaworld"
 Dataset = dict[str, Any]
@@ -64,13 +64,14 @@ def collect_expert(
     if seed + episodes_per_task > EVAL_SEED_OFFSET:
         raise ValueError("training seeds would overlap the held-out evaluation seeds")
     rng = np.random.default_rng(seed + 12345)
-    rows: dict[str, list] = {k: [] for k in ("images", "actions", "task_ids", "episode_ids", "steps")}
+    rows: dict[str, list] = {
+        k: [] for k in ("images", "actions", "task_ids", "episode_ids", "steps")
+    }
     n_success, episode = 0, 0
     jobs = [(t, e) for e in range(episodes_per_task) for t in range(len(tasks))]
     for task_id, e in tqdm(jobs, desc="expert demos", disable=not progress):
         env = make_task(tasks[task_id], image_size)
-        if max_steps is not None:
-            env.max_steps = max_steps
+        env.max_steps = max_steps or DEFAULT_MAX_STEPS
         obs = env.reset(seed + e)
         noisy = noise_std > 0 and rng.random() < noisy_fraction
         done = success = False
@@ -123,15 +124,13 @@ def dagger_rollouts(
         raise ValueError("DAgger must not visit held-out evaluation goals")
     rng = np.random.default_rng(rng_seed)
     pairs = [(t, s) for t in range(len(tasks)) for s in seeds]
-    # One env object per task is cached; lockstep needs one per pair, so build them here.
-    envs = [MetaWorldTask(tasks[t], image_size=image_size) for t, _ in pairs]
-    obs = [env.reset(s) for env, (_, s) in zip(envs, pairs)]
-    if max_steps is not None:
-        for env in envs:
-            env.max_steps = max_steps
+    envs = lockstep_envs([(tasks[t], s) for t, s in pairs], image_size, max_steps)
+    obs = [env.reset(s) for env, (_, s) in zip(envs, pairs, strict=True)]
     active = list(range(len(envs)))
     success = np.zeros(len(envs), bool)
-    rows: dict[str, list] = {k: [] for k in ("images", "actions", "task_ids", "episode_ids", "steps")}
+    rows: dict[str, list] = {
+        k: [] for k in ("images", "actions", "task_ids", "episode_ids", "steps")
+    }
     bar = tqdm(total=len(envs), desc=f"DAgger roll-outs (beta={beta:.2f})", disable=not progress)
     while active:
         images = np.stack([envs[i].render() for i in active])
@@ -154,16 +153,11 @@ def dagger_rollouts(
                 still.append(i)
         active = still
     bar.close()
-    for env in envs:  # keep the EGL contexts alive until the process ends (see metaworld_env)
-        _KEEPALIVE.append(env)
     per_task = {
         tasks[t]: float(np.mean([success[i] for i, (tt, _) in enumerate(pairs) if tt == t]))
         for t in range(len(tasks))
     }
     return _stack(rows, tasks, image_size), per_task
-
-
-_KEEPALIVE: list[MetaWorldTask] = []
 
 
 def action_norm_stats(actions: np.ndarray, num_trajectories: int) -> dict[str, Any]:

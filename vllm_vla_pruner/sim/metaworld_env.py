@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +176,28 @@ def make_task(task: str, image_size: int = 64, **kwargs: Any) -> MetaWorldTask:
     if key not in _TASK_CACHE:
         _TASK_CACHE[key] = MetaWorldTask(task, image_size=image_size, **kwargs)
     return _TASK_CACHE[key]
+
+
+_LOCKSTEP_POOL: dict[tuple[str, int], list[MetaWorldTask]] = {}
+
+
+def lockstep_envs(
+    pairs: Sequence[tuple[str, int]], image_size: int = 64, max_steps: int | None = None
+) -> list[MetaWorldTask]:
+    """One env per ``(task, seed)`` pair for lockstep roll-outs, pooled across calls."""
+    used: dict[tuple[str, int], int] = {}
+    envs = []
+    for task, _ in pairs:
+        key = (task, image_size)
+        pool = _LOCKSTEP_POOL.setdefault(key, [])
+        n = used.get(key, 0)
+        if n == len(pool):
+            pool.append(MetaWorldTask(task, image_size=image_size))
+        env = pool[n]
+        used[key] = n + 1
+        env.max_steps = max_steps or DEFAULT_MAX_STEPS
+        envs.append(env)
+    return envs
 
 
 def train_seeds(n: int, start: int = 0) -> list[int]:

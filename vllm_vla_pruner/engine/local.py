@@ -1,0 +1,59 @@
+"""An in-process vLLM engine (``vllm.LLM``) with the plugin and CPU-safe defaults.
+
+Tests, benchmarks and the closed-loop evaluation drive the real engine through this, with the
+same settings ``vla-pruner serve`` uses (see ``server_defaults``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from vllm_vla_pruner.config import load_config_json, num_visual_tokens
+from vllm_vla_pruner.server_defaults import BLOCK_SIZE, TEXT_TOKENS
+
+
+def engine_kwargs(model_dir: str | Path, **overrides: Any) -> dict[str, Any]:
+    cfg = load_config_json(model_dir)
+    dtype = cfg.get("torch_dtype") or cfg.get("text_config", {}).get("torch_dtype") or "auto"
+    max_len = 1 + num_visual_tokens(cfg) + TEXT_TOKENS
+    max_len = (max_len + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
+    kwargs: dict[str, Any] = dict(
+        model=str(model_dir),
+        dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "auto",
+        enforce_eager=True,
+        max_model_len=max_len,
+        enable_prefix_caching=False,
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=max(max_len * 8, 2048),
+        block_size=BLOCK_SIZE,
+        limit_mm_per_prompt={"image": 1},
+        disable_log_stats=True,
+        seed=0,
+    )
+    pruning = overrides.pop("pruning", None)
+    if pruning is not None:
+        kwargs["additional_config"] = {"vla_pruner": dict(pruning)}
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_llm(model_dir: str | Path, **overrides: Any):
+    """Start the engine (call under ``if __name__ == "__main__"`` in scripts: workers spawn)."""
+    os.environ.setdefault("VLLM_PLUGINS", "vla_pruner")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(model_dir, **overrides))
+
+
+def decoder_report(llm: Any) -> dict[str, Any]:
+    """The worker's pruning counters (``PrunedDecoder.report``), via vLLM's collective RPC."""
+    return llm.collective_rpc("vla_pruner_report")[0]
+
+
+def kv_layout(llm: Any) -> list[dict[str, Any]]:
+    """Per KV cache group: layers, page bytes per layer, and the pool's block count."""
+    return llm.collective_rpc("vla_pruner_kv_layout")[0]
