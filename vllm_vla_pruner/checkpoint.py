@@ -120,8 +120,8 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "rope_theta": 10000.0,
     "norm_stats": None,  # None -> default_norm_stats(action_dims)
     "action_dims": {"tiny_robot": 7, "other_robot": 4},
-    "init_gain": 1.2,  # linear weights ~ N(0, (gain / sqrt(fan_in))^2)
-    "embed_std": 1.0,  # token embedding table
+    "init_gain": 2.0,  # linear weights ~ N(0, (gain / sqrt(fan_in))^2)
+    "embed_std": 0.3,  # token embedding table
     "head_gain": 2.0,  # lm_head action rows (other rows get half)
     "siglip_attn_pool": True,  # timm SigLIP towers carry an (unused) attention-pool head
 }
@@ -549,7 +549,9 @@ def build_weights(params: Mapping[str, Any], seed: int = 0) -> dict[str, torch.T
     # A trained VLA emits action tokens: give the action rows of the head the larger norm so
     # that greedy decoding of this random model mostly lands on them too (and actions decode
     # to a spread of values), while the argmax still moves with every input.
-    head = init.linear(text_vocab, hid, gain=float(params["head_gain"]))
+    # Rows get equal norms (gain) so no token wins merely by a longer row.
+    head = init.linear(text_vocab, hid)
+    head = head / head.norm(dim=1, keepdim=True) * float(params["head_gain"])
     n_bins = int(params["n_action_bins"])
     head[: vocab - n_bins] *= 0.5
     head[vocab:] *= 0.5

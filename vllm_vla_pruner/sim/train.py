@@ -88,7 +88,9 @@ class Batcher:
         self.torch = torch
         self.model = model
         self.decoder = model.action_decoder
-        self.pad_id = int(model.config["pad_token_id"])
+        # Right padding (never attended by real tokens): EOS, since the config's pad id is
+        # also the image placeholder id.
+        self.pad_id = int(model.config["text_config"].get("eos_token_id", 2))
         self.prompts = [model.prompt_token_ids(TASK_INSTRUCTIONS[t]) for t in tasks]
         self.shift = shift
         self.rng = np.random.default_rng(seed)

@@ -1,0 +1,46 @@
+"""One real in-process vLLM engine (``vllm.LLM``) with the plugin, shared by the engine tests.
+
+The worker appends every pruning decision (request, kept visual indices) to a trace file
+(``VLA_PRUNER_TRACE``), which the oracle tests replay through the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = ["EngineHandle", "tiny_engine"]
+
+
+@dataclass
+class EngineHandle:
+    llm: Any
+    model_dir: Path
+    trace_path: Path
+
+    def trace(self) -> dict[str, dict[str, Any]]:
+        """Pruning decisions so far, by engine request id."""
+        if not self.trace_path.exists():
+            return {}
+        rows = [json.loads(line) for line in self.trace_path.read_text().splitlines() if line]
+        return {r["req_id"]: r for r in rows}
+
+    def generate(self, prompts: list[dict], params: list[Any]) -> list[Any]:
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineHandle]:
+    trace = tmp_path_factory.mktemp("trace") / "pruning.jsonl"
+    os.environ["VLA_PRUNER_TRACE"] = str(trace)
+    from vllm_vla_pruner.engine.local import make_llm
+
+    llm = make_llm(tiny_ckpt, max_num_seqs=16, pruning={"window": 3, "gamma": 0.8, "layer": 3})
+    yield EngineHandle(llm, Path(tiny_ckpt), trace)
+    del llm
