@@ -5,11 +5,12 @@ once per frame: ``attention_rows`` on captured post-RoPE q/k plus ``semantic_sco
 the rows the pruner needs: all T rows for vlapruner, the last row for fastv, none for
 divprune), vlapruner's per-frame action bookkeeping (7 action rows -> ``action_scores`` ->
 ``ActionHistory.push``/``estimate``), and ``select_batch``. Shapes follow OpenVLA-7B's
-``bench`` scale: T=290 prompt (BOS + 256 visual + 33 text), Hq=Hkv=8 heads of D=64 (a
-reduced head count: the cost is linear in heads), E=4096 projector-output embeddings.
+``bench`` preset: T=290 prompt (BOS + 256 visual + 33 text), Hq=Hkv=8 heads of D=64, and
+projector-output embeddings of E=512 (the bench preset's hidden size) and E=4096 (OpenVLA-7B).
+Selection is timed per E; scoring does not depend on E and is timed once.
 
 Run: ``python benchmarks/bench_pruning.py`` (writes benchmarks/results/pruning.json). CPU,
-one torch thread by default. The dominant CPU cost is the C x C cosine Gram over E=4096 (C =
+one torch thread by default. The dominant CPU cost at E=4096 is the C x C cosine Gram (C =
 the diversity candidates); on a GPU that matmul is cheap and the greedy loop's per-step
 kernel launches are expected to dominate instead (not measured here).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -35,7 +37,7 @@ from vllm_vla_pruner.pruning import (
     semantic_scores,
 )
 
-T, M, VISUAL_START, HQ, HKV, D, E, A = 290, 256, 1, 8, 8, 64, 4096, 7
+T, M, VISUAL_START, HQ, HKV, D, A = 290, 256, 1, 8, 8, 64, 7
 METHODS = ("vlapruner", "fastv", "divprune")
 KEEPS = (0.5, 0.25, 0.125)
 BATCHES = (1, 32)
@@ -56,12 +58,11 @@ def timed(fn, budget_s: float = 0.5, max_reps: int = 15) -> float:
     return 1000.0 * statistics.median(samples)
 
 
-def make_request(seed: int, embed_dim: int = E) -> dict:
+def make_request(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {
         "q": torch.randn(T, HQ, D, generator=g),
         "k": torch.randn(T + A, HKV, D, generator=g),
-        "emb": torch.randn(M, embed_dim, generator=g),
         "act_q": torch.randn(A, HQ, D, generator=g),
         "session": f"robot-{seed}",
     }
@@ -104,82 +105,97 @@ def main() -> None:
         help="torch intra-op threads (default 1: reproducible on a shared machine, where "
         "oversubscribed OpenMP threads make multi-thread timings meaningless; 0 = torch default)",
     )
-    ap.add_argument("--embed-dim", type=int, default=E, help="E (OpenVLA-7B: 4096)")
+    ap.add_argument(
+        "--embed-dims",
+        default="512,4096",
+        help="comma-separated E values (the bench preset's hidden size 512; OpenVLA-7B 4096)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    embed_dims = [int(x) for x in args.embed_dims.split(",")]
     started = time.perf_counter()
-    reqs = [make_request(i, args.embed_dim) for i in range(max(BATCHES))]
+    reqs = [make_request(i) for i in range(max(BATCHES))]
     history = ActionHistory()
     for r in reqs:  # warm history so vlapruner runs its full path
         for _ in range(3):
             history.push(r["session"], torch.rand(M))
 
-    # Score tensors are computed once per (method, request) for the selection timing.
+    # Scoring does not depend on E or the budget: time it once per (method, batch).
     attn_cache = {m: [semantic_scoring(r, m) for r in reqs] for m in ("vlapruner", "fastv")}
-    results = []
+    scoring: dict[tuple[str, int], float] = {}
     for method in METHODS:
-        for keep in KEEPS:
-            budget = budget_for(M, keep)
-            for bsz in BATCHES:
-                batch = reqs[:bsz]
-                attn_src = attn_cache["fastv" if method == "fastv" else "vlapruner"]
-                items = [
-                    (
-                        PruneInputs(
-                            attn=attn_src[i],
-                            visual_start=VISUAL_START,
-                            num_visual=M,
-                            embeddings=r["emb"],
-                            action_estimate=history.estimate(r["session"])
-                            if method == "vlapruner"
-                            else None,
-                            semantic_rows="last" if method == "fastv" else "all",
-                        ),
-                        method,
-                        budget,
+        for bsz in BATCHES:
+            scoring[method, bsz] = (
+                0.0
+                if method == "divprune"
+                else timed(lambda b=reqs[:bsz], m=method: [semantic_scoring(r, m) for r in b])
+            )
+    results = []
+    for e_dim in embed_dims:
+        g = torch.Generator().manual_seed(e_dim)
+        embs = [torch.randn(M, e_dim, generator=g) for _ in reqs]
+        for method in METHODS:
+            attn_src = attn_cache["fastv" if method == "fastv" else "vlapruner"]
+            for keep in KEEPS:
+                budget = budget_for(M, keep)
+                for bsz in BATCHES:
+                    items = [
+                        (
+                            PruneInputs(
+                                attn=attn_src[i],
+                                visual_start=VISUAL_START,
+                                num_visual=M,
+                                embeddings=embs[i],
+                                action_estimate=history.estimate(reqs[i]["session"])
+                                if method == "vlapruner"
+                                else None,
+                                semantic_rows="last" if method == "fastv" else "all",
+                            ),
+                            method,
+                            budget,
+                        )
+                        for i in range(bsz)
+                    ]
+                    select_ms = timed(lambda it=items: select_batch(it))
+                    history_ms = 0.0
+                    if method == "vlapruner":
+                        kept = select_batch(items[:1])[0]
+                        history_ms = timed(
+                            lambda b=reqs[:bsz], k=kept: [
+                                action_bookkeeping(r, history, k) for r in b
+                            ]
+                        )
+                    scoring_ms = scoring[method, bsz]
+                    total = scoring_ms + select_ms + history_ms
+                    results.append(
+                        {
+                            "E": e_dim,
+                            "method": method,
+                            "keep_ratio": keep,
+                            "budget": budget,
+                            "batch": bsz,
+                            "scoring_ms": round(scoring_ms, 3),
+                            "selection_ms": round(select_ms, 3),
+                            "action_history_ms": round(history_ms, 3),
+                            "total_ms": round(total, 3),
+                            "total_per_request_ms": round(total / bsz, 3),
+                        }
                     )
-                    for i, r in enumerate(batch)
-                ]
-                scoring_ms = 0.0
-                if method != "divprune":
-                    scoring_ms = timed(
-                        lambda b=batch, m=method: [semantic_scoring(r, m) for r in b]
+                    print(
+                        f"  E={e_dim:<5} {method:10s} keep={keep:<5} batch={bsz:<2} "
+                        f"total={total:8.2f} ms",
+                        flush=True,
                     )
-                select_ms = timed(lambda it=items: select_batch(it))
-                history_ms = 0.0
-                if method == "vlapruner":
-                    kept = select_batch(items[:1])[0]
-                    history_ms = timed(
-                        lambda b=batch, k=kept: [action_bookkeeping(r, history, k) for r in b]
-                    )
-                total = scoring_ms + select_ms + history_ms
-                results.append(
-                    {
-                        "method": method,
-                        "keep_ratio": keep,
-                        "budget": budget,
-                        "batch": bsz,
-                        "scoring_ms": round(scoring_ms, 3),
-                        "selection_ms": round(select_ms, 3),
-                        "action_history_ms": round(history_ms, 3),
-                        "total_ms": round(total, 3),
-                        "total_per_request_ms": round(total / bsz, 3),
-                    }
-                )
-                print(
-                    f"  {method:10s} keep={keep:<5} batch={bsz:<2} total={total:8.2f} ms",
-                    flush=True,
-                )
 
     header = (
-        "| method | keep | budget | batch | scoring ms | selection ms | action+history ms "
+        "| E | method | keep | budget | batch | scoring ms | selection ms | action+history ms "
         "| total ms | per request ms |"
     )
-    lines = [header, "|" + "---|" * 9]
+    lines = [header, "|" + "---|" * 10]
     for r in results:
         lines.append(
-            f"| {r['method']} | {r['keep_ratio']} | {r['budget']} | {r['batch']} "
+            f"| {r['E']} | {r['method']} | {r['keep_ratio']} | {r['budget']} | {r['batch']} "
             f"| {r['scoring_ms']:.2f} | {r['selection_ms']:.2f} | {r['action_history_ms']:.2f} "
             f"| {r['total_ms']:.2f} | {r['total_per_request_ms']:.2f} |"
         )
@@ -192,7 +208,7 @@ def main() -> None:
             "Hq": HQ,
             "Hkv": HKV,
             "D": D,
-            "E": args.embed_dim,
+            "E": embed_dims,
             "action_queries": A,
         },
         "torch": torch.__version__,
@@ -201,6 +217,7 @@ def main() -> None:
         "machine": platform.machine(),
         "python": platform.python_version(),
         "timing": "median wall ms over repeats after one warm-up",
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "runtime_s": round(time.perf_counter() - started, 1),
     }
     out = Path(args.out)

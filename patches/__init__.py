@@ -28,9 +28,10 @@ def apply_all() -> None:
     if _applied:
         return
     check_vllm_version()
-    from . import api_validation, runner_hooks, scheduler_plan
+    from . import api_validation, engine_args, runner_hooks, scheduler_plan
 
     runner_hooks.apply()
     scheduler_plan.apply()
     api_validation.apply()
+    engine_args.apply()
     _applied = True

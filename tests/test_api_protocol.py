@@ -532,6 +532,41 @@ def test_route_info_and_uninitialised():
     assert run(get(bare)).status_code == 503
 
 
+def test_route_client_disconnect_aborts_engine_request():
+    """A robot that hangs up must not leave its request running in the engine."""
+    from starlette.requests import Request
+
+    from vllm_vla_pruner.api.endpoint import build_router
+
+    engine = FakeEngine(delay=30.0)
+    app = make_app(make_service(engine))
+    payload = json.dumps(body(unnorm_key="bridge")).encode()
+    messages = [{"type": "http.request", "body": payload, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(0.2)
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/actions",
+        "headers": [],
+        "query_string": b"",
+        "app": app,
+    }
+    route = next(r for r in build_router().routes if r.path == "/v1/actions")
+
+    async def go():
+        return await asyncio.wait_for(route.endpoint(Request(scope, receive)), 10)
+
+    resp = run(go())
+    assert resp.status_code == 499
+    assert engine.aborted == [engine.calls[0]["request_id"]]
+
+
 def test_plugin_satisfies_vllm_protocol():
     from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
 
