@@ -36,7 +36,9 @@ class EngineHandle:
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineHandle]:
+def tiny_engine(
+    tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EngineHandle]:
     trace = tmp_path_factory.mktemp("trace") / "pruning.jsonl"
     os.environ["VLA_PRUNER_TRACE"] = str(trace)
     from vllm_vla_pruner.engine.local import make_llm

@@ -45,7 +45,9 @@ def _request(ref, image, instruction, xargs=None, session=None, max_tokens=7):
     if session is not None:
         args["vla_session_id"] = session
     prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0, extra_args=args or None)
+    params = SamplingParams(
+        temperature=0, max_tokens=max_tokens, logprobs=0, extra_args=args or None
+    )
     return prompt, params
 
 
@@ -62,8 +64,12 @@ def _kept_of(engine: EngineHandle, output) -> list[int] | None:
 
 
 def _assert_matches_reference(ref, image, instruction, output, kept) -> None:
-    out_ref = ref.generate(image, instruction, max_new_tokens=len(output.outputs[0].token_ids),
-                           keep_visual=None if kept is None else torch.tensor(kept))
+    out_ref = ref.generate(
+        image,
+        instruction,
+        max_new_tokens=len(output.outputs[0].token_ids),
+        keep_visual=None if kept is None else torch.tensor(kept),
+    )
     assert list(output.outputs[0].token_ids) == out_ref.token_ids
     ref_lp = torch.log_softmax(out_ref.logits.float(), -1)
     for step, (tok, lp) in enumerate(zip(out_ref.token_ids, _chosen_logprobs(output))):
@@ -83,8 +89,12 @@ def test_unpruned_matches_reference(tiny_engine, reference):
 @pytest.mark.parametrize("method", ["fastv", "vlapruner", "divprune", "sparsevlm", "random"])
 def test_pruned_matches_reference(tiny_engine, reference, method, keep):
     image, ins = _image(7), INSTRUCTIONS[1]
-    [out] = tiny_engine.generate(*[[x] for x in _request(
-        reference, image, ins, {"vla_pruner": method, "vla_keep_ratio": keep})])
+    [out] = tiny_engine.generate(
+        *[
+            [x]
+            for x in _request(reference, image, ins, {"vla_pruner": method, "vla_keep_ratio": keep})
+        ]
+    )
     kept = _kept_of(tiny_engine, out)
     assert kept is not None and len(kept) == round(64 * keep)
     assert out.kv_transfer_params["vla_pruner"]["num_keep"] == len(kept)
@@ -100,14 +110,23 @@ def test_engine_selection_matches_reference_scores(tiny_engine, reference):
     """The engine's own scores (layer K-1 q/k) pick what the reference's attention picks."""
     image, ins = _image(11), INSTRUCTIONS[2]
     for method in ("fastv", "vlapruner"):
-        [out] = tiny_engine.generate(*[[x] for x in _request(
-            reference, image, ins, {"vla_pruner": method, "vla_keep_ratio": 0.25})])
+        [out] = tiny_engine.generate(
+            *[
+                [x]
+                for x in _request(
+                    reference, image, ins, {"vla_pruner": method, "vla_keep_ratio": 0.25}
+                )
+            ]
+        )
         ref_out = reference.generate(image, ins, max_new_tokens=1, return_attn_layers=[2])
         inputs = reference.build_inputs(image, ins)
         pin = PruneInputs(
-            attn=ref_out.attn[2].prefill, visual_start=inputs.visual_start,
-            num_visual=inputs.num_visual, embeddings=inputs.inputs_embeds[1:65].float(),
-            grid_shape=(8, 8), text_start=65,
+            attn=ref_out.attn[2].prefill,
+            visual_start=inputs.visual_start,
+            num_visual=inputs.num_visual,
+            embeddings=inputs.inputs_embeds[1:65].float(),
+            grid_shape=(8, 8),
+            text_start=65,
         )
         expected = select_tokens(pin, method, 16).tolist()
         got = _kept_of(tiny_engine, out)
@@ -133,9 +152,11 @@ def test_keep_one_and_none_are_unpruned(tiny_engine, reference):
 def test_mixed_batch_equals_alone(tiny_engine, reference):
     """One engine step mixing pruners, keep ratios and unpruned requests of several robots."""
     specs = [
-        (None, 0), ({"vla_pruner": "fastv", "vla_keep_ratio": 0.25}, 1),
+        (None, 0),
+        ({"vla_pruner": "fastv", "vla_keep_ratio": 0.25}, 1),
         ({"vla_pruner": "divprune", "vla_keep_ratio": 0.5}, 2),
-        ({"vla_pruner": "vlapruner", "vla_keep_ratio": 0.125}, 3), (None, 4),
+        ({"vla_pruner": "vlapruner", "vla_keep_ratio": 0.125}, 3),
+        (None, 4),
         ({"vla_pruner": "random", "vla_keep_ratio": 0.25}, 5),
     ]
     reqs = [_request(reference, _image(20 + s), INSTRUCTIONS[s % 3], x) for x, s in specs]
@@ -150,8 +171,11 @@ def test_mixed_batch_equals_alone(tiny_engine, reference):
 def test_staggered_arrivals_mix_prefill_and_decode(tiny_engine, reference):
     """Requests joining while others decode: steps hold prefills and decodes together."""
     engine = tiny_engine.llm.llm_engine
-    specs = [({"vla_pruner": "fastv", "vla_keep_ratio": 0.25}, 30), (None, 31),
-             ({"vla_pruner": "divprune", "vla_keep_ratio": 0.125}, 32)]
+    specs = [
+        ({"vla_pruner": "fastv", "vla_keep_ratio": 0.25}, 30),
+        (None, 31),
+        ({"vla_pruner": "divprune", "vla_keep_ratio": 0.125}, 32),
+    ]
     reqs = [_request(reference, _image(s), INSTRUCTIONS[s % 3], x) for x, s in specs]
     ids = [f"stagger-{uuid.uuid4().hex[:8]}-{i}" for i in range(len(reqs))]
     finished = {}
@@ -175,8 +199,14 @@ def test_temporal_history_warmup_and_new_episode(tiny_engine, reference):
     xargs = {"vla_pruner": "vlapruner", "vla_keep_ratio": 0.25}
     plans = []
     for frame in range(5):
-        [out] = tiny_engine.generate(*[[x] for x in _request(
-            reference, _image(40 + frame), INSTRUCTIONS[0], xargs, session=session)])
+        [out] = tiny_engine.generate(
+            *[
+                [x]
+                for x in _request(
+                    reference, _image(40 + frame), INSTRUCTIONS[0], xargs, session=session
+                )
+            ]
+        )
         plans.append(out.kv_transfer_params["vla_pruner"])
         if frame == 3:
             rec = [r for r in tiny_engine.trace().values() if r["session"] == session]
@@ -184,8 +214,18 @@ def test_temporal_history_warmup_and_new_episode(tiny_engine, reference):
             _assert_matches_reference(reference, _image(43), INSTRUCTIONS[0], out, rec[-1]["kept"])
     assert [p["warmup"] for p in plans] == [True, True, True, False, False]
     assert [p["num_keep"] for p in plans] == [64, 64, 64, 16, 16]
-    [out] = tiny_engine.generate(*[[x] for x in _request(
-        reference, _image(50), INSTRUCTIONS[0], {**xargs, "vla_new_episode": True}, session=session)])
+    [out] = tiny_engine.generate(
+        *[
+            [x]
+            for x in _request(
+                reference,
+                _image(50),
+                INSTRUCTIONS[0],
+                {**xargs, "vla_new_episode": True},
+                session=session,
+            )
+        ]
+    )
     assert out.kv_transfer_params["vla_pruner"]["warmup"] is True
 
 
@@ -195,9 +235,12 @@ def test_pruned_requests_allocate_fewer_kv_blocks(tiny_engine, reference):
     layout = kv_layout(tiny_engine.llm)
     assert [g["spec"] for g in layout] == ["FullAttentionSpec", "PrunedAttentionSpec"]
     image, ins = _image(60), INSTRUCTIONS[2]
-    outs = tiny_engine.generate(*zip(
-        _request(reference, image, ins), _request(reference, image, ins, {"vla_pruner": "fastv",
-                                                                         "vla_keep_ratio": 0.125})))
+    outs = tiny_engine.generate(
+        *zip(
+            _request(reference, image, ins),
+            _request(reference, image, ins, {"vla_pruner": "fastv", "vla_keep_ratio": 0.125}),
+        )
+    )
     log = dict(decoder_report(tiny_engine.llm)["kv_blocks"])
     blocks = [next(v for k, v in log.items() if k.startswith(o.request_id)) for o in outs]
     prompt_len = len(reference.prompt_token_ids(ins)) + 64 + 6  # the 7th token is never fed back

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from vllm_vla_pruner.patches import VLLM_VERSION_PINNED, check_vllm_version
 
 
@@ -47,20 +46,25 @@ assert cls.__module__ == "vllm_vla_pruner.openvla", cls.__module__
 print("ok")
 """
     env = {"VLLM_PLUGINS": "vla_pruner", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
 
 
 def test_engine_args_constraints_for_openvla(tiny_ckpt):
     from vllm.engine.arg_utils import EngineArgs
-
     from vllm_vla_pruner.patches.engine_args import constrain, is_openvla_checkpoint
 
     assert is_openvla_checkpoint(str(tiny_ckpt))
-    args = EngineArgs(model=str(tiny_ckpt), enable_prefix_caching=True,
-                      enable_chunked_prefill=True, max_model_len=512, max_num_batched_tokens=128)
+    args = EngineArgs(
+        model=str(tiny_ckpt),
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        max_model_len=512,
+        max_num_batched_tokens=128,
+    )
     changed = constrain(args)
     assert args.enable_prefix_caching is False and args.enable_chunked_prefill is False
     assert args.max_num_batched_tokens == 512 and len(changed) == 3

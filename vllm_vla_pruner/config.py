@@ -41,9 +41,13 @@ class VisionTowerSpec:
 
     def __post_init__(self) -> None:
         if self.family not in ("dinov2", "siglip"):
-            raise ValueError(f"vision tower family must be 'dinov2' or 'siglip', got {self.family!r}")
+            raise ValueError(
+                f"vision tower family must be 'dinov2' or 'siglip', got {self.family!r}"
+            )
         if self.width % self.num_heads:
-            raise ValueError(f"tower width {self.width} not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"tower width {self.width} not divisible by num_heads {self.num_heads}"
+            )
         if self.depth < 2:
             raise ValueError("a tower needs depth >= 2 (OpenVLA reads the second-to-last block)")
         if self.act not in ("gelu", "gelu_tanh"):

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from vllm.config import VllmConfig
 from vllm.model_executor.models.interfaces import (
     MultiModalEmbeddings,
@@ -146,7 +145,9 @@ class ViTTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels) + self.pos_embed
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        prefix = [
+            t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None
+        ]
         x = torch.cat([*prefix, x], dim=1)
         for block in self.blocks:
             x = block(x)

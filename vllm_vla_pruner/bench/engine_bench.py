@@ -9,6 +9,7 @@ actually allocated per request. Writes a markdown table and a JSON file.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -41,7 +42,9 @@ def llm_prefill_flops(cfg: dict[str, Any], tokens: int, kept_tokens: int, layer_
 
 def _images(n: int, side: int, seed: int) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n)
+    ]
 
 
 def run(
@@ -63,9 +66,13 @@ def run(
     m = num_visual_tokens(cfg)
     side = cfg["image_sizes"][0]
     decoder = ActionDecoder.from_pretrained(model_dir)
-    n_act = action_tokens or decoder.action_dim(decoder.default_unnorm_key or decoder.unnorm_keys[0])
+    n_act = action_tokens or decoder.action_dim(
+        decoder.default_unnorm_key or decoder.unnorm_keys[0]
+    )
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = decoder.prompt_token_ids(tok, PROMPT[len("In: What action should the robot take to ") : -len("?\nOut:")])
+    ids = decoder.prompt_token_ids(
+        tok, PROMPT[len("In: What action should the robot take to ") : -len("?\nOut:")]
+    )
     layer_k = 3
     llm = make_llm(model_dir, max_num_seqs=max(batch_sizes))
     layout = kv_layout(llm)
@@ -81,7 +88,9 @@ def run(
         ]
         return prompts, xargs
 
-    def timed(batch: int, method: str, ratio: float, sessions: list[str], max_tokens: int, seed: int):
+    def timed(
+        batch: int, method: str, ratio: float, sessions: list[str], max_tokens: int, seed: int
+    ):
         prompts, xargs = requests(batch, method, ratio, sessions, seed)
         params = [SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=x) for x in xargs]
         before = decoder_report(llm)["stats"]["select_seconds"]
@@ -202,10 +211,33 @@ def markdown(out: dict[str, Any]) -> str:
             f"| {100 * r['select_share']:.2f}% |"
         )
     lines += ["", "KV cache per request (blocks the engine allocated, per KV group):", ""]
-    lines += ["| blocks per group | requests | KV bytes | max concurrent at this pool |", "|---|---|---|---|"]
+    lines += [
+        "| blocks per group | requests | KV bytes | max concurrent at this pool |",
+        "|---|---|---|---|",
+    ]
     for r in out["kv"]["per_request"]:
         lines.append(
             f"| {r['blocks_per_group']} | {r['requests']} | {r['kv_bytes']:,} "
             f"| {r['max_concurrent_requests']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vla-pruner bench engine", description=__doc__)
+    p.add_argument("--model", help="checkpoint dir (default: build the 'bench' preset)")
+    p.add_argument("--out", default="benchmarks/results", help="where engine.md/json go")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
+    p.add_argument("--methods", nargs="+", default=["vlapruner", "fastv"])
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    model = args.model
+    if model is None:
+        from vllm_vla_pruner.checkpoint import build_checkpoint
+
+        model = Path(args.out) / "bench-ckpt"
+        if not (model / "config.json").exists():
+            build_checkpoint("bench", model, seed=0)
+    run(model, args.out, tuple(args.batch), tuple(args.keep), tuple(args.methods), args.repeats)
+    return 0

@@ -113,9 +113,7 @@ class PrunedDecoder:
             idle_timeout_s=self.settings.idle_timeout_s,
         )
         self.tracks: dict[str, _ActionTrack] = {}
-        self.stats = PruneStats(
-            layers_after_k=self.num_layers - self.K, num_layers=self.num_layers
-        )
+        self.stats = PruneStats(layers_after_k=self.num_layers - self.K, num_layers=self.num_layers)
         self._lock = threading.Lock()
         self.kv_blocks_log: deque[tuple[str, list[int]]] = deque(maxlen=4096)
         self._trace_path = os.environ.get("VLA_PRUNER_TRACE")
@@ -163,7 +161,9 @@ class PrunedDecoder:
         reqs = []
         for i, sr in enumerate(ctx.requests):
             q_start, q_len = qsl[i], qsl[i + 1] - qsl[i]
-            r = _Req(sr.req_id, sr.plan, sr.max_tokens, q_start, q_len, seq_lens[i] - q_len, seq_lens[i])
+            r = _Req(
+                sr.req_id, sr.plan, sr.max_tokens, q_start, q_len, seq_lens[i] - q_len, seq_lens[i]
+            )
             plan = sr.plan
             if plan and plan["prune"]:
                 r.shift = plan["num_visual"] - plan["num_keep"]
@@ -309,19 +309,16 @@ class PrunedDecoder:
         within = torch.arange(int(qsl[-1])) - qsl[:-1].long()[req_of_row]
         compact_pos = starts[req_of_row] + within  # index in the compacted KV sequence
         for gid, groups in enumerate(runner.attn_groups):
-            names = [
-                n for g in groups for n in g.layer_names if extract_layer_index(n) >= self.K
-            ]
+            names = [n for g in groups for n in g.layer_names if extract_layer_index(n) >= self.K]
             if not names:
                 continue
             cm = ctx.common_metadata[gid]
             bs = runner.kv_cache_config.kv_cache_groups[gid].kv_cache_spec.block_size
             bt = cm.block_table_tensor
             device = bt.device
-            slots = (
-                bt[req_of_row.to(device), (compact_pos // bs).to(device)].long() * bs
-                + (compact_pos % bs).to(device)
-            )
+            slots = bt[req_of_row.to(device), (compact_pos // bs).to(device)].long() * bs + (
+                compact_pos % bs
+            ).to(device)
             n_reqs = cm.num_reqs
             pad_reqs = n_reqs - len(reqs)
             qsl_full = torch.cat([qsl, qsl[-1:].repeat(pad_reqs)]) if pad_reqs else qsl
@@ -375,9 +372,7 @@ class PrunedDecoder:
             ki = k[rows].view(r.rows_now, self.num_kv_heads, self.head_dim).float()
             if track.keys is None:
                 m = track.num_visual
-                track.visual_ids = (
-                    r.kept if (compacted and r.kept is not None) else torch.arange(m)
-                )
+                track.visual_ids = r.kept if (compacted and r.kept is not None) else torch.arange(m)
                 track.keys = ki
                 q_rows = q[r.row + r.rows_now - 1 : r.row + r.rows_now]  # last prompt row
             else:

@@ -1,0 +1,32 @@
+"""``vla-pruner bench WHAT``: every benchmark behind one command.
+
+Each entry names a ``module:function`` taking the remaining argv, so a benchmark's own
+options live next to its code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "engine": ("vllm_vla_pruner.bench.engine_bench:main", "pruned vs unpruned on the real engine"),
+    "pruning": ("vllm_vla_pruner.bench.pruning_bench:main", "scoring + selection cost alone"),
+    "metaworld": ("vllm_vla_pruner.sim.benchmark:main", "closed-loop success per pruner"),
+    "fleet": ("vla_serve.simulator:main", "simulated robot fleet on Ray Serve"),
+}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "what",
+        choices=sorted(BENCHMARKS),
+        help="; ".join(f"{k}: {v[1]}" for k, v in sorted(BENCHMARKS.items())),
+    )
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    target, _ = BENCHMARKS[args.what]
+    module, func = target.split(":")
+    result = getattr(importlib.import_module(module), func)(extra)
+    return int(result or 0)

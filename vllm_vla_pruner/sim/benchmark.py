@@ -1,0 +1,422 @@
+"""Closed-loop Meta-World evaluation of pruners through the real vLLM engine.
+
+Every frame of every episode goes through the engine with the plugin, as a robot's request
+would: one session per episode (so VLA-Pruner's temporal history and warm-up work as
+deployed), a batch of all running episodes per engine call. Reports success per task with 95%
+intervals for each pruner and keep ratio, action fidelity (token agreement with the unpruned
+policy, replayed on the unpruned trajectory's frames), and engine time per step; writes a
+markdown table, JSON, a success-vs-keep plot and images of the kept patches per pruner.
+
+``vla-pruner bench metaworld`` runs the full evaluation; ``vla-pruner demo`` a short one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "metaworld-vla"
+PRUNERS = ("vlapruner", "fastv", "sparsevlm", "divprune", "random")
+KEEPS = (0.5, 0.25, 0.125)
+
+
+@dataclass
+class RunRecord:
+    """One configuration's closed-loop run."""
+
+    method: str
+    keep_ratio: float
+    result: Any  # sim.evaluate.EvalResult
+    engine_seconds: float
+    engine_calls: int
+    frames: dict[int, list[np.ndarray]] = field(default_factory=dict)  # episode -> frames
+    tokens: dict[int, list[list[int]]] = field(default_factory=dict)  # episode -> tokens/step
+    request_ids: dict[int, list[str]] = field(default_factory=dict)
+    instructions: dict[int, str] = field(default_factory=dict)
+
+
+class EnginePolicy:
+    """Batched closed-loop policy backed by the vLLM engine (``vllm.LLM``) with pruning."""
+
+    def __init__(self, llm: Any, model_dir: Path, method: str, keep_ratio: float, tag: str):
+        from transformers import AutoTokenizer
+
+        from vllm_vla_pruner.actions import ActionDecoder
+
+        self.llm = llm
+        self.decoder = ActionDecoder.from_pretrained(model_dir)
+        self.unnorm_key = self.decoder.default_unnorm_key or self.decoder.unnorm_keys[0]
+        self.dim = self.decoder.action_dim(self.unnorm_key)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.method, self.keep_ratio, self.tag = method, keep_ratio, tag
+        self._prompt_ids: dict[str, list[int]] = {}
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        instructions: Sequence[str],
+        episodes: Sequence[int],
+        first: Sequence[bool],
+    ) -> tuple[np.ndarray, list[list[int]], list[str]]:
+        from vllm import SamplingParams
+
+        prompts, params = [], []
+        for img, ins, ep, new in zip(images, instructions, episodes, first):
+            ids = self._prompt_ids.get(ins)
+            if ids is None:
+                ids = self._prompt_ids[ins] = self.decoder.prompt_token_ids(self.tokenizer, ins)
+            prompts.append(
+                {"prompt_token_ids": ids, "multi_modal_data": {"image": Image.fromarray(img)}}
+            )
+            extra = {
+                "vla_pruner": self.method,
+                "vla_session_id": f"{self.tag}/{ep}",
+                "vla_new_episode": bool(new),
+            }
+            if self.method != "none":
+                extra["vla_keep_ratio"] = self.keep_ratio
+            params.append(SamplingParams(temperature=0, max_tokens=self.dim, extra_args=extra))
+        t0 = time.perf_counter()
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        actions = np.array([self.decoder.decode(t, self.unnorm_key) for t in tokens], np.float32)
+        return actions, tokens, [o.request_id for o in outs]
+
+
+def run_closed_loop(
+    policy: EnginePolicy,
+    tasks: Sequence[str],
+    episodes_per_task: int,
+    keep_frames: bool,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> RunRecord:
+    """All episodes in lockstep; each engine call carries every running episode's frame."""
+    from .evaluate import _result
+    from .metaworld_env import eval_seeds, lockstep_envs
+
+    seeds = eval_seeds(episodes_per_task)
+    pairs = [(t, s) for t in tasks for s in seeds]
+    envs = lockstep_envs(pairs, 64, max_steps)
+    rec = RunRecord(policy.method, policy.keep_ratio, None, 0.0, 0)
+    for i, (env, (_, s)) in enumerate(zip(envs, pairs)):
+        env.reset(s)
+        rec.instructions[i] = env.instruction
+    success = [False] * len(envs)
+    active = list(range(len(envs)))
+    env_time, steps, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(total=len(envs), desc=f"{policy.method}@{policy.keep_ratio}", disable=not progress)
+    while active:
+        t0 = time.perf_counter()
+        images = [envs[i].render() for i in active]
+        t1 = time.perf_counter()
+        first = [envs[i].steps == 0 for i in active]
+        actions, tokens, rids = policy(images, [envs[i].instruction for i in active], active, first)
+        t2 = time.perf_counter()
+        still = []
+        for j, i in enumerate(active):
+            if keep_frames:
+                rec.frames.setdefault(i, []).append(images[j])
+            rec.tokens.setdefault(i, []).append(tokens[j])
+            rec.request_ids.setdefault(i, []).append(rids[j])
+            _, ok, done = envs[i].step(actions[j])
+            success[i] |= ok
+            if done:
+                bar.update(1)
+            else:
+                still.append(i)
+        env_time += (t1 - t0) + (time.perf_counter() - t2)
+        steps += len(active)
+        active = still
+    bar.close()
+    outcomes: dict[str, list[tuple[bool, int]]] = {t: [] for t in tasks}
+    for i, (task, _) in enumerate(pairs):
+        outcomes[task].append((success[i], envs[i].steps))
+    rec.result = _result(outcomes, policy.seconds, env_time, steps, time.perf_counter() - start)
+    rec.engine_seconds, rec.engine_calls = policy.seconds, policy.calls
+    return rec
+
+
+def fidelity(policy: EnginePolicy, reference: RunRecord) -> float:
+    """Action-token agreement with the unpruned policy on the unpruned trajectory's frames."""
+    episodes = sorted(reference.frames)
+    horizon = max(len(reference.frames[e]) for e in episodes)
+    agree = total = 0
+    for step in range(horizon):
+        live = [e for e in episodes if step < len(reference.frames[e])]
+        images = [reference.frames[e][step] for e in live]
+        instructions = [reference.instructions[e] for e in live]
+        _, tokens, _ = policy(images, instructions, live, [step == 0] * len(live))
+        for e, toks in zip(live, tokens):
+            ref = reference.tokens[e][step]
+            agree += sum(a == b for a, b in zip(toks, ref))
+            total += len(ref)
+    return agree / max(1, total)
+
+
+def _trace(path: Path) -> dict[str, list[int]]:
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        out[r["req_id"]] = r["kept"]
+    return out
+
+
+def _kept_for(trace: dict[str, list[int]], request_id: str) -> list[int] | None:
+    for rid, kept in trace.items():
+        if rid == request_id or rid.startswith(request_id + "-"):
+            return kept
+    return None
+
+
+def overlay(image: np.ndarray, kept: list[int] | None, grid: int, scale: int = 4) -> np.ndarray:
+    """The frame with dropped patches dimmed (kept patches as the model saw them)."""
+    img = np.asarray(Image.fromarray(image).resize((image.shape[1] * scale,) * 2, Image.NEAREST))
+    img = img.astype(np.float32)
+    if kept is not None:
+        mask = np.zeros(grid * grid, bool)
+        mask[kept] = True
+        cell = img.shape[0] // grid
+        full = np.kron(mask.reshape(grid, grid), np.ones((cell, cell), bool))
+        img[~full] = img[~full] * 0.25 + 40
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def save_overlays(
+    records: list[RunRecord],
+    trace: dict[str, list[int]],
+    grid: int,
+    out: Path,
+    episode: int = 0,
+    steps: Sequence[int] = (0, 5, 10, 20),
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in records if r.method == "none")
+    rows = [base] + [r for r in records if r.method != "none" and r.keep_ratio == 0.25]
+    steps = [s for s in steps if s < len(base.frames.get(episode, []))] or [0]
+    fig, axes = plt.subplots(
+        len(rows), len(steps), figsize=(2.2 * len(steps), 2.2 * len(rows)), squeeze=False
+    )
+    for r_i, rec in enumerate(rows):
+        for c_i, s in enumerate(steps):
+            ax = axes[r_i][c_i]
+            frames = rec.frames.get(episode) or base.frames[episode]
+            s_eff = min(s, len(frames) - 1)
+            rid = rec.request_ids.get(episode, [None] * (s_eff + 1))[s_eff]
+            kept = None if rec.method == "none" or rid is None else _kept_for(trace, rid)
+            ax.imshow(overlay(frames[s_eff], kept, grid))
+            ax.set_xticks([]), ax.set_yticks([])
+            if c_i == 0:
+                label = "unpruned" if rec.method == "none" else f"{rec.method} @ {rec.keep_ratio}"
+                ax.set_ylabel(label, fontsize=8)
+            if r_i == 0:
+                ax.set_title(f"step {s}", fontsize=8)
+    fig.suptitle("kept visual patches (dimmed: pruned after layer K)", fontsize=9)
+    fig.tight_layout()
+    path = out / "kept_patches.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_success(summary: list[dict[str, Any]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = next(s for s in summary if s["method"] == "none")
+    ax.axhline(base["success"], color="k", ls="--", label="unpruned")
+    for method in sorted({s["method"] for s in summary} - {"none"}):
+        pts = sorted(
+            (s["keep_ratio"], s["success"], s["ci95"]) for s in summary if s["method"] == method
+        )
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        err = [[y - p[2][0] for y, p in zip(ys, pts)], [p[2][1] - y for y, p in zip(ys, pts)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({s["keep_ratio"] for s in summary}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("keep ratio (visual tokens kept after layer K)")
+    ax.set_ylabel("closed-loop success (held-out goals)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("Meta-World success vs keep ratio, through the vLLM engine")
+    fig.tight_layout()
+    path = out / "success_vs_keep.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def evaluate_pruners(
+    model_dir: Path,
+    out: Path,
+    methods: Sequence[str],
+    keeps: Sequence[float],
+    tasks: Sequence[str] | None,
+    episodes_per_task: int,
+    with_fidelity: bool = True,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    from vllm_vla_pruner.config import grid_shape, load_config_json
+    from vllm_vla_pruner.engine.local import make_llm
+
+    from .metaworld_env import DEFAULT_TASKS
+
+    out.mkdir(parents=True, exist_ok=True)
+    trace_path = out / "pruning_trace.jsonl"
+    trace_path.unlink(missing_ok=True)
+    os.environ["VLA_PRUNER_TRACE"] = str(trace_path)
+    tasks = list(tasks or DEFAULT_TASKS)
+    llm = make_llm(model_dir, max_num_seqs=max(16, len(tasks) * episodes_per_task))
+    grid = grid_shape(load_config_json(model_dir))[0]
+    configs = [("none", 1.0)] + [(m, k) for m in methods for k in keeps]
+    records: list[RunRecord] = []
+    summary = []
+    for i, (method, keep) in enumerate(configs):
+        policy = EnginePolicy(llm, model_dir, method, keep, tag=f"run{i}")
+        rec = run_closed_loop(
+            policy,
+            tasks,
+            episodes_per_task,
+            keep_frames=(i == 0) or keep == 0.25,
+            max_steps=max_steps,
+        )
+        records.append(rec)
+        fid = None
+        if with_fidelity and method != "none":
+            fid = fidelity(EnginePolicy(llm, model_dir, method, keep, tag=f"fid{i}"), records[0])
+        res = rec.result
+        summary.append(
+            {
+                "method": method,
+                "keep_ratio": keep,
+                "success": res.mean_success,
+                "ci95": list(res.ci95),
+                "per_task": {
+                    t: {"success": r.success_rate, "ci95": list(r.ci95), "episodes": r.episodes}
+                    for t, r in res.tasks.items()
+                },
+                "engine_ms_per_call": 1000 * rec.engine_seconds / max(1, rec.engine_calls),
+                "engine_ms_per_step": 1000 * res.policy_seconds_per_step,
+                "token_agreement": fid,
+            }
+        )
+    base_ms = summary[0]["engine_ms_per_step"]
+    for s in summary:
+        s["relative_success"] = (
+            s["success"] / summary[0]["success"] if summary[0]["success"] else None
+        )
+        s["speedup_vs_unpruned"] = (
+            base_ms / s["engine_ms_per_step"] if s["engine_ms_per_step"] else None
+        )
+    trace = _trace(trace_path)
+    result = {
+        "model": str(model_dir),
+        "tasks": tasks,
+        "episodes_per_task": episodes_per_task,
+        "summary": summary,
+        "plot": str(plot_success(summary, out)),
+        "overlays": str(save_overlays(records, trace, grid, out)),
+    }
+    (out / "metaworld.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (out / "metaworld.md").write_text(table)
+    print(table)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    tasks = result["tasks"]
+    head = (
+        "| method | keep | mean success (95% CI) | rel. to unpruned | "
+        + " | ".join(t.replace("-v3", "") for t in tasks)
+        + " | token agreement | engine ms/step | speedup |"
+    )
+    lines = [
+        f"Meta-World closed loop through the vLLM engine: {len(tasks)} tasks x "
+        f"{result['episodes_per_task']} held-out episodes each.",
+        "",
+        head,
+        "|" + "---|" * (len(tasks) + 7),
+    ]
+    for s in result["summary"]:
+        per = " | ".join(f"{s['per_task'][t]['success']:.0%}" for t in tasks)
+        fid = "-" if s["token_agreement"] is None else f"{s['token_agreement']:.1%}"
+        rel = "-" if s["relative_success"] is None else f"{s['relative_success']:.0%}"
+        lines.append(
+            f"| {s['method']} | {s['keep_ratio']} | {s['success']:.0%} "
+            f"({s['ci95'][0]:.0%}-{s['ci95'][1]:.0%}) | {rel} | {per} | {fid} "
+            f"| {s['engine_ms_per_step']:.1f} | {s['speedup_vs_unpruned']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vla-pruner bench metaworld", description=__doc__)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/metaworld"))
+    p.add_argument("--methods", nargs="+", default=list(PRUNERS))
+    p.add_argument("--keep", type=float, nargs="+", default=list(KEEPS))
+    p.add_argument("--tasks", nargs="+", default=None)
+    p.add_argument("--episodes", type=int, default=10, help="held-out episodes per task")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--no-fidelity", action="store_true")
+    a = p.parse_args(argv)
+    evaluate_pruners(
+        a.model,
+        a.out,
+        a.methods,
+        a.keep,
+        a.tasks,
+        a.episodes,
+        with_fidelity=not a.no_fidelity,
+        max_steps=a.max_steps,
+    )
+    return 0
+
+
+def demo(argv: list[str] | None = None) -> int:
+    """The README's main job: a short closed-loop run, unpruned vs VLA-Pruner at keep 0.25."""
+    p = argparse.ArgumentParser(prog="vla-pruner demo", description=demo.__doc__)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--episodes", type=int, default=3, help="held-out episodes per task")
+    p.add_argument("--tasks", nargs="+", default=None)
+    p.add_argument("--keep", type=float, default=0.25)
+    a = p.parse_args(argv)
+    res = evaluate_pruners(
+        a.model, a.out, ["vlapruner"], [a.keep], a.tasks, a.episodes, with_fidelity=False
+    )
+    base, pruned = res["summary"][0], res["summary"][1]
+    print(
+        f"\nunpruned success {base['success']:.0%}, VLA-Pruner @ keep {a.keep}: "
+        f"{pruned['success']:.0%} ({pruned['relative_success'] or 0:.0%} of unpruned); "
+        f"engine time per step {base['engine_ms_per_step']:.1f} ms -> "
+        f"{pruned['engine_ms_per_step']:.1f} ms ({pruned['speedup_vs_unpruned']:.2f}x, same run)"
+    )
+    print(f"plot: {res['plot']}\nkept patches: {res['overlays']}\ntable: {a.out / 'metaworld.md'}")
+    return 0
