@@ -2,17 +2,18 @@
 
 Why: settings travel in ``SamplingParams.extra_args`` (``vllm_xargs``), which vLLM passes
 through unchecked. ``InputProcessor.process_inputs`` runs in the API process for every route
-(OpenAI chat/completions and our /v1/actions); a ``ValueError`` there becomes an HTTP 400
+(OpenAI chat/completions and our /v1/actions); a ``VLLMValidationError`` there becomes an HTTP 400
 naming the key, and the engine never sees the request.
 vLLM: 0.32.x. Upstream: no validation hook for extra_args exists.
 """
 
 from __future__ import annotations
 
-from vllm_vla_pruner.engine.settings import validate_request_args
+from vllm_vla_pruner.engine.settings import InvalidPruningSetting, validate_request_args
 
 
 def apply() -> None:
+    from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.input_processor import InputProcessor
 
     if getattr(InputProcessor, "_vla_hooked", False):
@@ -20,8 +21,11 @@ def apply() -> None:
     original = InputProcessor.process_inputs
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        extra = getattr(params, "extra_args", None)
-        validate_request_args(extra)
+        try:
+            validate_request_args(getattr(params, "extra_args", None))
+        except InvalidPruningSetting as e:
+            # vLLM answers its own validation errors with HTTP 400 naming the parameter.
+            raise VLLMValidationError(str(e), parameter=e.field) from e
         return original(self, request_id, prompt, params, *args, **kwargs)
 
     InputProcessor.process_inputs = process_inputs

@@ -1,4 +1,8 @@
-"""Shared pytest fixtures. Nothing here may download anything: the machines are offline."""
+"""Shared pytest fixtures. Nothing here may download anything: the machines are offline.
+
+Fixture modules of other areas are star-imported at the bottom (their ``__all__`` lists the
+fixtures and hooks they export).
+"""
 
 from __future__ import annotations
 
@@ -26,3 +30,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vllm_vla_pruner.checkpoint import build_checkpoint
 
     return build_checkpoint("tiny", tmp_path_factory.mktemp("tiny_ckpt"), seed=0)
+
+
+from tests.engine_fixtures import *  # noqa: E402,F401,F403
+from tests.serve_fixtures import *  # noqa: E402,F401,F403

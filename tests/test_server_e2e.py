@@ -204,24 +204,49 @@ def test_concurrent_robots_with_garbage(vla_server, info, key):
 
 
 def test_chat_completions_with_image(vla_server):
+    """The OpenAI route keeps working for the same model, image as a data: URL."""
+    resp = _chat(vla_server)
+    assert resp.choices and resp.choices[0].message.content is not None
+    assert resp.usage.completion_tokens >= 1 and resp.usage.prompt_tokens > 1
+
+
+def _chat(vla_server, **extra: Any):
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{vla_server.base_url}/v1", api_key="unused", timeout=120)
-    data_url = "data:image/png;base64," + image_b64(5)
-    resp = client.chat.completions.create(
+    client = OpenAI(
+        base_url=f"{vla_server.base_url}/v1", api_key="unused", timeout=120, max_retries=0
+    )
+    return client.chat.completions.create(
         model=vla_server.model,
         messages=[
             {
                 "role": "user",
                 "content": [
-                    {"type": "image_url", "image_url": {"url": data_url}},
-                    {"type": "text", "text": "What action should the robot take?"},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64," + image_b64(6)},
+                    },
+                    {"type": "text", "text": "open the drawer"},
                 ],
             }
         ],
-        max_tokens=7,
+        max_tokens=4,
         temperature=0.0,
+        **extra,
     )
-    assert resp.choices and resp.usage.completion_tokens >= 1
-    assert resp.usage.prompt_tokens > 1
-    assert resp.choices[0].message.content is not None
+
+
+def test_chat_completions_with_pruning_xargs(vla_server):
+    resp = _chat(
+        vla_server, extra_body={"vllm_xargs": {"vla_pruner": "fastv", "vla_keep_ratio": 0.5}}
+    )
+    assert resp.usage.completion_tokens >= 1
+
+
+def test_chat_completions_bad_pruning_xargs_is_400(vla_server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as ei:
+        _chat(vla_server, extra_body={"vllm_xargs": {"vla_keep_ratio": 2}})
+    assert "vla_keep_ratio" in str(ei.value)
+    assert _chat(vla_server).usage.completion_tokens >= 1

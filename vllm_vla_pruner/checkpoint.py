@@ -142,7 +142,9 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     params.update(copy.deepcopy(overrides))
     params["preset"] = name
 
-    towers = [t if isinstance(t, VisionTowerSpec) else VisionTowerSpec(**t) for t in params["towers"]]
+    towers = [
+        t if isinstance(t, VisionTowerSpec) else VisionTowerSpec(**t) for t in params["towers"]
+    ]
     if params["patch_size"] is not None:
         towers = [_replace(t, patch_size=int(params["patch_size"])) for t in towers]
     if not params["use_fused_vision_backbone"]:
@@ -298,7 +300,9 @@ def build_tokenizer(vocab_size: int, n_action_bins: int = 256) -> Any:
     vocab += [(f"<0x{b:02X}>", _NEVER_SCORE) for b in range(NUM_BYTE_TOKENS)]
     vocab += [(p, _PIECE_SCORE) for p in regular]
     first_action = len(vocab)
-    vocab += [(f"<act_{vocab_size - 1 - i}>", _NEVER_SCORE) for i in range(first_action, vocab_size)]
+    vocab += [
+        (f"<act_{vocab_size - 1 - i}>", _NEVER_SCORE) for i in range(first_action, vocab_size)
+    ]
     assert len(vocab) == vocab_size and vocab[SUFFIX_TOKEN_ID][0] == SPIECE_UNDERLINE
 
     tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
@@ -407,11 +411,12 @@ def build_config(params: Mapping[str, Any]) -> dict[str, Any]:
         "torch_dtype": dtype,
         "dtype": dtype,
     }
+    backbone = "dinosiglip" if fused else towers[0].family
     config = {
         "architectures": ["OpenVLAForActionPrediction"],
         "model_type": "openvla",
         "arch_specifier": "no-align+fused-gelu-mlp" if fused else "no-align+gelu-mlp",
-        "vision_backbone_id": f"vla-pruner-{params['preset']}-{'dinosiglip' if fused else towers[0].family}-{size}px",
+        "vision_backbone_id": f"vla-pruner-{params['preset']}-{backbone}-{size}px",
         "llm_backbone_id": f"vla-pruner-{params['preset']}-llama",
         "hf_llm_id": None,
         "use_fused_vision_backbone": fused,
@@ -437,7 +442,9 @@ def build_config(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def _timm_id(spec: VisionTowerSpec, size: int) -> str:
     reg = f"_reg{spec.num_registers}" if spec.num_registers else ""
-    return f"vit_w{spec.width}_d{spec.depth}_patch{spec.patch_size}{reg}_{spec.family}_{size}.random"
+    return (
+        f"vit_w{spec.width}_d{spec.depth}_patch{spec.patch_size}{reg}_{spec.family}_{size}.random"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -533,7 +540,9 @@ def build_weights(params: Mapping[str, Any], seed: int = 0) -> dict[str, torch.T
     heads, kv = int(params["num_attention_heads"]), int(params["num_key_value_heads"])
     head_dim = hid // heads
     lm = "language_model."
-    out[lm + "model.embed_tokens.weight"] = init.normal(text_vocab, hid, std=float(params["embed_std"]))
+    out[lm + "model.embed_tokens.weight"] = init.normal(
+        text_vocab, hid, std=float(params["embed_std"])
+    )
     for i in range(int(params["num_hidden_layers"])):
         b = f"{lm}model.layers.{i}."
         out[b + "self_attn.q_proj.weight"] = init.linear(heads * head_dim, hid)

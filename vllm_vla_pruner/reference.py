@@ -166,7 +166,10 @@ def timm_tower_state_from_hf(
             "mlp.fc2": "mlp.fc2",
         }
         qkv_prefix, layer_fmt = "self_attn.", "encoder.layers.{}."
-        out["norm.weight"], out["norm.bias"] = hf["post_layernorm.weight"], hf["post_layernorm.bias"]
+        out["norm.weight"], out["norm.bias"] = (
+            hf["post_layernorm.weight"],
+            hf["post_layernorm.bias"],
+        )
     for i in range(spec.num_blocks_used):
         dst, src = f"blocks.{i}.", layer_fmt.format(i)
         for new, old in names.items():
@@ -406,7 +409,10 @@ class ReferenceOpenVLA(nn.Module):
             from transformers import PreTrainedTokenizerFast
 
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
-        model = cls(load_config_json(model_dir), tokenizer=tokenizer)
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():  # every tensor is overwritten by the strict load below
+            model = cls(load_config_json(model_dir), tokenizer=tokenizer)
         model.load_published_state_dict(load_published_weights(model_dir))
         model.source_dir = model_dir
         return model.to(dtype).eval()
@@ -420,7 +426,11 @@ class ReferenceOpenVLA(nn.Module):
             hf, rest = hf_tower_state_from_timm(timm, spec)
             tower.load_state_dict(hf, strict=True)
             self.unused_tower_weights[i] = {k: v.clone() for k, v in rest.items()}
-        proj = {k[len("projector.") :]: weights.pop(k) for k in list(weights) if k.startswith("projector.")}
+        proj = {
+            k[len("projector.") :]: weights.pop(k)
+            for k in list(weights)
+            if k.startswith("projector.")
+        }
         self.projector.load_state_dict(proj, strict=True)
         lm = {k[len(LM_PREFIX) :]: weights.pop(k) for k in list(weights) if k.startswith(LM_PREFIX)}
         missing, unexpected = self.language_model.load_state_dict(lm, strict=False)
@@ -449,7 +459,9 @@ class ReferenceOpenVLA(nn.Module):
         config["torch_dtype"] = dtype
         for key in ("torch_dtype", "dtype"):
             config["text_config"][key] = dtype
-        save_file(self.published_state_dict(), str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            self.published_state_dict(), str(out / "model.safetensors"), metadata={"format": "pt"}
+        )
         (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         src = self.source_dir
         if src is not None and src.resolve() != out.resolve():
@@ -587,7 +599,9 @@ class ReferenceOpenVLA(nn.Module):
         """
         return self.generate_from_inputs(
             self.build_inputs(image, instruction),
-            max_new_tokens if max_new_tokens is not None else self.action_decoder.action_dim(unnorm_key),
+            max_new_tokens
+            if max_new_tokens is not None
+            else self.action_decoder.action_dim(unnorm_key),
             keep_visual=keep_visual,
             prune_layer=prune_layer,
             return_attn_layers=return_attn_layers,

@@ -192,4 +192,9 @@ def _pruning_defaults(engine_client: Any) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - informational only; the engine applies its own
         logger.debug("could not read pruning defaults", exc_info=True)
         return {}
-    return {"method": settings.method, "keep_ratio": settings.keep_ratio, "layer": settings.layer}
+    return {
+        "method": settings.method,
+        "keep_ratio": settings.keep_ratio,
+        "layer": settings.layer,
+        "window": settings.window,
+    }

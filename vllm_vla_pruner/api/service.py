@@ -256,9 +256,16 @@ class ActionService:
             else getattr(model_config, "hf_config", None) or load_config_json(self.model_dir)
         )
         if decoder is None:
+            from pathlib import Path
+
             from vllm_vla_pruner.actions import ActionDecoder
 
-            decoder = ActionDecoder.from_pretrained(self.model_dir)
+            # The checkpoint's own config.json when it is a local directory; otherwise (a hub
+            # name resolved from the local cache) the engine's parsed config.
+            if (Path(self.model_dir) / "config.json").is_file():
+                decoder = ActionDecoder.from_pretrained(self.model_dir)
+            else:
+                decoder = ActionDecoder.from_config(self.config)
         self.decoder = decoder
         self._tokenizer = tokenizer
         self.num_visual = num_visual_tokens(self.config)
@@ -592,7 +599,8 @@ class ActionService:
                 "method": self.pruning_defaults.get("method"),
                 "keep_ratio": self.pruning_defaults.get("keep_ratio"),
                 "layer": self.pruning_defaults.get("layer"),
-                "session_warmup": "frames of a session run unpruned until its history fills",
+                # Methods using action history run a session's first `window` frames unpruned.
+                "warmup_frames": self.pruning_defaults.get("window"),
             },
             limits={
                 "max_body_bytes": self.limits.max_body_bytes,

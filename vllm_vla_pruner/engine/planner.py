@@ -73,7 +73,7 @@ def make_plan(
     prune = method != "none" and not warmup and num_keep < num_visual
     return {
         "method": method,
-        "keep_ratio": keep_ratio,
+        "keep_ratio": 1.0 if method == "none" else keep_ratio,
         "num_visual": num_visual,
         "visual_start": visual_start,
         "num_keep": num_keep if prune else num_visual,

@@ -312,9 +312,11 @@ class PrunedDecoder:
             names = [n for g in groups for n in g.layer_names if extract_layer_index(n) >= self.K]
             if not names:
                 continue
-            cm = ctx.common_metadata[gid]
+            # Group 0's metadata is rebuilt every step; other groups' builders may take an
+            # update-in-place path, so read this group's block table from the runner itself.
+            cm = ctx.common_metadata[0]
             bs = runner.kv_cache_config.kv_cache_groups[gid].kv_cache_spec.block_size
-            bt = cm.block_table_tensor
+            bt = runner.input_batch.block_table[gid].get_device_tensor(cm.num_reqs)
             device = bt.device
             slots = bt[req_of_row.to(device), (compact_pos // bs).to(device)].long() * bs + (
                 compact_pos % bs
@@ -332,6 +334,7 @@ class PrunedDecoder:
                 num_actual_tokens=int(qsl[-1]),
                 max_query_len=int(q_lens.max()),
                 max_seq_len=int(seq_lens.max()),
+                block_table_tensor=bt,
                 slot_mapping=slots,
                 positions=pos,
             )
@@ -339,7 +342,8 @@ class PrunedDecoder:
                 layer_names = [n for n in g.layer_names if extract_layer_index(n) >= self.K]
                 if not layer_names:
                     continue
-                metadata = g.get_metadata_builder(0).build(0, new_cm)
+                with step_ctx.not_recorded():  # maps to kernel blocks, then the builder
+                    metadata = g.build_metadata(new_cm, 0)
                 for n in layer_names:
                     fc.attn_metadata[n] = metadata
                     if isinstance(fc.slot_mapping, dict):

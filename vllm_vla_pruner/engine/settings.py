@@ -63,15 +63,25 @@ class PruningSettings:
         return replace(cls(), **raw)
 
 
+class InvalidPruningSetting(ValueError):
+    """A pruning setting a client or operator got wrong; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 def validate_method(method: Any, field: str = KEY_METHOD) -> str:
     if not isinstance(method, str) or method not in PRUNERS:
-        raise ValueError(f"{field}: unknown pruning method {method!r}; valid: {sorted(PRUNERS)}")
+        raise InvalidPruningSetting(
+            field, f"unknown pruning method {method!r}; valid: {sorted(PRUNERS)}"
+        )
     return method
 
 
 def validate_keep_ratio(ratio: Any, field: str = KEY_KEEP_RATIO) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"{field}: keep_ratio must be a number in (0, 1], got {ratio!r}")
+        raise InvalidPruningSetting(field, f"keep_ratio must be a number in (0, 1], got {ratio!r}")
     return float(ratio)
 
 
@@ -80,12 +90,12 @@ def validate_request_args(extra_args: dict[str, Any] | None) -> None:
     if not extra_args:
         return
     if KEY_PLAN in extra_args:
-        raise ValueError(f"{KEY_PLAN} is set by the engine, not by clients")
+        raise InvalidPruningSetting(KEY_PLAN, "is set by the engine, not by clients")
     if KEY_METHOD in extra_args:
         validate_method(extra_args[KEY_METHOD])
     if KEY_KEEP_RATIO in extra_args:
         validate_keep_ratio(extra_args[KEY_KEEP_RATIO])
     if KEY_NEW_EPISODE in extra_args and not isinstance(extra_args[KEY_NEW_EPISODE], bool):
-        raise ValueError(f"{KEY_NEW_EPISODE} must be a boolean")
+        raise InvalidPruningSetting(KEY_NEW_EPISODE, "must be a boolean")
     if KEY_SESSION in extra_args and not isinstance(extra_args[KEY_SESSION], str):
-        raise ValueError(f"{KEY_SESSION} must be a string")
+        raise InvalidPruningSetting(KEY_SESSION, "must be a string")

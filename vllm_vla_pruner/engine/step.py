@@ -9,6 +9,8 @@ compacted metadata for layers >= K with the backend's own builder.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +43,23 @@ def current() -> StepContext | None:
     return _current
 
 
+_recording = True
+
+
 def record_common_metadata(group_id: int, cm: Any) -> None:
-    _last_common_metadata[group_id] = cm
+    if _recording:
+        _last_common_metadata[group_id] = cm
+
+
+@contextmanager
+def not_recorded() -> Iterator[None]:
+    """Builds made by the pruned decoder itself are not the runner's step metadata."""
+    global _recording
+    _recording = False
+    try:
+        yield
+    finally:
+        _recording = True
 
 
 def recorded_common_metadata() -> dict[int, Any]:

@@ -31,7 +31,6 @@ import numpy as np
 
 from .data import (
     NORM_STATS_KEY,
-    Dataset,
     action_norm_stats,
     collect_expert,
     concat,
@@ -66,10 +65,10 @@ def model_overrides(args: argparse.Namespace, norm_stats: dict[str, Any]) -> dic
         "towers": [tower],
         "use_fused_vision_backbone": False,
         "hidden_size": args.hidden,
-        "intermediate_size": args.hidden * 2,
+        "intermediate_size": args.hidden * 2,  # 4 layers of 192: ~1.5M LLM weights
         "num_hidden_layers": args.layers,
-        "num_attention_heads": args.hidden // 64,
-        "num_key_value_heads": args.hidden // 64,
+        "num_attention_heads": max(1, args.hidden // 64),
+        "num_key_value_heads": max(1, args.hidden // 64),
         "tokenizer_vocab_size": 1024,
         "max_position_embeddings": 256,
         "dtype": "float32",
@@ -160,7 +159,9 @@ def plot(history: dict[str, Any], out: Path) -> None:
         for task in evals[0]["per_task"]:
             ax.plot(xs, [e["per_task"][task] for e in evals], marker="o", lw=1, label=task)
         ax.plot(xs, [e["mean"] for e in evals], marker="s", color="k", lw=2.5, label="mean")
-    ax.set(xlabel="optimizer step", ylabel="closed-loop success (validation goals)", ylim=(-0.02, 1.02))
+    ax.set(
+        xlabel="optimizer step", ylabel="closed-loop success (validation goals)", ylim=(-0.02, 1.02)
+    )
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "success.png", dpi=110)
@@ -188,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--vision-width", type=int, default=128)
-    p.add_argument("--vision-depth", type=int, default=5)
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--vision-depth", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--init-gain", type=float, default=0.6)
     p.add_argument("--threads", type=int, default=1)
@@ -232,18 +233,26 @@ def train(args: argparse.Namespace, command: str) -> None:
         save_dataset(data, work / "demos.npz")
     n_demo_eps = len(np.unique(data["episode_ids"]))
     stats = action_norm_stats(data["actions"], n_demo_eps)
-    print(f"demos: {len(data['actions'])} frames, {n_demo_eps} episodes; q01 "
-          f"{stats['action']['q01']} q99 {stats['action']['q99']}", flush=True)
+    print(
+        f"demos: {len(data['actions'])} frames, {n_demo_eps} episodes; q01 "
+        f"{stats['action']['q01']} q99 {stats['action']['q99']}",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         init_dir = build_checkpoint(
-            "tiny", Path(tmp) / "init", seed=args.seed,
+            "tiny",
+            Path(tmp) / "init",
+            seed=args.seed,
             **model_overrides(args, {NORM_STATS_KEY: stats}),
         )
         model = ReferenceOpenVLA.from_pretrained(init_dir)
         model.source_dir = None  # tokenizer files are written from the tokenizer itself
-        tok_files = {f.name: f.read_bytes() for f in init_dir.iterdir()
-                     if f.is_file() and f.name != "config.json" and not f.name.startswith("model")}
+        tok_files = {
+            f.name: f.read_bytes()
+            for f in init_dir.iterdir()
+            if f.is_file() and f.name != "config.json" and not f.name.startswith("model")
+        }
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
     model.train()
@@ -254,16 +263,25 @@ def train(args: argparse.Namespace, command: str) -> None:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95),
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
     )
     rng = np.random.default_rng(args.seed)
     betas = [float(b) for b in args.dagger_betas.split(",")][: args.dagger_rounds]
     # Phase boundaries as fractions of the *training-time* budget; roll-outs cost extra.
-    phases = [0.45 + 0.55 * i / max(1, len(betas)) for i in range(len(betas))] + [1.0]
-    history: dict[str, Any] = {"step": [], "loss": [], "acc": [], "evals": [], "dagger": [],
-                               "dagger_steps": []}
+    phases = [0.35 + 0.2 * i for i in range(len(betas))]
+    history: dict[str, Any] = {
+        "step": [],
+        "loss": [],
+        "acc": [],
+        "evals": [],
+        "dagger": [],
+        "dagger_steps": [],
+    }
     best = -1.0
     step = 0
     train_time = 0.0
@@ -302,16 +320,26 @@ def train(args: argparse.Namespace, command: str) -> None:
         nonlocal rollout_time, best
         t0 = time.time()
         res = evaluate_batched(
-            policy.batch, tasks, args.val_episodes, args.image_size,
+            policy.batch,
+            tasks,
+            args.val_episodes,
+            args.image_size,
             seeds=list(range(VAL_SEED_OFFSET, VAL_SEED_OFFSET + args.val_episodes)),
         )
         rollout_time += time.time() - t0
-        entry = {"step": step, "tag": tag, "mean": res.mean_success,
-                 "per_task": {t: r.success_rate for t, r in res.tasks.items()},
-                 "seconds": round(time.time() - t0, 1)}
+        entry = {
+            "step": step,
+            "tag": tag,
+            "mean": res.mean_success,
+            "per_task": {t: r.success_rate for t, r in res.tasks.items()},
+            "seconds": round(time.time() - t0, 1),
+        }
         history["evals"].append(entry)
-        print(f"[val {tag}] step {step}: mean {res.mean_success:.2f} {entry['per_task']} "
-              f"({entry['seconds']}s)", flush=True)
+        print(
+            f"[val {tag}] step {step}: mean {res.mean_success:.2f} {entry['per_task']} "
+            f"({entry['seconds']}s)",
+            flush=True,
+        )
         if res.mean_success >= best:
             best = res.mean_success
             save(tag, entry)
@@ -326,10 +354,12 @@ def train(args: argparse.Namespace, command: str) -> None:
         if train_budget is None and step == 30:
             # Measured speed -> how many steps fit: roll-outs take ~1/3 of the budget.
             sec_per_step = train_time / step
-            train_budget = budget * 0.62
+            train_budget = budget * 0.65
             est_total_steps = int(train_budget / sec_per_step)
-            print(f"{1 / sec_per_step * args.batch:.0f} samples/s -> ~{est_total_steps} steps",
-                  flush=True)
+            print(
+                f"{1 / sec_per_step * args.batch:.0f} samples/s -> ~{est_total_steps} steps",
+                flush=True,
+            )
         total = est_total_steps or 10**9
         if est_total_steps and phase < len(betas) and step >= phases[phase] * total:
             val = validate(f"before DAgger round {phase + 1}")
@@ -337,20 +367,39 @@ def train(args: argparse.Namespace, command: str) -> None:
             seeds = [DAGGER_SEED_OFFSET + 100 * phase + i for i in range(args.dagger_seeds)]
             new, per_task = dagger_rollouts(
                 lambda im, tid: policy.batch(im, [TASK_INSTRUCTIONS[tasks[i]] for i in tid]),
-                tasks, seeds, betas[phase], args.image_size, rng_seed=args.seed + phase,
+                tasks,
+                seeds,
+                betas[phase],
+                args.image_size,
+                rng_seed=args.seed + phase,
                 max_steps=args.rollout_steps,
             )
             rollout_time += time.time() - t0
             data = concat(data, new)
             tokens = np.concatenate([tokens, batcher.tokens(new["actions"])])
-            history["dagger"].append({"round": phase + 1, "beta": betas[phase], "step": step,
-                                      "frames_added": int(len(new["actions"])),
-                                      "rollout_success": per_task, "val_before": val,
-                                      "seconds": round(time.time() - t0, 1)})
+            history["dagger"].append(
+                {
+                    "round": phase + 1,
+                    "beta": betas[phase],
+                    "step": step,
+                    "frames_added": int(len(new["actions"])),
+                    "rollout_success": per_task,
+                    "val_before": val,
+                    "seconds": round(time.time() - t0, 1),
+                }
+            )
             history["dagger_steps"].append(step)
-            print(f"[DAgger {phase + 1}] beta {betas[phase]}: +{len(new['actions'])} frames, "
-                  f"roll-out success {per_task}", flush=True)
+            print(
+                f"[DAgger {phase + 1}] beta {betas[phase]}: +{len(new['actions'])} frames, "
+                f"roll-out success {per_task}",
+                flush=True,
+            )
             phase += 1
+            # Re-plan the remaining steps from the measured speeds (cosine follows).
+            per_round = rollout_time / (2 * phase)
+            left = budget - (time.time() - t_start) - per_round * (2 * (len(betas) - phase) + 1)
+            est_total_steps = step + max(100, int(left / (train_time / step)))
+            print(f"re-planned: {est_total_steps} steps in total", flush=True)
         if est_total_steps and (step >= total or time.time() - t_start > budget * 0.97):
             break
         t0 = time.time()
@@ -375,9 +424,12 @@ def train(args: argparse.Namespace, command: str) -> None:
         history["loss"].append(float(res.loss))
         history["acc"].append(acc)
         if step % 50 == 0:
-            print(f"step {step}/{total if est_total_steps else '?'} loss {float(res.loss):.3f} "
-                  f"acc {acc:.2f} lr {lr:.2e} frames {len(tokens)} "
-                  f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
+            print(
+                f"step {step}/{total if est_total_steps else '?'} loss {float(res.loss):.3f} "
+                f"acc {acc:.2f} lr {lr:.2e} frames {len(tokens)} "
+                f"[{(time.time() - t_start) / 60:.1f} min]",
+                flush=True,
+            )
         if step % 500 == 0:
             plot(history, out)
     validate("final")

@@ -1,0 +1,193 @@
+"""``vla-pruner fleet up|down|status CONFIG``: run the fleet on Ray Serve.
+
+``up`` with no ``ray.address`` in the config starts a private local Ray (loopback only, no
+dashboard), deploys, prints the URL and stays in the foreground (Ctrl-C takes everything
+down: the local Ray belongs to this process). With ``ray.address`` (``auto`` after
+``ray start --head`` / ``ray start --address``) it deploys onto that cluster; ``--detach``
+then returns at once and ``fleet down CONFIG`` removes the application later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vla_serve.config import FleetConfig, FleetConfigError, load_config
+
+__all__ = ["Fleet", "configure_cli", "ensure_checkpoint", "run_cli", "start_fleet", "stop_fleet"]
+
+
+@dataclass
+class Fleet:
+    """A deployed fleet: where it answers and whether this process owns the Ray instance."""
+
+    config: FleetConfig
+    url: str
+    model_dir: Path
+    owns_ray: bool
+    start_s: float
+
+
+def ensure_checkpoint(cfg: FleetConfig) -> Path:
+    """The checkpoint directory; presets are built once into their cache directory."""
+    path = cfg.model.checkpoint_dir()
+    if (path / "config.json").is_file():
+        return path
+    if cfg.model.preset is None:
+        raise FleetConfigError(f"model.path: {path} has no config.json")
+    from vllm_vla_pruner.checkpoint import build_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = build_checkpoint(cfg.model.preset, path, cfg.model.seed)
+    return Path(out or path)
+
+
+def connect_ray(cfg: FleetConfig) -> bool:
+    """Join ``ray.address`` or start a loopback-only local Ray; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, log_to_driver=False)
+        return False
+    ray.init(
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        num_cpus=cfg.local_num_cpus(),
+        namespace=cfg.ray.namespace,
+        log_to_driver=False,
+    )
+    return True
+
+
+def fleet_url(cfg: FleetConfig) -> str:
+    host = cfg.http.host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{shown}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
+
+
+def _wait_healthy(url: str, timeout_s: float) -> None:
+    import httpx
+
+    t_end = time.monotonic() + timeout_s
+    while time.monotonic() < t_end:
+        try:
+            if httpx.get(f"{url}/health", timeout=5.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"fleet at {url} not healthy after {timeout_s:.0f} s")
+
+
+def start_fleet(cfg: FleetConfig, timeout_s: float = 1800.0) -> Fleet:
+    """Deploy (starting Ray if needed) and return once every replica's engine is up."""
+    from ray import serve
+
+    from vla_serve.app import build_app
+
+    t0 = time.perf_counter()
+    model_dir = ensure_checkpoint(cfg)
+    owns = connect_ray(cfg)
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    # serve.run returns once every replica's constructor (the engine start) finished.
+    serve.run(build_app(cfg, model_dir), name=cfg.name, route_prefix=cfg.http.route_prefix)
+    url = fleet_url(cfg)
+    _wait_healthy(url, timeout_s)
+    return Fleet(cfg, url, model_dir, owns, time.perf_counter() - t0)
+
+
+def stop_fleet(fleet: Fleet | FleetConfig, shutdown_ray: bool | None = None) -> None:
+    """Delete the application; also stop Serve and Ray when this process started them."""
+    import ray
+    from ray import serve
+
+    cfg = fleet.config if isinstance(fleet, Fleet) else fleet
+    owns = fleet.owns_ray if isinstance(fleet, Fleet) else False
+    if shutdown_ray is None:
+        shutdown_ray = owns
+    if not ray.is_initialized():
+        connect_ray(cfg)
+    try:
+        serve.delete(cfg.name)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+    if shutdown_ray:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def configure_cli(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("up", "down", "status"), help="what to do")
+    p.add_argument("config", help="fleet config file (YAML or JSON)")
+    p.add_argument("--port", type=int, default=None, help="override http.port")
+    p.add_argument("--replicas", type=int, default=None, help="override replicas")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="return after deploying (only with ray.address: a cluster keeps the fleet)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    over: dict[str, Any] = {}
+    if args.port is not None:
+        over["http"] = {"port": args.port}
+    if args.replicas is not None:
+        over["replicas"] = args.replicas
+    return over
+
+
+def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        cfg = load_config(args.config, _overrides(args))
+    except FleetConfigError as exc:
+        print(f"vla-pruner fleet: {exc}")
+        return 2
+    if args.action == "status":
+        import httpx
+
+        url = fleet_url(cfg)
+        try:
+            r = httpx.get(f"{url}/v1/fleet/replicas", timeout=10.0)
+            print(json.dumps(r.json(), indent=2))
+        except httpx.HTTPError as exc:
+            print(f"vla-pruner fleet: {url} not reachable: {exc}")
+            return 1
+        return 0
+    if args.action == "down":
+        stop_fleet(cfg, shutdown_ray=False)
+        print(f"vla-pruner fleet: deleted application {cfg.name!r}")
+        return 0
+    if args.detach and not cfg.ray.address:
+        print("vla-pruner fleet: --detach needs ray.address (a local Ray ends with this process)")
+        return 2
+    fleet = start_fleet(cfg)
+    n = cfg.replica_count()
+    print(
+        f"vla-pruner fleet: {cfg.name} ({n} replica{'s' * (n != 1)}, {fleet.model_dir}) ready "
+        f"at {fleet.url} in {fleet.start_s:.1f} s\n"
+        f"  POST {fleet.url}/v1/actions   GET {fleet.url}/v1/actions/info   "
+        f"GET {fleet.url}/metrics   GET {fleet.url}/v1/fleet/replicas",
+        flush=True,
+    )
+    if args.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("vla-pruner fleet: shutting down", flush=True)
+    finally:
+        stop_fleet(fleet)
+    return 0
