@@ -324,6 +324,31 @@ def _retryable(exc: BaseException) -> str | None:
     return None
 
 
+async def _await(response: Any) -> Any:
+    return await response
+
+
+def live_replicas(app_name: str) -> list[dict[str, Any]]:
+    """Replicas registered in Ray's KV whose actor is still alive (killed ones drop out)."""
+    import ray
+
+    kv = _kv()
+    out = []
+    for key in kv._internal_kv_list(f"{app_name}/".encode(), namespace=KV_NAMESPACE):
+        raw = kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+        if not raw:
+            continue
+        entry = json.loads(raw)
+        try:
+            ray.get_actor(entry["actor_name"], namespace=SERVE_NAMESPACE)
+        except ValueError:
+            kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+            continue
+        out.append(entry)
+    return sorted(out, key=lambda e: e["replica"])
+
+
+# Helpers above the class: @serve.ingress snapshots the globals the routes use.
 @serve.ingress(app)
 class FleetIngress:
     """HTTP front of the fleet; see the module docstring for the routes."""
@@ -518,30 +543,6 @@ class FleetIngress:
                 for sid, s in self.sessions.items()
             }
         )
-
-
-async def _await(response: Any) -> Any:
-    return await response
-
-
-def live_replicas(app_name: str) -> list[dict[str, Any]]:
-    """Replicas registered in Ray's KV whose actor is still alive (killed ones drop out)."""
-    import ray
-
-    kv = _kv()
-    out = []
-    for key in kv._internal_kv_list(f"{app_name}/".encode(), namespace=KV_NAMESPACE):
-        raw = kv._internal_kv_get(key, namespace=KV_NAMESPACE)
-        if not raw:
-            continue
-        entry = json.loads(raw)
-        try:
-            ray.get_actor(entry["actor_name"], namespace=SERVE_NAMESPACE)
-        except ValueError:
-            kv._internal_kv_del(key, namespace=KV_NAMESPACE)
-            continue
-        out.append(entry)
-    return sorted(out, key=lambda e: e["replica"])
 
 
 # ----------------------------------------------------------------------------- build

@@ -124,6 +124,21 @@ def test_session_header_and_pruning_report(client, info, key):
     assert p["visual_tokens_kept"] == budget_for(info["visual_tokens"], 0.5)
 
 
+def test_vlapruner_session_warms_up_then_prunes(client, info, key):
+    """A robot's frames 1-3 run unpruned (warm-up), the 4th keeps M/4 visual tokens."""
+    dim, m = info["action_dims"][key], info["visual_tokens"]
+    reports = []
+    for frame in range(5):
+        body = good(key, seed=100 + frame, session_id="robot-vlapruner",
+                    pruning={"method": "vlapruner", "keep_ratio": 0.25})
+        if frame == 0:
+            body["new_episode"] = True
+        reports.append(assert_action(client.post("/v1/actions", json=body), dim)["pruning"])
+    assert [p["warmup"] for p in reports] == [True, True, True, False, False]
+    assert [p["visual_tokens_kept"] for p in reports] == [m, m, m, m // 4, m // 4]
+    assert all(p["visual_tokens_total"] == m for p in reports)
+
+
 def _drop(d: dict[str, Any], k: str) -> dict[str, Any]:
     return {a: b for a, b in d.items() if a != k}
 

@@ -35,6 +35,7 @@ __all__ = [
     "build_tokenizer",
     "build_weights",
     "chat_template",
+    "count_parameters",
     "default_norm_stats",
     "preset_config",
     "preset_names",

@@ -153,6 +153,31 @@ def _serve_run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- bench, demo
+
+
+def _bench_configure(p: argparse.ArgumentParser) -> None:
+    from vllm_vla_pruner.bench.cli import configure
+
+    configure(p)
+
+
+def _bench_run(args: argparse.Namespace, extra: list[str]) -> int:
+    from vllm_vla_pruner.bench.cli import run
+
+    return run(args, extra)
+
+
+def _demo_configure(p: argparse.ArgumentParser) -> None:
+    pass  # options are the demo's own (see `vla-pruner demo -- --help`)
+
+
+def _demo_run(args: argparse.Namespace, extra: list[str]) -> int:
+    from vllm_vla_pruner.sim.benchmark import demo
+
+    return demo(extra)
+
+
 # ----------------------------------------------------------------------------- table
 
 SUBCOMMANDS: list[Subcommand] = [
@@ -167,6 +192,20 @@ SUBCOMMANDS: list[Subcommand] = [
         "serve a checkpoint on vLLM's OpenAI-compatible server with /v1/actions",
         _serve_configure,
         _serve_run,
+        passthrough=True,
+    ),
+    Subcommand(
+        "bench",
+        "run a benchmark: engine, pruning, metaworld or fleet (options after the name)",
+        _bench_configure,
+        _bench_run,
+        passthrough=True,
+    ),
+    Subcommand(
+        "demo",
+        "closed-loop Meta-World run of the embedded model, unpruned vs VLA-Pruner",
+        _demo_configure,
+        _demo_run,
         passthrough=True,
     ),
 ]

@@ -1,0 +1,464 @@
+"""``vla-pruner bench fleet``: a fleet of simulated robots against a running (or started) fleet.
+
+Each robot is a closed control loop at C Hz over real HTTP: at every tick it sends its camera
+frame and instruction with its own session id and waits for the action (a robot cannot act
+on a frame it has no action for). A reply later than the period is a deadline miss; ticks
+that pass while a request is out are lost, which is what lowers the achieved control rate.
+Robots start at random phases, as real ones do.
+
+For every robot count in the sweep the pruned (``--method``/``--keep-ratio``) and the
+unpruned (``method: none``) fleets run back to back on the same replicas, so both see the same
+machine. The first ``--skip-frames`` frames of each robot (temporal warm-up frames run
+unpruned, and connection set-up) are left out of the latency statistics. "Robots at the p95
+budget" is the largest robot count whose p95 stays within the budget without errors, read off
+the sweep and linearly interpolated between sweep points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PhaseResult", "configure_cli", "robots_at_budget", "run_cli", "run_sweep"]
+
+MODES = ("unpruned", "pruned")
+
+
+@dataclass
+class RobotResult:
+    robot: str
+    sent: int = 0
+    ok: int = 0
+    errors: int = 0
+    misses: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    replicas: set[str] = field(default_factory=set)
+    warmup_frames: int = 0
+    pruned_frames: int = 0
+    error_samples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PhaseResult:
+    mode: str
+    robots: int
+    hz: float
+    duration_s: float
+    requests: int
+    ok: int
+    errors: int
+    deadline_misses: int
+    miss_rate: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    achieved_hz_mean: float
+    achieved_hz_min: float
+    replicas_used: int
+    warmup_frames: int
+    pruned_frames: int
+    error_samples: list[str]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), without numpy."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def make_frames(side: int, count: int, seed: int) -> list[str]:
+    """Smooth random camera frames (PNG, base64): realistic size, cheap to encode once."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        small = (rng.random((8, 8, 3)) * 255).astype("uint8")
+        img = Image.fromarray(small).resize((side, side), Image.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+async def robot_loop(
+    client: Any,
+    url: str,
+    robot: str,
+    session: str,
+    frames: list[str],
+    *,
+    hz: float,
+    duration_s: float,
+    instruction: str,
+    pruning: dict[str, Any],
+    unnorm_key: str | None,
+    skip_frames: int,
+    timeout_s: float,
+    phase_s: float,
+) -> RobotResult:
+    import httpx
+
+    res = RobotResult(robot)
+    period = 1.0 / hz
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() + phase_s
+    t_end = t0 + duration_s
+    k = 0
+    frame_no = 0
+    while True:
+        tick = t0 + k * period
+        if tick >= t_end:
+            break
+        now = loop.time()
+        if now < tick:
+            await asyncio.sleep(tick - now)
+        body: dict[str, Any] = {
+            "image": frames[frame_no % len(frames)],
+            "instruction": instruction,
+            "session_id": session,
+            "new_episode": frame_no == 0,
+            "pruning": pruning,
+        }
+        if unnorm_key:
+            body["unnorm_key"] = unnorm_key
+        t_send = loop.time()
+        res.sent += 1
+        try:
+            r = await client.post(f"{url}/v1/actions", json=body, timeout=timeout_s)
+            lat = loop.time() - t_send
+            if r.status_code == 200:
+                res.ok += 1
+                out = r.json()
+                rep = r.headers.get("x-vla-replica")
+                if rep:
+                    res.replicas.add(rep)
+                p = out.get("pruning") or {}
+                if p.get("warmup"):
+                    res.warmup_frames += 1
+                kept, total = p.get("visual_tokens_kept"), p.get("visual_tokens_total")
+                if kept is not None and total is not None and kept < total:
+                    res.pruned_frames += 1
+                if frame_no >= skip_frames:
+                    res.latencies_ms.append(lat * 1000.0)
+                    if lat > period:
+                        res.misses += 1
+            else:
+                res.errors += 1
+                if len(res.error_samples) < 3:
+                    res.error_samples.append(f"{r.status_code}: {r.text[:200]}")
+        except httpx.HTTPError as exc:
+            lat = loop.time() - t_send
+            res.errors += 1
+            if len(res.error_samples) < 3:
+                res.error_samples.append(f"{type(exc).__name__}: {exc}"[:200])
+        frame_no += 1
+        # Next tick not yet passed; ticks missed while waiting are lost.
+        k = max(k + 1, math.floor((loop.time() - t0) / period) + 1)
+    return res
+
+
+async def run_phase(
+    url: str,
+    mode: str,
+    n: int,
+    *,
+    hz: float,
+    duration_s: float,
+    frames: dict[int, list[str]],
+    instruction: str,
+    pruning: dict[str, Any],
+    unnorm_key: str | None,
+    skip_frames: int,
+    timeout_s: float,
+    tag: str,
+) -> PhaseResult:
+    import httpx
+
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(limits=limits) as client:
+        rng = random.Random(n * 7919 + len(mode))
+        tasks = [
+            robot_loop(
+                client,
+                url,
+                f"robot-{i}",
+                f"{tag}-{mode}-n{n}-r{i}",
+                frames[i % len(frames)],
+                hz=hz,
+                duration_s=duration_s,
+                instruction=instruction,
+                pruning=pruning,
+                unnorm_key=unnorm_key,
+                skip_frames=skip_frames,
+                timeout_s=timeout_s,
+                phase_s=rng.random() / hz,
+            )
+            for i in range(n)
+        ]
+        robots = await asyncio.gather(*tasks)
+    lat = [x for r in robots for x in r.latencies_ms]
+    rates = [r.ok / duration_s for r in robots]
+    measured = sum(len(r.latencies_ms) for r in robots)
+    misses = sum(r.misses for r in robots)
+    return PhaseResult(
+        mode=mode,
+        robots=n,
+        hz=hz,
+        duration_s=duration_s,
+        requests=sum(r.sent for r in robots),
+        ok=sum(r.ok for r in robots),
+        errors=sum(r.errors for r in robots),
+        deadline_misses=misses,
+        miss_rate=round(misses / measured, 4) if measured else 0.0,
+        p50_ms=_r(percentile(lat, 50)),
+        p95_ms=_r(percentile(lat, 95)),
+        p99_ms=_r(percentile(lat, 99)),
+        mean_ms=_r(sum(lat) / len(lat) if lat else None),
+        achieved_hz_mean=round(sum(rates) / len(rates), 3) if rates else 0.0,
+        achieved_hz_min=round(min(rates), 3) if rates else 0.0,
+        replicas_used=len(set().union(*(r.replicas for r in robots))) if robots else 0,
+        warmup_frames=sum(r.warmup_frames for r in robots),
+        pruned_frames=sum(r.pruned_frames for r in robots),
+        error_samples=[e for r in robots for e in r.error_samples][:5],
+    )
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def robots_at_budget(results: list[PhaseResult], mode: str, budget_ms: float) -> dict[str, Any]:
+    """Largest swept robot count within the p95 budget (no errors), and the interpolated
+    count where p95 crosses the budget."""
+    pts = sorted((r for r in results if r.mode == mode), key=lambda r: r.robots)
+    ok = [r for r in pts if r.p95_ms is not None and r.p95_ms <= budget_ms and r.errors == 0]
+    best = max((r.robots for r in ok), default=0)
+    interp: float | None = float(best) if best else None
+    for a, b in zip(pts, pts[1:]):
+        if a.robots != best:
+            continue
+        if b.p95_ms is not None and a.p95_ms is not None and b.p95_ms > budget_ms >= a.p95_ms:
+            frac = (budget_ms - a.p95_ms) / max(1e-9, b.p95_ms - a.p95_ms)
+            interp = a.robots + frac * (b.robots - a.robots)
+    all_within = bool(pts) and best == pts[-1].robots
+    return {"max_robots": best, "interpolated": _r(interp), "saturated_sweep": all_within}
+
+
+def markdown_table(results: list[PhaseResult]) -> str:
+    head = (
+        "| robots | mode | p50 ms | p95 ms | p99 ms | achieved Hz (mean/min) | deadline misses "
+        "| errors | replicas | pruned frames |\n"
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = []
+    for r in sorted(results, key=lambda r: (r.robots, MODES.index(r.mode))):
+        rows.append(
+            f"| {r.robots} | {r.mode} | {r.p50_ms} | {r.p95_ms} | {r.p99_ms} | "
+            f"{r.achieved_hz_mean:.2f} / {r.achieved_hz_min:.2f} | "
+            f"{r.deadline_misses} ({100 * r.miss_rate:.1f}%) | {r.errors} | {r.replicas_used} | "
+            f"{r.pruned_frames}/{r.ok} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(results: list[PhaseResult], budget_ms: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for mode, style in (("unpruned", "o-"), ("pruned", "s-")):
+        pts = sorted((r for r in results if r.mode == mode), key=lambda r: r.robots)
+        ax.plot([r.robots for r in pts], [r.p95_ms or float("nan") for r in pts], style, label=mode)
+    ax.axhline(budget_ms, color="gray", ls="--", lw=1, label=f"p95 budget {budget_ms:g} ms")
+    ax.set_xlabel("simulated robots")
+    ax.set_ylabel("p95 latency (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+async def run_sweep(
+    url: str,
+    robot_counts: list[int],
+    *,
+    hz: float,
+    duration_s: float,
+    method: str,
+    keep_ratio: float,
+    instruction: str,
+    skip_frames: int,
+    timeout_s: float,
+    tag: str,
+    log: Any = print,
+) -> tuple[list[PhaseResult], dict[str, Any]]:
+    import httpx
+
+    async with httpx.AsyncClient() as c:
+        info = (await c.get(f"{url}/v1/actions/info", timeout=60.0)).json()
+    side = int(info["image_size"])
+    unnorm_key = info.get("default_unnorm_key") or sorted(info["action_dims"])[0]
+    frames = {i: make_frames(side, 4, seed=i) for i in range(max(robot_counts))}
+    modes = {"unpruned": {"method": "none"}, "pruned": {"method": method, "keep_ratio": keep_ratio}}
+    results: list[PhaseResult] = []
+    for n in robot_counts:
+        for mode in MODES:
+            r = await run_phase(
+                url,
+                mode,
+                n,
+                hz=hz,
+                duration_s=duration_s,
+                frames=frames,
+                instruction=instruction,
+                pruning=modes[mode],
+                unnorm_key=unnorm_key,
+                skip_frames=skip_frames,
+                timeout_s=timeout_s,
+                tag=tag,
+            )
+            log(
+                f"  {n:3d} robots {mode:8s}: p50 {r.p50_ms} ms, p95 {r.p95_ms} ms, "
+                f"{r.achieved_hz_mean:.2f} Hz, misses {r.deadline_misses}, errors {r.errors}"
+            )
+            results.append(r)
+    return results, info
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def configure_cli(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--url", help="a running fleet (e.g. http://127.0.0.1:8000)")
+    src.add_argument("--config", help="fleet config: start it, run, take it down")
+    p.add_argument("--robots", default="1,2,4,8", help="robot counts to sweep (default 1,2,4,8)")
+    p.add_argument("--hz", type=float, default=5.0, help="control rate per robot (default 5)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per phase (default 20)")
+    p.add_argument("--method", default="vlapruner", help="pruner of the pruned fleet")
+    p.add_argument("--keep-ratio", type=float, default=0.25, help="keep ratio (default 0.25)")
+    p.add_argument(
+        "--p95-budget-ms",
+        type=float,
+        default=None,
+        help="p95 latency budget for the comparison (default: the control period)",
+    )
+    p.add_argument("--skip-frames", type=int, default=3, help="frames per robot not measured")
+    p.add_argument("--timeout", type=float, default=30.0, help="client timeout per request (s)")
+    p.add_argument("--instruction", default="pick up the red block and put it in the bowl")
+    p.add_argument("--out", default="benchmarks/results/fleet", help="output directory")
+    p.add_argument("--replicas", type=int, default=None, help="with --config: override replicas")
+
+
+def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
+    counts = sorted({int(x) for x in str(args.robots).split(",") if x.strip()})
+    if not counts or min(counts) < 1:
+        print("vla-pruner bench fleet: --robots needs positive integers, e.g. 1,2,4,8")
+        return 2
+    budget = args.p95_budget_ms or 1000.0 / args.hz
+    fleet = None
+    t_start = time.perf_counter()
+    if args.config:
+        from vla_serve.config import load_config
+        from vla_serve.fleet import start_fleet
+
+        over = {"replicas": args.replicas} if args.replicas else None
+        cfg = load_config(args.config, over)
+        print(f"starting fleet {cfg.name} from {args.config} ...", flush=True)
+        fleet = start_fleet(cfg)
+        url = fleet.url
+        print(f"fleet ready at {url} in {fleet.start_s:.1f} s", flush=True)
+    else:
+        url = args.url.rstrip("/")
+    try:
+        results, info = asyncio.run(
+            run_sweep(
+                url,
+                counts,
+                hz=args.hz,
+                duration_s=args.duration,
+                method=args.method,
+                keep_ratio=args.keep_ratio,
+                instruction=args.instruction,
+                skip_frames=args.skip_frames,
+                timeout_s=args.timeout,
+                tag=f"bench{int(time.time())}",
+                log=lambda s: print(s, flush=True),
+            )
+        )
+        replicas = _replicas(url)
+    finally:
+        if fleet is not None:
+            from vla_serve.fleet import stop_fleet
+
+            stop_fleet(fleet)
+    summary = {
+        m: robots_at_budget(results, m, budget) for m in MODES
+    }  # fmt: skip
+    u, p = summary["unpruned"]["interpolated"], summary["pruned"]["interpolated"]
+    ratio = round(p / u, 2) if u and p else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "meta": {
+            "url": url,
+            "model": info.get("model"),
+            "visual_tokens": info.get("visual_tokens"),
+            "replicas": len(replicas) or None,
+            "hz": args.hz,
+            "duration_s": args.duration,
+            "method": args.method,
+            "keep_ratio": args.keep_ratio,
+            "skip_frames": args.skip_frames,
+            "p95_budget_ms": budget,
+            "runtime_s": round(time.perf_counter() - t_start, 1),
+        },
+        "results": [asdict(r) for r in results],
+        "robots_at_budget": summary,
+        "pruned_over_unpruned": ratio,
+    }
+    (out / "fleet.json").write_text(json.dumps(doc, indent=2))
+    table = markdown_table(results)
+    verdict = (
+        f"\nRobots within p95 <= {budget:g} ms: unpruned {summary['unpruned']['max_robots']} "
+        f"(interpolated {u}), pruned {summary['pruned']['max_robots']} (interpolated {p}); "
+        f"pruned/unpruned = {ratio}\n"
+    )
+    (out / "fleet.md").write_text(table + verdict)
+    title = (
+        f"{info.get('model')}: {len(replicas) or '?'} replicas, {args.hz:g} Hz robots, "
+        f"{args.method} keep {args.keep_ratio:g} vs none"
+    )
+    plot(results, budget, out / "fleet_p95.png", title)
+    print("\n" + table + verdict)
+    print(f"wrote {out / 'fleet.json'}, {out / 'fleet.md'}, {out / 'fleet_p95.png'}")
+    return 0
+
+
+def _replicas(url: str) -> list[dict[str, Any]]:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/v1/fleet/replicas", timeout=10.0).json().get("replicas", [])
+    except (httpx.HTTPError, ValueError):
+        return []
