@@ -273,30 +273,40 @@ def test_save_pretrained_round_trip(ref, tiny_ckpt, tmp_path, pixels):
     assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)
 
 
-def test_other_shapes_single_tower(tmp_path):
-    ckpt = build_checkpoint(
-        "tiny",
-        tmp_path / "single",
-        use_fused_vision_backbone=False,
-        image_size=32,
-        num_hidden_layers=4,
-        action_dims={"solo": 3},
-    )
+ODD_TOWERS = [
+    {"family": "dinov2", "width": 32, "depth": 3, "num_heads": 2, "patch_size": 4,
+     "mlp_hidden": 72, "class_token": True},  # no registers/LayerScale, mlp ratio 2.25
+    {"family": "siglip", "width": 24, "depth": 2, "num_heads": 2, "patch_size": 4,
+     "mlp_hidden": 40},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"use_fused_vision_backbone": False, "image_size": 32, "action_dims": {"solo": 3}},
+        {"towers": ODD_TOWERS, "image_size": 16, "action_dims": {"solo": 3}},
+    ],
+    ids=["single-tower", "odd-towers"],
+)
+def test_other_shapes(tmp_path, overrides):
+    ckpt = build_checkpoint("tiny", tmp_path / "ckpt", num_hidden_layers=4, **overrides)
     model = ReferenceOpenVLA.from_pretrained(ckpt)
     img = _images()[2]
     px = model.pixel_values(img)
     w = load_file(str(ckpt / "model.safetensors"))
-    (spec,) = model.specs
+    prefixes = ["vision_backbone.featurizer.", "vision_backbone.fused_featurizer."]
+    naive = [
+        naive_timm_tower(w, p, spec, px[:, :3] if spec.family == "dinov2" else px[:, 3:])
+        for p, spec in zip(prefixes, model.specs)
+    ]
     with torch.no_grad():
-        torch.testing.assert_close(
-            model.vision_features(px),
-            naive_timm_tower(w, "vision_backbone.featurizer.", spec, px[:, :3]),
-            rtol=1e-4,
-            atol=1e-4,
-        )
+        got = model.vision_features(px)
+    torch.testing.assert_close(got, torch.cat(naive, dim=-1), rtol=1e-4, atol=1e-4)
     out = model.generate(img, "push the button")
-    assert (
-        len(out.token_ids) == 3
-        and out.prompt_len == len(model.prompt_token_ids("push the button")) + 16
-    )
+    prompt_len = len(model.prompt_token_ids("push the button")) + 16
+    assert len(out.token_ids) == 3 and out.prompt_len == prompt_len
     assert len(model.predict_action(img, "push the button")) == 3
+    model.save_pretrained(tmp_path / "copy")
+    saved = load_file(str(tmp_path / "copy" / "model.safetensors"))
+    assert set(saved) == set(w) and all(torch.equal(saved[k], w[k]) for k in w)

@@ -353,6 +353,11 @@ class _AttnCollector:
         return AttnRecord(qpos, key_positions.clone(), probs, self.num_prefill_rows)
 
 
+def _zero_class_position_grad(grad: Tensor) -> Tensor:
+    """timm's DINOv2 has no class position embedding: keep HF's extra row at zero."""
+    return torch.cat([torch.zeros_like(grad[:, :1]), grad[:, 1:]], dim=1)
+
+
 class ReferenceOpenVLA(nn.Module):
     """OpenVLA from transformers parts. ``forward`` = batched teacher forcing (training)."""
 
@@ -389,8 +394,7 @@ class ReferenceOpenVLA(nn.Module):
     @staticmethod
     def _pin_timm_semantics(tower: nn.Module, spec: VisionTowerSpec) -> None:
         """Keep the HF-only degrees of freedom at their timm values during training."""
-        pos = tower.embeddings.position_embeddings
-        pos.register_hook(lambda g: torch.cat([torch.zeros_like(g[:, :1]), g[:, 1:]], dim=1))
+        tower.embeddings.position_embeddings.register_hook(_zero_class_position_grad)
         tower.embeddings.mask_token.requires_grad_(False)
         if not spec.layer_scale:
             for layer in tower.encoder.layer:

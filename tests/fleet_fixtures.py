@@ -1,0 +1,57 @@
+"""One two-replica Ray Serve fleet on the ``tiny`` checkpoint per test session.
+
+Imported by ``tests/conftest.py``. Ray is imported only when a test asks for the fleet, so
+the rest of the suite does not pay for it. The pytest process is the Ray driver (a private,
+loopback-only local Ray), which lets tests find and ``ray.kill`` replica actors.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+__all__ = ["ray_fleet"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_fleet(tiny_ckpt: Path) -> Iterator[object]:
+    """A started :class:`vla_serve.fleet.Fleet`: 2 engine replicas, fast health checks."""
+    pytest.importorskip("ray.serve")
+    from vla_serve.config import parse_config
+    from vla_serve.fleet import start_fleet, stop_fleet
+
+    cfg = parse_config(
+        {
+            "name": "test-fleet",
+            "model": {"path": str(tiny_ckpt)},
+            "replicas": 2,
+            "replica": {
+                "num_cpus": 1,
+                "max_ongoing_requests": 16,
+                "health_check_period_s": 1.0,
+                "graceful_shutdown_timeout_s": 2.0,
+            },
+            "routing": {"num_fallback_replicas": 1},
+            "ingress": {"request_timeout_s": 30.0, "max_attempts": 3},
+            "http": {"port": _free_port()},
+            "metrics": {"report_interval_s": 0.5},
+            "ray": {"num_cpus": 4},
+        }
+    )
+    t0 = time.perf_counter()
+    fleet = start_fleet(cfg, timeout_s=900.0)
+    print(f"\n[ray_fleet] 2-replica fleet ready in {time.perf_counter() - t0:.1f} s ({fleet.url})")
+    try:
+        yield fleet
+    finally:
+        stop_fleet(fleet)
