@@ -86,7 +86,8 @@ def tower_specs(config: Any) -> list[VisionTowerSpec]:
         unknown = [i for i in ids if i not in KNOWN_TIMM_TOWERS]
         if unknown:
             raise ValueError(
-                f"unknown timm_model_ids {unknown}; add an explicit 'vision_towers' list to config.json"
+                f"unknown timm_model_ids {unknown}; "
+                "add an explicit 'vision_towers' list to config.json"
             )
         specs = [KNOWN_TIMM_TOWERS[i] for i in ids]
     specs = specs[:2] if fused else specs[:1]
