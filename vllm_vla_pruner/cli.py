@@ -169,13 +169,28 @@ def _bench_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _demo_configure(p: argparse.ArgumentParser) -> None:
-    pass  # options are the demo's own (see `vla-pruner demo -- --help`)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the demo's own options")
 
 
 def _demo_run(args: argparse.Namespace, extra: list[str]) -> int:
     from vllm_vla_pruner.sim.benchmark import demo
 
-    return demo(extra)
+    return demo([*args.args, *extra])
+
+
+# ----------------------------------------------------------------------------- fleet
+
+
+def _fleet_configure(p: argparse.ArgumentParser) -> None:
+    from vla_serve.fleet import configure_cli
+
+    configure_cli(p)
+
+
+def _fleet_run(args: argparse.Namespace, extra: list[str]) -> int:
+    from vla_serve.fleet import run_cli
+
+    return run_cli(args, extra)
 
 
 # ----------------------------------------------------------------------------- table
@@ -207,6 +222,12 @@ SUBCOMMANDS: list[Subcommand] = [
         _demo_configure,
         _demo_run,
         passthrough=True,
+    ),
+    Subcommand(
+        "fleet",
+        "run the Ray Serve fleet: fleet up|down|status CONFIG",
+        _fleet_configure,
+        _fleet_run,
     ),
 ]
 

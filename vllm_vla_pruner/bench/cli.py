@@ -23,10 +23,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         choices=sorted(BENCHMARKS),
         help="; ".join(f"{k}: {v[1]}" for k, v in sorted(BENCHMARKS.items())),
     )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     target, _ = BENCHMARKS[args.what]
     module, func = target.split(":")
-    result = getattr(importlib.import_module(module), func)(extra)
+    result = getattr(importlib.import_module(module), func)([*args.args, *extra])
     return int(result or 0)
