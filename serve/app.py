@@ -153,7 +153,10 @@ class EngineReplica:
             self._metrics_server, port = start_metrics_server(self.metrics.registry, metrics_host)
         import ray
 
-        node_ip = ray.util.get_node_ip_address()
+        try:  # the raylet's address (ray.util's guess is the host's outward IP in a worker)
+            node_ip = ray._private.worker.global_worker.node_ip_address
+        except Exception:  # noqa: BLE001
+            node_ip = ray.util.get_node_ip_address()
         shown = node_ip if metrics_host in ("0.0.0.0", "::", "") else metrics_host
         self.metrics_url = f"http://{shown}:{port}/metrics"
         self.report_interval_s = report_interval_s
@@ -296,8 +299,9 @@ class _Session:
     requests: int = 0
 
 
-def _error(err: ApiError, replica: str | None = None, attempts: int = 0) -> JSONResponse:
-    headers = {REPLICA_HEADER: replica} if replica else {}
+def _error(err: ApiError, replica: str = "ingress", attempts: int = 0) -> JSONResponse:
+    """Errors the ingress answers itself name it as the replica (no engine was involved)."""
+    headers = {REPLICA_HEADER: replica}
     if attempts:
         headers[ATTEMPTS_HEADER] = str(attempts)
     return JSONResponse(status_code=err.status, content=err.to_dict(), headers=headers)
@@ -551,7 +555,6 @@ class FleetIngress:
 def build_app(cfg: Any, model_dir: str | Path | None = None) -> Any:
     """FleetConfig -> a bound Serve application (ingress over the engine deployment)."""
     from ray.serve.config import AutoscalingConfig, RequestRouterConfig
-
     from vla_serve.routing import ROUTER_CLASS
 
     model_dir = str(model_dir or cfg.model.checkpoint_dir())

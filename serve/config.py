@@ -178,8 +178,11 @@ class FleetConfig(_Strict):
         """Checked against the engine's own settings so a typo fails here, not in a replica."""
         from dataclasses import fields, replace
 
-        from vllm_vla_pruner.engine.settings import PruningSettings, validate_keep_ratio
-        from vllm_vla_pruner.engine.settings import validate_method
+        from vllm_vla_pruner.engine.settings import (
+            PruningSettings,
+            validate_keep_ratio,
+            validate_method,
+        )
 
         known = {f.name for f in fields(PruningSettings)}
         unknown = sorted(set(v) - known)

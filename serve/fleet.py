@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,15 @@ from typing import Any
 
 from vla_serve.config import FleetConfig, FleetConfigError, load_config
 
-__all__ = ["Fleet", "configure_cli", "ensure_checkpoint", "run_cli", "start_fleet", "stop_fleet"]
+__all__ = [
+    "Fleet",
+    "configure_cli",
+    "ensure_checkpoint",
+    "main",
+    "run_cli",
+    "start_fleet",
+    "stop_fleet",
+]
 
 
 @dataclass
@@ -55,6 +65,13 @@ def connect_ray(cfg: FleetConfig) -> bool:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, log_to_driver=False)
         return False
+    # A private single-node Ray on loopback: Ray resolves 127.0.0.1 to the host's outward IP
+    # unless it runs in its single-node mode (the default on macOS/Windows), switched by this
+    # env var, read at import time (hence also the module attribute) and by every child.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
@@ -88,7 +105,6 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
 def start_fleet(cfg: FleetConfig, timeout_s: float = 1800.0) -> Fleet:
     """Deploy (starting Ray if needed) and return once every replica's engine is up."""
     from ray import serve
-
     from vla_serve.app import build_app
 
     t0 = time.perf_counter()
@@ -148,6 +164,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return over
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         cfg = load_config(args.config, _overrides(args))
@@ -166,6 +186,12 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
             return 1
         return 0
     if args.action == "down":
+        if not cfg.ray.address:
+            print(
+                "vla-pruner fleet: a local fleet (no ray.address) belongs to its `fleet up` "
+                "process; stop that with Ctrl-C"
+            )
+            return 2
         stop_fleet(cfg, shutdown_ray=False)
         print(f"vla-pruner fleet: deleted application {cfg.name!r}")
         return 0
@@ -183,6 +209,10 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
     )
     if args.detach:
         return 0
+    # SIGTERM (and SIGINT, which a shell ignores in background jobs) take the fleet down
+    # through stop_fleet, not through Ray's own handler, which leaves agents behind.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         while True:
             time.sleep(3600)
@@ -191,3 +221,14 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
     finally:
         stop_fleet(fleet)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vla_serve.fleet up CONFIG`` (same as ``vla-pruner fleet up CONFIG``)."""
+    p = argparse.ArgumentParser(prog="vla-pruner fleet", description=__doc__.split("\n")[0])
+    configure_cli(p)
+    return run_cli(p.parse_args(argv), [])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -26,7 +26,9 @@ class HashRing:
     """Ring of ``virtual_nodes`` points per member; members are any hashable with a stable
     ``str`` (the router uses Ray's replica unique id)."""
 
-    def __init__(self, members: Iterable[Hashable] = (), virtual_nodes: int = DEFAULT_VIRTUAL_NODES):
+    def __init__(
+        self, members: Iterable[Hashable] = (), virtual_nodes: int = DEFAULT_VIRTUAL_NODES
+    ) -> None:
         if not isinstance(virtual_nodes, int) or virtual_nodes <= 0:
             raise ValueError(f"virtual_nodes must be a positive int, got {virtual_nodes!r}")
         self.virtual_nodes = virtual_nodes

@@ -24,7 +24,6 @@ import logging
 from ray.serve._private.common import ReplicaID
 from ray.serve._private.constants import SERVE_LOGGER_NAME
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
-
 from vla_serve.hashring import HashRing
 
 __all__ = ["ROUTER_CLASS", "SessionAffinityRouter"]

@@ -7,10 +7,10 @@ import json
 from collections import Counter
 
 import pytest
-
 from vla_serve.config import FleetConfigError, load_config, parse_config
 from vla_serve.hashring import HashRing, key_hash
-from vla_serve.simulator import PhaseResult, percentile, robots_at_budget
+from vla_serve.simulator import PhaseResult, load_factor, percentile, robots_at_budget
+
 from vllm_vla_pruner.metrics import IngressMetrics, ModelDims, ReplicaMetrics, flops_saved, render
 
 # ----------------------------------------------------------------------------- config
@@ -171,8 +171,13 @@ def test_percentile_matches_numpy_default() -> None:
 def test_robots_at_budget_interpolates() -> None:
     res = [_phase("pruned", 2, 50), _phase("pruned", 4, 150), _phase("pruned", 8, 400)]
     out = robots_at_budget(res, "pruned", 200)
-    assert out["max_robots"] == 4
-    assert out["interpolated"] == pytest.approx(4 + 4 * 50 / 250)
+    assert out["max_robots"] == 4 and not out["saturated_sweep"]
+    # load factor: max(p95 / budget, 0.9 * C / achieved) = 0.9 at 4 robots, 2.0 at 8.
+    assert load_factor(res[1], 200) == pytest.approx(0.9)
+    assert out["interpolated"] == pytest.approx(4 + 4 * 0.1 / 1.1, abs=0.01)
+    slow = _phase("slow", 2, 50)
+    slow.achieved_hz_mean = 3.0  # latency fine, but the robots fell behind
+    assert robots_at_budget([slow], "slow", 200)["max_robots"] == 0
     res_err = [_phase("x", 2, 50), _phase("x", 4, 60, errors=1)]
     assert robots_at_budget(res_err, "x", 200)["max_robots"] == 2
 

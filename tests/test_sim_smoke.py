@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+# MuJoCo picks its GL backend when first imported (metaworld imports it): headless EGL.
+os.environ.setdefault("MUJOCO_GL", "egl")
 pytest.importorskip("metaworld", reason="metaworld==3.1.1 is not installed (pip install .[sim])")
 
 from vllm_vla_pruner.actions import ActionDecoder  # noqa: E402
