@@ -265,3 +265,46 @@ def test_chat_completions_bad_pruning_xargs_is_400(vla_server):
         _chat(vla_server, extra_body={"vllm_xargs": {"vla_keep_ratio": 2}})
     assert "vla_keep_ratio" in str(ei.value)
     assert _chat(vla_server).usage.completion_tokens >= 1
+
+
+def test_metrics_endpoint_exports_plugin_series(client, info, key):
+    """vLLM's own /metrics shows the plugin's request, pruning and worker counters."""
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        text = client.get("/metrics").text
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                name = s.name + "".join(f"|{k}={v}" for k, v in sorted(s.labels.items()))
+                out[name] = out.get(name, 0.0) + s.value
+        return out
+
+    before = scrape()
+    body = good(key, seed=9, pruning={"method": "fastv", "keep_ratio": 0.25})
+    assert client.post("/v1/actions", json=body).status_code == 200
+    assert client.post("/v1/actions", json={**body, "instruction": ""}).status_code == 422
+    time.sleep(6)  # the worker report is polled at most every 5 s, on a request
+    assert client.post("/v1/actions", json=body).status_code == 200
+    deadline = time.monotonic() + 30
+    while True:
+        after = scrape()
+        if after.get("vla_worker_requests_pruned_total", 0) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("vla_replica_requests_total|status=200") >= 2
+    assert delta("vla_replica_errors_total|status=422|type=validation_error") >= 1 or any(
+        k.startswith("vla_replica_errors_total|status=422") and delta(k) >= 1 for k in after
+    )
+    kept = delta("vla_visual_tokens_kept_total|method=fastv")
+    total = delta("vla_visual_tokens_total|method=fastv")
+    assert total == 2 * info["visual_tokens"], sorted(k for k in after if "visual" in k)
+    assert total == 2 * info["visual_tokens"] and kept == 2 * (info["visual_tokens"] // 4)
+    assert after.get("vla_worker_requests_pruned_total", 0) > 0
+    assert any(k.startswith("vllm:") for k in after)  # vLLM's own series in the same scrape

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import logging
 from argparse import Namespace
 from typing import Any
@@ -108,6 +109,12 @@ def build_router() -> APIRouter:
     )
     async def create_action(raw_request: Request) -> Any:
         """One camera frame + instruction -> one action (list of floats)."""
+        t0 = time.perf_counter()
+        response = await _create_action(raw_request)
+        _observe(raw_request, response, time.perf_counter() - t0)
+        return response
+
+    async def _create_action(raw_request: Request) -> Any:
         try:
             service = _service(raw_request)
             body = await read_body_limited(raw_request, service.limits.max_body_bytes)
@@ -137,7 +144,9 @@ def build_router() -> APIRouter:
             return _error_response(
                 ApiError(500, f"internal error: {type(exc).__name__}", type="internal")
             )
-        return JSONResponse(content=resp.model_dump(mode="json"))
+        out = JSONResponse(content=resp.model_dump(mode="json"))
+        out.vla_response = resp  # for the metrics, read in _observe
+        return out
 
     @router.get("/v1/actions/info", response_model=InfoResponse)
     async def action_info(raw_request: Request) -> Any:
@@ -148,6 +157,22 @@ def build_router() -> APIRouter:
             return _error_response(err)
 
     return router
+
+
+METRICS_KEY = "vla_pruner_metrics"
+_METRICS: Any = None
+
+
+def _server_metrics() -> Any:
+    """One metric set per process, in the default registry vLLM's /metrics exports."""
+    global _METRICS
+    if _METRICS is None:
+        import prometheus_client
+
+        from vllm_vla_pruner.metrics import ReplicaMetrics
+
+        _METRICS = ReplicaMetrics(registry=prometheus_client.REGISTRY, replica="vllm-server")
+    return _METRICS
 
 
 class ActionEndpointPlugin:
@@ -175,12 +200,51 @@ class ActionEndpointPlugin:
             pruning_defaults=_pruning_defaults(engine_client),
         )
         setattr(state, STATE_KEY, service)
+        setattr(state, METRICS_KEY, _server_metrics())
         logger.info(
             "vla_pruner: /v1/actions ready (model %s, action dims %s, %d visual tokens)",
             service.served_model_names[0],
             service.action_dims,
             service.num_visual,
         )
+
+
+def _observe(raw_request: Request, response: Any, seconds: float) -> None:
+    """Prometheus: request count/latency/errors, pruning effect, the worker's counters.
+
+    The metrics live in prometheus_client's default registry, which vLLM's own ``/metrics``
+    route exports, so one scrape shows vLLM's and the plugin's series together.
+    """
+    metrics = getattr(raw_request.app.state, METRICS_KEY, None)
+    if metrics is None:
+        return
+    status = int(getattr(response, "status_code", 200))
+    err_type = None
+    if status >= 400:
+        try:
+            err_type = json.loads(response.body).get("error", {}).get("type")
+        except (ValueError, AttributeError):
+            err_type = "error"
+    metrics.observe_request(status, seconds, err_type)
+    resp = getattr(response, "vla_response", None)
+    if resp is not None and resp.pruning is not None:
+        p = resp.pruning
+        metrics.observe_pruning(p.method, p.visual_tokens_total, p.visual_tokens_kept, p.warmup,
+                                None, None)
+    engine = getattr(raw_request.app.state, "engine_client", None)
+    now = time.monotonic()
+    if engine is not None and now - getattr(metrics, "_vla_polled", 0.0) > 5.0:
+        metrics._vla_polled = now
+        asyncio.ensure_future(_poll_worker(engine, metrics))
+
+
+async def _poll_worker(engine: Any, metrics: Any) -> None:
+    try:
+        reports = await engine.collective_rpc("vla_pruner_report")
+    except Exception:  # noqa: BLE001 - metrics must never fail a request
+        return
+    if reports and reports[0]:
+        metrics.observe_worker_report(reports[0])
 
 
 def _pruning_defaults(engine_client: Any) -> dict[str, Any]:
