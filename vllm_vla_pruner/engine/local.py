@@ -19,6 +19,7 @@ def engine_kwargs(model_dir: str | Path, **overrides: Any) -> dict[str, Any]:
     dtype = cfg.get("torch_dtype") or cfg.get("text_config", {}).get("torch_dtype") or "auto"
     max_len = 1 + num_visual_tokens(cfg) + TEXT_TOKENS
     max_len = (max_len + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
+    max_len = min(max_len, int(cfg.get("text_config", {}).get("max_position_embeddings", max_len)))
     kwargs: dict[str, Any] = dict(
         model=str(model_dir),
         dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "auto",

@@ -168,6 +168,11 @@ def fidelity(policy: EnginePolicy, reference: RunRecord) -> float:
     return agree / max(1, total)
 
 
+def pruning_layer_for(num_layers: int) -> int:
+    """The paper's K=3 of 32 layers, scaled to this depth (at least 1)."""
+    return max(1, round(3 * num_layers / 32))
+
+
 def _trace(path: Path) -> dict[str, list[int]]:
     if not path.exists():
         return {}
@@ -280,6 +285,7 @@ def evaluate_pruners(
     episodes_per_task: int,
     with_fidelity: bool = True,
     max_steps: int | None = None,
+    layer: int | None = None,
 ) -> dict[str, Any]:
     from vllm_vla_pruner.config import grid_shape, load_config_json
     from vllm_vla_pruner.engine.local import make_llm
@@ -291,8 +297,12 @@ def evaluate_pruners(
     trace_path.unlink(missing_ok=True)
     os.environ["VLA_PRUNER_TRACE"] = str(trace_path)
     tasks = list(tasks or DEFAULT_TASKS)
-    llm = make_llm(model_dir, max_num_seqs=max(16, len(tasks) * episodes_per_task))
-    grid = grid_shape(load_config_json(model_dir))[0]
+    cfg = load_config_json(model_dir)
+    layer = layer or pruning_layer_for(cfg["text_config"]["num_hidden_layers"])
+    llm = make_llm(
+        model_dir, max_num_seqs=max(16, len(tasks) * episodes_per_task), pruning={"layer": layer}
+    )
+    grid = grid_shape(cfg)[0]
     configs = [("none", 1.0)] + [(m, k) for m in methods for k in keeps]
     records: list[RunRecord] = []
     summary = []
@@ -336,6 +346,7 @@ def evaluate_pruners(
     trace = _trace(trace_path)
     result = {
         "model": str(model_dir),
+        "layer_k": layer,
         "tasks": tasks,
         "episodes_per_task": episodes_per_task,
         "summary": summary,
@@ -358,7 +369,8 @@ def markdown(result: dict[str, Any]) -> str:
     )
     lines = [
         f"Meta-World closed loop through the vLLM engine: {len(tasks)} tasks x "
-        f"{result['episodes_per_task']} held-out episodes each.",
+        f"{result['episodes_per_task']} held-out episodes each; pruning after layer "
+        f"K={result['layer_k']}.",
         "",
         head,
         "|" + "---|" * (len(tasks) + 7),
