@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_PLUGINS=vla_pruner
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_PLUGINS=vla_pruner MUJOCO_GL=${MUJOCO_GL:-egl}
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=10, help="held-out episodes per task")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-fidelity", action="store_true")
+    p.add_argument("--layer", type=int, default=None, help="pruning layer K (default: scaled)")
     a = p.parse_args(argv)
     evaluate_pruners(
         a.model,
@@ -407,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         a.episodes,
         with_fidelity=not a.no_fidelity,
         max_steps=a.max_steps,
+        layer=a.layer,
     )
     return 0
 

@@ -1,0 +1,44 @@
+"""Smoke version of the closed-loop evaluation: the embedded Meta-World policy, driven through
+the real vLLM engine with pruning, one short held-out episode (the full one is
+``vla-pruner bench metaworld``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+pytest.importorskip("metaworld", reason="Meta-World is installed by scripts/setup.sh")
+
+
+def test_one_episode_through_the_engine(tmp_path):
+    from vllm_vla_pruner.sim.benchmark import DEFAULT_MODEL, evaluate_pruners
+
+    model = Path(os.environ.get("VLA_TEST_METAWORLD_MODEL", DEFAULT_MODEL))
+    assert (model / "config.json").exists(), f"the embedded model is missing at {model}"
+    previous = os.environ.get("VLA_PRUNER_TRACE")
+    try:
+        res = evaluate_pruners(
+            model, tmp_path, ["vlapruner"], [0.25], ["button-press-topdown-v3"], 1,
+            with_fidelity=True, max_steps=12,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("VLA_PRUNER_TRACE", None)
+        else:
+            os.environ["VLA_PRUNER_TRACE"] = previous
+    base, pruned = res["summary"]
+    assert (base["method"], pruned["method"]) == ("none", "vlapruner")
+    for s in (base, pruned):
+        assert 0.0 <= s["success"] <= 1.0 and s["engine_ms_per_step"] > 0
+    assert 0.0 <= pruned["token_agreement"] <= 1.0
+    # 12 frames of one episode: 3 warm-up frames, then every frame pruned to M/4.
+    trace = [json.loads(x) for x in (tmp_path / "pruning_trace.jsonl").read_text().splitlines()]
+    closed_loop = [r for r in trace if r["session"] == "run1/0"]
+    assert len(closed_loop) == 12 - 3
+    assert all(len(r["kept"]) == 16 and r["had_history"] for r in closed_loop)
+    for name in ("metaworld.json", "metaworld.md", "success_vs_keep.png", "kept_patches.png"):
+        assert (tmp_path / name).stat().st_size > 0
