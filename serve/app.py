@@ -85,6 +85,10 @@ def replica_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
     env: dict[str, str] = {}
     cpu_safe_env(env)
+    # vLLM's automatic CPU binding pins every engine's worker to the same first core; with
+    # several replicas on one node they would all share it. Let the OS spread them instead
+    # (a config's replica env can set explicit cores per node).
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     env.update(extra or {})
     return env
 

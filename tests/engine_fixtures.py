@@ -1,4 +1,4 @@
-"""One real in-process vLLM engine (``vllm.LLM``) with the plugin, shared by the engine tests.
+"""One real in-process vLLM engine (``vllm.LLM``) with the plugin, shared by a module's tests.
 
 The worker appends every pruning decision (request, kept visual indices) to a trace file
 (``VLA_PRUNER_TRACE``), which the oracle tests replay through the PyTorch reference.
@@ -35,7 +35,7 @@ class EngineHandle:
         return self.llm.generate(prompts, params, use_tqdm=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_engine(
     tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EngineHandle]:
@@ -45,4 +45,6 @@ def tiny_engine(
 
     llm = make_llm(tiny_ckpt, max_num_seqs=16, pruning={"window": 3, "gamma": 0.8, "layer": 3})
     yield EngineHandle(llm, Path(tiny_ckpt), trace)
-    del llm
+    from vllm_vla_pruner.engine.local import shutdown_llm
+
+    shutdown_llm(llm)  # one engine at a time: CPU workers are pinned to the same core

@@ -23,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_fleet(tiny_ckpt: Path) -> Iterator[object]:
     """A started :class:`vla_serve.fleet.Fleet`: 2 engine replicas, fast health checks."""
     pytest.importorskip("ray.serve")

@@ -126,7 +126,7 @@ def start_server(model_dir: Path, log_path: Path, extra_args: list[str] | None =
     return VlaServer(url, str(model_dir), Path(model_dir), log_path, start_s, proc)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vla_server(tiny_ckpt, tmp_path_factory) -> Iterator[VlaServer]:
     """The session's server on the tiny checkpoint (fixture ``tiny_ckpt`` from conftest)."""
     log_path = tmp_path_factory.mktemp("vla_server") / "server.log"

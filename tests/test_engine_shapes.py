@@ -39,7 +39,9 @@ def deep_single_tower(tmp_path_factory):
         else:
             os.environ["VLA_PRUNER_TRACE"] = previous
     yield llm, ReferenceOpenVLA.from_pretrained(ckpt), trace
-    del llm
+    from vllm_vla_pruner.engine.local import shutdown_llm
+
+    shutdown_llm(llm)
 
 
 def test_kv_groups_and_pruned_forward_match_reference(deep_single_tower):

@@ -50,6 +50,14 @@ def make_llm(model_dir: str | Path, **overrides: Any):
     return LLM(**engine_kwargs(model_dir, **overrides))
 
 
+def shutdown_llm(llm: Any) -> None:
+    """Stop the engine core and its worker now (tests and benchmarks run engines in turn)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
 def decoder_report(llm: Any) -> dict[str, Any]:
     """The worker's pruning counters (``PrunedDecoder.report``), via vLLM's collective RPC."""
     return llm.collective_rpc("vla_pruner_report")[0]

@@ -343,6 +343,9 @@ def evaluate_pruners(
         s["speedup_vs_unpruned"] = (
             base_ms / s["engine_ms_per_step"] if s["engine_ms_per_step"] else None
         )
+    from vllm_vla_pruner.engine.local import shutdown_llm
+
+    shutdown_llm(llm)
     trace = _trace(trace_path)
     result = {
         "model": str(model_dir),
