@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,13 +90,14 @@ def _result(
     env_time: float,
     steps: int,
     wall: float,
+    instructions: dict[str, str] | None = None,
 ) -> EvalResult:
     tasks = {}
     for task, eps in outcomes.items():
         k = sum(s for s, _ in eps)
         tasks[task] = TaskResult(
             task=task,
-            instruction=TASK_INSTRUCTIONS[task],
+            instruction=(instructions or {}).get(task, TASK_INSTRUCTIONS[task]),
             episodes=len(eps),
             successes=k,
             success_rate=k / max(1, len(eps)),
@@ -157,7 +159,8 @@ def evaluate(
             steps += 1
             first = False
         outcomes[task].append((success, env.steps))
-    return _result(outcomes, policy_time, env_time, steps, time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return _result(outcomes, policy_time, env_time, steps, wall, instructions)
 
 
 def evaluate_batched(
@@ -167,11 +170,39 @@ def evaluate_batched(
     image_size: int = 64,
     max_steps: int | None = None,
     seeds: Sequence[int] | None = None,
+    instructions: dict[str, str] | None = None,
     progress: bool = True,
+    max_parallel: int = 50,
 ) -> EvalResult:
-    """Like :func:`evaluate`, all episodes in lockstep with a batched policy."""
+    """Like :func:`evaluate`, episodes in lockstep with a batched policy, at most
+    ``max_parallel`` at a time (each live env holds a GL context of ~100 MB)."""
     seeds = list(seeds) if seeds is not None else eval_seeds(episodes_per_task)
-    pairs = [(t, s) for t in tasks for s in seeds]
+    all_pairs = [(t, s) for t in tasks for s in seeds]
+    outcomes: dict[str, list[tuple[bool, int]]] = {t: [] for t in tasks}
+    policy_time = env_time = 0.0
+    steps = 0
+    start = time.perf_counter()
+    for lo in range(0, len(all_pairs), max_parallel):
+        part = _lockstep_chunk(
+            policy, all_pairs[lo : lo + max_parallel], image_size, max_steps, instructions, progress
+        )
+        for task, eps in part[0].items():
+            outcomes[task] += eps
+        policy_time += part[1]
+        env_time += part[2]
+        steps += part[3]
+    wall = time.perf_counter() - start
+    return _result(outcomes, policy_time, env_time, steps, wall, instructions)
+
+
+def _lockstep_chunk(
+    policy: BatchPolicy,
+    pairs: Sequence[tuple[str, int]],
+    image_size: int,
+    max_steps: int | None,
+    instructions: dict[str, str] | None,
+    progress: bool,
+) -> tuple[dict[str, list[tuple[bool, int]]], float, float, int]:
     envs = lockstep_envs(pairs, image_size, max_steps)
     for env, (_, s) in zip(envs, pairs, strict=True):
         env.reset(s)
@@ -179,13 +210,13 @@ def evaluate_batched(
     active = list(range(len(envs)))
     policy_time = env_time = 0.0
     steps = 0
-    start = time.perf_counter()
     bar = tqdm(total=len(envs), desc="closed-loop eval (batched)", disable=not progress)
     while active:
         t0 = time.perf_counter()
         images = np.stack([envs[i].render() for i in active])
         t1 = time.perf_counter()
-        actions = np.asarray(policy(images, [envs[i].instruction for i in active]), np.float32)
+        texts = [(instructions or {}).get(envs[i].task, envs[i].instruction) for i in active]
+        actions = np.asarray(policy(images, texts), np.float32)
         t2 = time.perf_counter()
         still = []
         for j, i in enumerate(active):
@@ -200,10 +231,10 @@ def evaluate_batched(
         steps += len(active)
         active = still
     bar.close()
-    outcomes: dict[str, list[tuple[bool, int]]] = {t: [] for t in tasks}
+    outcomes: dict[str, list[tuple[bool, int]]] = {}
     for i, (task, _) in enumerate(pairs):
-        outcomes[task].append((success[i], envs[i].steps))
-    return _result(outcomes, policy_time, env_time, steps, time.perf_counter() - start)
+        outcomes.setdefault(task, []).append((success[i], envs[i].steps))
+    return outcomes, policy_time, env_time, steps
 
 
 class ReferencePolicy:
@@ -297,3 +328,54 @@ def pixel_values_from_uint8(images: np.ndarray, dtype: Any = None) -> Any:
     sig = (x - 0.5) / 0.5
     out = torch.cat([dino, sig], dim=-1).permute(0, 3, 1, 2).contiguous()
     return out if dtype is None else out.to(dtype)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m vllm_vla_pruner.sim.evaluate --model DIR``: PyTorch-reference evaluation."""
+    import argparse
+    import json
+
+    from ..reference import ReferenceOpenVLA
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", required=True, help="OpenVLA-format checkpoint directory")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
+    p.add_argument("--episodes", type=int, default=10, help="held-out episodes per task")
+    p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
+    p.add_argument("--per-step", action="store_true", help="one frame per call, like a robot")
+    p.add_argument("--swap", help="evaluate task A with task B's instruction: A=B[,C=D]")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    model = ReferenceOpenVLA.from_pretrained(a.model)
+    policy = ReferencePolicy(model)
+    tasks = a.tasks.split(",")
+    swap = dict(kv.split("=") for kv in a.swap.split(",")) if a.swap else {}
+    instructions = {t: TASK_INSTRUCTIONS[o] for t, o in swap.items()}
+    if a.per_step:
+        res = evaluate(
+            policy, tasks, a.episodes, model.image_size, a.max_steps, instructions=instructions
+        )
+    else:
+        res = evaluate_batched(
+            policy.batch,
+            tasks,
+            a.episodes,
+            model.image_size,
+            a.max_steps,
+            instructions=instructions,
+        )
+    print(res.table())
+    print(
+        f"policy {res.policy_seconds_per_step * 1e3:.1f} ms/step, "
+        f"env {res.env_seconds_per_step * 1e3:.1f} ms/step, {res.wall_seconds:.0f} s"
+    )
+    if a.json:
+        Path(a.json).write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+# MuJoCo picks its GL backend when first imported: import this module before mujoco/metaworld
+# (or export MUJOCO_GL=egl) on headless machines.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 # Task name -> natural-language instruction (Meta-World ships none).
@@ -64,6 +66,18 @@ class CameraSpec:
 DEFAULT_CAMERA = CameraSpec()
 
 
+def _preload_llvm_users() -> None:
+    """Import triton before Mesa's EGL driver is loaded: both bundle LLVM, and loading
+    triton's native library *after* the first render segfaults (seen with torch 2.13)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        try:
+            import triton  # noqa: F401
+        except Exception:  # noqa: BLE001 - only an ordering precaution
+            pass
+
+
 def _import_metaworld() -> tuple[Any, Any]:
     from metaworld.env_dict import ENV_CLS_MAP
     from metaworld.policies import ENV_POLICY_MAP
@@ -99,6 +113,7 @@ class MetaWorldTask:
 
         if task not in TASK_INSTRUCTIONS:
             raise KeyError(f"unknown task {task!r}; known: {sorted(TASK_INSTRUCTIONS)}")
+        _preload_llvm_users()
         env_cls, policy_map = _import_metaworld()
         self.task = task
         self.instruction = TASK_INSTRUCTIONS[task]

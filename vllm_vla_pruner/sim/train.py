@@ -122,6 +122,15 @@ class Batcher:
         return pix, ids, labels
 
 
+def _tokenizer_files(model_dir: Path) -> dict[str, bytes]:
+    skip = ("config.json", "training.json", "loss.png", "success.png")
+    return {
+        f.name: f.read_bytes()
+        for f in model_dir.iterdir()
+        if f.is_file() and f.name not in skip and not f.name.startswith("model")
+    }
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -168,11 +177,38 @@ def plot(history: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def replot_from_logs(logs: list[str], metas: list[str], out: Path) -> None:
+    """Loss/success plots over several chained stages (``--init``), from their console logs
+    (``step N/.. loss L acc A`` lines) and training.json files; steps continue across stages."""
+    import re
+
+    history: dict[str, Any] = {"step": [], "loss": [], "acc": [], "evals": [], "dagger_steps": []}
+    offset = 0
+    pat = re.compile(r"^step (\d+)/\S+ loss ([\d.]+) acc ([\d.]+)")
+    for log, meta_path in zip(logs, metas, strict=True):
+        last = 0
+        for line in Path(log).read_text().replace("\r", "\n").splitlines():
+            m = pat.match(line)
+            if m:
+                last = int(m.group(1))
+                history["step"].append(offset + last)
+                history["loss"].append(float(m.group(2)))
+                history["acc"].append(float(m.group(3)))
+        meta = json.loads(Path(meta_path).read_text())
+        for e in meta["history"]["evals"]:
+            history["evals"].append({**e, "step": offset + e["step"]})
+        history["dagger_steps"] += [offset + s for s in meta["history"]["dagger_steps"]]
+        offset += max(last, int(meta.get("optimizer_steps", last)))
+    plot(history, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the embedded Meta-World VLA.")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     p.add_argument("--demos", help="cached demos (.npz from vllm_vla_pruner.sim.data)")
+    p.add_argument("--init", help="continue from this checkpoint (weights + norm_stats)")
+    p.add_argument("--first-round", type=float, default=0.35, help="first DAgger round, fraction")
     p.add_argument("--episodes", type=int, default=40, help="expert episodes per task")
     p.add_argument("--noise", type=float, default=0.3, help="expert execution noise std")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget, all phases")
@@ -195,7 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init-gain", type=float, default=0.6)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", help="only redraw plots: LOG1,LOG2:META1,META2 of chained stages")
     args = p.parse_args(argv)
+    if args.replot:
+        logs, metas = args.replot.split(":")
+        replot_from_logs(logs.split(","), metas.split(","), Path(args.out))
+        return
     command = "python -m vllm_vla_pruner.sim.train " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
@@ -239,20 +280,31 @@ def train(args: argparse.Namespace, command: str) -> None:
         flush=True,
     )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        init_dir = build_checkpoint(
-            "tiny",
-            Path(tmp) / "init",
-            seed=args.seed,
-            **model_overrides(args, {NORM_STATS_KEY: stats}),
-        )
+    if args.init:
+        # Continue from an earlier stage: its weights, norm_stats and tokenizer.
+        init_dir = Path(args.init)
         model = ReferenceOpenVLA.from_pretrained(init_dir)
-        model.source_dir = None  # tokenizer files are written from the tokenizer itself
-        tok_files = {
-            f.name: f.read_bytes()
-            for f in init_dir.iterdir()
-            if f.is_file() and f.name != "config.json" and not f.name.startswith("model")
-        }
+        if NORM_STATS_KEY not in model.config["norm_stats"]:
+            raise ValueError(f"{init_dir} has no norm_stats[{NORM_STATS_KEY!r}]")
+        stats = model.config["norm_stats"][NORM_STATS_KEY]
+        previous = json.loads((init_dir / "training.json").read_text())
+        stages = previous.get("stages", []) + [
+            {k: previous.get(k) for k in ("command", "optimizer_steps", "wall_seconds", "frames")}
+        ]
+        model.source_dir = None
+        tok_files = _tokenizer_files(init_dir)
+    else:
+        stages = []
+        with tempfile.TemporaryDirectory() as tmp:
+            init_dir = build_checkpoint(
+                "tiny",
+                Path(tmp) / "init",
+                seed=args.seed,
+                **model_overrides(args, {NORM_STATS_KEY: stats}),
+            )
+            model = ReferenceOpenVLA.from_pretrained(init_dir)
+            model.source_dir = None  # tokenizer files are written from the tokenizer itself
+            tok_files = _tokenizer_files(init_dir)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
     model.train()
@@ -273,7 +325,7 @@ def train(args: argparse.Namespace, command: str) -> None:
     rng = np.random.default_rng(args.seed)
     betas = [float(b) for b in args.dagger_betas.split(",")][: args.dagger_rounds]
     # Phase boundaries as fractions of the *training-time* budget; roll-outs cost extra.
-    phases = [0.35 + 0.2 * i for i in range(len(betas))]
+    next_round: int | None = None  # optimizer step of the next DAgger round
     history: dict[str, Any] = {
         "step": [],
         "loss": [],
@@ -299,6 +351,7 @@ def train(args: argparse.Namespace, command: str) -> None:
     def write_meta(tag: str, result: Any) -> None:
         meta = {
             "command": command,
+            "stages": stages,
             "tasks": {t: TASK_INSTRUCTIONS[t] for t in tasks},
             "unnorm_key": NORM_STATS_KEY,
             "args": vars(args),
@@ -349,20 +402,29 @@ def train(args: argparse.Namespace, command: str) -> None:
         return res.mean_success
 
     phase = 0
-    train_budget = None
+
+    def replan() -> None:
+        """Fit the remaining steps into the budget (measured speeds); space the rounds."""
+        nonlocal est_total_steps, next_round
+        rounds_left = len(betas) - phase
+        done = max(1, len(history["evals"]) + len(history["dagger"]))
+        per_rollout = rollout_time / done if rollout_time else 0.2 * budget / (len(betas) * 2 + 1)
+        left = budget - (time.time() - t_start) - per_rollout * (2 * rounds_left + 1)
+        est_total_steps = step + max(50, int(left / (train_time / step)))
+        if rounds_left:
+            frac = args.first_round if phase == 0 else 1 / (rounds_left + 1)
+            next_round = step + int((est_total_steps - step) * frac)
+        print(f"planned: {est_total_steps} steps, next DAgger round at {next_round}", flush=True)
+
+    if args.first_round == 0 and betas:
+        next_round = 0
     while True:
-        if train_budget is None and step == 30:
-            # Measured speed -> how many steps fit: roll-outs take ~1/3 of the budget.
-            sec_per_step = train_time / step
-            train_budget = budget * 0.65
-            est_total_steps = int(train_budget / sec_per_step)
-            print(
-                f"{1 / sec_per_step * args.batch:.0f} samples/s -> ~{est_total_steps} steps",
-                flush=True,
-            )
+        if step == 30 and est_total_steps is None:
+            print(f"{30 * args.batch / train_time:.0f} samples/s", flush=True)
+            replan()
         total = est_total_steps or 10**9
-        if est_total_steps and phase < len(betas) and step >= phases[phase] * total:
-            val = validate(f"before DAgger round {phase + 1}")
+        if phase < len(betas) and next_round is not None and step >= next_round:
+            val = validate(f"before DAgger round {phase + 1}") if step >= 100 else None
             t0 = time.time()
             seeds = [DAGGER_SEED_OFFSET + 100 * phase + i for i in range(args.dagger_seeds)]
             new, per_task = dagger_rollouts(
@@ -376,6 +438,7 @@ def train(args: argparse.Namespace, command: str) -> None:
             )
             rollout_time += time.time() - t0
             data = concat(data, new)
+            save_dataset(data, work / "data.npz")
             tokens = np.concatenate([tokens, batcher.tokens(new["actions"])])
             history["dagger"].append(
                 {
@@ -395,11 +458,9 @@ def train(args: argparse.Namespace, command: str) -> None:
                 flush=True,
             )
             phase += 1
-            # Re-plan the remaining steps from the measured speeds (cosine follows).
-            per_round = rollout_time / (2 * phase)
-            left = budget - (time.time() - t_start) - per_round * (2 * (len(betas) - phase) + 1)
-            est_total_steps = step + max(100, int(left / (train_time / step)))
-            print(f"re-planned: {est_total_steps} steps in total", flush=True)
+            next_round = None
+            if step >= 30:
+                replan()
         if est_total_steps and (step >= total or time.time() - t_start > budget * 0.97):
             break
         t0 = time.time()
