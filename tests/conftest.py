@@ -34,5 +34,5 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 from tests.engine_fixtures import *  # noqa: E402,F401,F403
-from tests.serve_fixtures import *  # noqa: E402,F401,F403
 from tests.fleet_fixtures import *  # noqa: E402,F401,F403
+from tests.serve_fixtures import *  # noqa: E402,F401,F403

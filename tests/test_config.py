@@ -30,10 +30,20 @@ OPENVLA_7B = {
 def test_published_config_towers_and_tokens():
     dino, siglip = tower_specs(OPENVLA_7B)
     assert (dino.family, dino.width, dino.depth, dino.num_heads, dino.patch_size) == (
-        "dinov2", 1024, 24, 16, 14)
+        "dinov2",
+        1024,
+        24,
+        16,
+        14,
+    )
     assert dino.num_registers == 4 and dino.class_token and dino.layer_scale
     assert (siglip.family, siglip.width, siglip.depth, siglip.mlp_hidden, siglip.act) == (
-        "siglip", 1152, 27, 4304, "gelu_tanh")
+        "siglip",
+        1152,
+        27,
+        4304,
+        "gelu_tanh",
+    )
     assert num_visual_tokens(OPENVLA_7B) == 256 and grid_shape(OPENVLA_7B) == (16, 16)
     assert action_vocab_size(OPENVLA_7B) == 32000  # OpenVLA: 32064 - 64
 
@@ -63,8 +73,9 @@ def test_explicit_single_tower():
     cfg = {
         "use_fused_vision_backbone": False,
         "image_sizes": [48, 48],
-        "vision_towers": [dict(family="dinov2", width=32, depth=2, num_heads=2, patch_size=6,
-                               mlp_hidden=64)],
+        "vision_towers": [
+            dict(family="dinov2", width=32, depth=2, num_heads=2, patch_size=6, mlp_hidden=64)
+        ],
     }
     [spec] = tower_specs(cfg)
     assert spec.width == 32 and num_visual_tokens(cfg) == 64

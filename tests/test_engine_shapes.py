@@ -25,8 +25,13 @@ def deep_single_tower(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("deep")
     ckpt = build_checkpoint(
-        "tiny", tmp / "ckpt", seed=3,
-        num_hidden_layers=8, use_fused_vision_backbone=False, image_size=48, patch_size=6,
+        "tiny",
+        tmp / "ckpt",
+        seed=3,
+        num_hidden_layers=8,
+        use_fused_vision_backbone=False,
+        image_size=48,
+        patch_size=6,
     )
     trace = tmp / "trace.jsonl"
     previous = os.environ.get("VLA_PRUNER_TRACE")
@@ -61,8 +66,12 @@ def test_kv_groups_and_pruned_forward_match_reference(deep_single_tower):
         [prompt, prompt],
         [
             SamplingParams(temperature=0, max_tokens=7, logprobs=0),
-            SamplingParams(temperature=0, max_tokens=7, logprobs=0,
-                           extra_args={"vla_pruner": "fastv", "vla_keep_ratio": 0.25}),
+            SamplingParams(
+                temperature=0,
+                max_tokens=7,
+                logprobs=0,
+                extra_args={"vla_pruner": "fastv", "vla_keep_ratio": 0.25},
+            ),
         ],
         use_tqdm=False,
     )

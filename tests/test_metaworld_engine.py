@@ -22,8 +22,14 @@ def test_one_episode_through_the_engine(tmp_path):
     previous = os.environ.get("VLA_PRUNER_TRACE")
     try:
         res = evaluate_pruners(
-            model, tmp_path, ["vlapruner"], [0.25], ["button-press-topdown-v3"], 1,
-            with_fidelity=True, max_steps=12,
+            model,
+            tmp_path,
+            ["vlapruner"],
+            [0.25],
+            ["button-press-topdown-v3"],
+            1,
+            with_fidelity=True,
+            max_steps=12,
         )
     finally:
         if previous is None:

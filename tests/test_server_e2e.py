@@ -129,8 +129,12 @@ def test_vlapruner_session_warms_up_then_prunes(client, info, key):
     dim, m = info["action_dims"][key], info["visual_tokens"]
     reports = []
     for frame in range(5):
-        body = good(key, seed=100 + frame, session_id="robot-vlapruner",
-                    pruning={"method": "vlapruner", "keep_ratio": 0.25})
+        body = good(
+            key,
+            seed=100 + frame,
+            session_id="robot-vlapruner",
+            pruning={"method": "vlapruner", "keep_ratio": 0.25},
+        )
         if frame == 0:
             body["new_episode"] = True
         reports.append(assert_action(client.post("/v1/actions", json=body), dim)["pruning"])

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import logging
+import time
 from argparse import Namespace
 from typing import Any
 
@@ -229,8 +229,9 @@ def _observe(raw_request: Request, response: Any, seconds: float) -> None:
     resp = getattr(response, "vla_response", None)
     if resp is not None and resp.pruning is not None:
         p = resp.pruning
-        metrics.observe_pruning(p.method, p.visual_tokens_total, p.visual_tokens_kept, p.warmup,
-                                None, None)
+        metrics.observe_pruning(
+            p.method, p.visual_tokens_total, p.visual_tokens_kept, p.warmup, None, None
+        )
     engine = getattr(raw_request.app.state, "engine_client", None)
     now = time.monotonic()
     if engine is not None and now - getattr(metrics, "_vla_polled", 0.0) > 5.0:

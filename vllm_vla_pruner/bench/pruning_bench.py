@@ -9,7 +9,7 @@ divprune), vlapruner's per-frame action bookkeeping (7 action rows -> ``action_s
 projector-output embeddings of E=512 (the bench preset's hidden size) and E=4096 (OpenVLA-7B).
 Selection is timed per E; scoring does not depend on E and is timed once.
 
-Run: ``vla-pruner bench pruning`` (or ``python benchmarks/bench_pruning.py``) (writes benchmarks/results/pruning.json). CPU,
+Run: ``vla-pruner bench pruning`` (writes benchmarks/results/pruning.json). CPU,
 one torch thread by default. The dominant CPU cost at E=4096 is the C x C cosine Gram (C =
 the diversity candidates); on a GPU that matmul is cheap and the greedy loop's per-step
 kernel launches are expected to dominate instead (not measured here).
