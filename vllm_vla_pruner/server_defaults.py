@@ -30,7 +30,9 @@ from typing import Any
 __all__ = [
     "PLUGIN_NAME",
     "cpu_safe_engine_args",
+    "checkpoint_dtype",
     "cpu_safe_env",
+    "default_max_model_len",
     "flag_value",
     "has_flag",
     "prompt_budget",
@@ -108,7 +110,20 @@ def prompt_budget(config: Mapping[str, Any]) -> int:
     return 1 + num_visual_tokens(config) + TEXT_TOKENS + action_dim
 
 
-def _checkpoint_dtype(config: Mapping[str, Any]) -> str | None:
+def default_max_model_len(config: Mapping[str, Any]) -> int | None:
+    """The prompt budget rounded up to 128, within the model's positions (None: unknown)."""
+    try:
+        need = prompt_budget(config)
+    except (ValueError, KeyError, TypeError):
+        return None
+    max_len = _round_up(need, 128)
+    limit = (config.get("text_config") or {}).get("max_position_embeddings")
+    if isinstance(limit, int) and limit > 0:
+        max_len = min(max_len, limit)
+    return max_len
+
+
+def checkpoint_dtype(config: Mapping[str, Any]) -> str | None:
     text = config.get("text_config") or {}
     for holder in (config, text):
         dt = holder.get("torch_dtype") or holder.get("dtype")
@@ -124,20 +139,13 @@ def cpu_safe_engine_args(model_dir: str | Path, user_args: Sequence[str] = ()) -
     out: list[str] = []
 
     if config is not None and not has_flag(user, "--dtype"):
-        if _checkpoint_dtype(config) == "float32":
+        if checkpoint_dtype(config) == "float32":
             out += ["--dtype", "float32"]
 
     max_len = _parse_tokens(flag_value(user, "--max-model-len"))
     if max_len is None and config is not None:
-        try:
-            need = prompt_budget(config)
-        except (ValueError, KeyError, TypeError):
-            need = None
-        if need is not None:
-            max_len = _round_up(need, 128)
-            limit = (config.get("text_config") or {}).get("max_position_embeddings")
-            if isinstance(limit, int) and limit > 0:
-                max_len = min(max_len, limit)
+        max_len = default_max_model_len(config)
+        if max_len is not None:
             out += ["--max-model-len", str(max_len)]
 
     if not has_flag(user, "--enforce-eager"):

@@ -6,33 +6,37 @@ same settings ``vla-pruner serve`` uses (see ``server_defaults``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from vllm_vla_pruner.config import load_config_json, num_visual_tokens
-from vllm_vla_pruner.server_defaults import BLOCK_SIZE, TEXT_TOKENS
+from vllm_vla_pruner.config import load_config_json
+from vllm_vla_pruner.server_defaults import (
+    BLOCK_SIZE,
+    checkpoint_dtype,
+    cpu_safe_env,
+    default_max_model_len,
+)
 
 
 def engine_kwargs(model_dir: str | Path, **overrides: Any) -> dict[str, Any]:
+    """``vla-pruner serve``'s CPU-safe defaults as ``vllm.LLM`` keyword arguments."""
     cfg = load_config_json(model_dir)
-    dtype = cfg.get("torch_dtype") or cfg.get("text_config", {}).get("torch_dtype") or "auto"
-    max_len = 1 + num_visual_tokens(cfg) + TEXT_TOKENS
-    max_len = (max_len + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
-    max_len = min(max_len, int(cfg.get("text_config", {}).get("max_position_embeddings", max_len)))
+    dtype = checkpoint_dtype(cfg) or "auto"
+    max_len = default_max_model_len(cfg)
     kwargs: dict[str, Any] = dict(
         model=str(model_dir),
         dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "auto",
         enforce_eager=True,
-        max_model_len=max_len,
         enable_prefix_caching=False,
         enable_chunked_prefill=False,
-        max_num_batched_tokens=max(max_len * 8, 2048),
+        max_num_batched_tokens=max((max_len or 0) * 8, 2048),
         block_size=BLOCK_SIZE,
         limit_mm_per_prompt={"image": 1},
         disable_log_stats=True,
         seed=0,
     )
+    if max_len is not None:
+        kwargs["max_model_len"] = max_len
     pruning = overrides.pop("pruning", None)
     if pruning is not None:
         kwargs["additional_config"] = {"vla_pruner": dict(pruning)}
@@ -42,9 +46,7 @@ def engine_kwargs(model_dir: str | Path, **overrides: Any) -> dict[str, Any]:
 
 def make_llm(model_dir: str | Path, **overrides: Any):
     """Start the engine (call under ``if __name__ == "__main__"`` in scripts: workers spawn)."""
-    os.environ.setdefault("VLLM_PLUGINS", "vla_pruner")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    cpu_safe_env()
     from vllm import LLM
 
     return LLM(**engine_kwargs(model_dir, **overrides))

@@ -73,6 +73,7 @@ class _Req:
     shift: int = 0  # P for pruned requests, else 0
     prune_now: bool = False  # choose kept tokens in this step (its prefill)
     kept: torch.Tensor | None = None  # original visual ids kept (prune_now only)
+    had_history: bool = False  # the selection used the robot's smoothed action scores
     row: int = 0  # row offset in the current (possibly compacted) layout
     rows_now: int = 0
 
@@ -247,6 +248,7 @@ class PrunedDecoder:
             estimate = None
             if plan["track_actions"] and plan["session"]:
                 estimate = self.history.estimate(plan["session"])
+            r.had_history = estimate is not None
             inputs = PruneInputs(
                 attn=attn,
                 visual_start=vs,
@@ -431,9 +433,7 @@ class PrunedDecoder:
             "method": r.plan["method"],
             "num_keep": r.plan["num_keep"],
             "kept": r.kept.tolist(),
-            "had_history": bool(
-                r.plan.get("session") and self.history.estimate(r.plan["session"]) is not None
-            ),
+            "had_history": r.had_history,
         }
         with open(self._trace_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
