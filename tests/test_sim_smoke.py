@@ -13,8 +13,18 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 pytest.importorskip("metaworld", reason="metaworld==3.1.1 is not installed (pip install .[sim])")
 
 from vllm_vla_pruner.actions import ActionDecoder  # noqa: E402
-from vllm_vla_pruner.sim.data import NORM_STATS_KEY, action_norm_stats, collect_expert  # noqa: E402
-from vllm_vla_pruner.sim.evaluate import wilson_interval  # noqa: E402
+from vllm_vla_pruner.sim.data import (  # noqa: E402
+    NORM_STATS_KEY,
+    action_norm_stats,
+    collect_expert,
+    concat,
+    empty_dataset,
+)
+from vllm_vla_pruner.sim.evaluate import (  # noqa: E402
+    paired_ratio_ci,
+    rollout_lockstep,
+    wilson_interval,
+)
 from vllm_vla_pruner.sim.metaworld_env import (  # noqa: E402
     DEFAULT_TASKS,
     EVAL_SEED_OFFSET,
@@ -74,6 +84,63 @@ def test_wilson_interval() -> None:
     lo, hi = wilson_interval(8, 10)
     assert 0.49 < lo < 0.5 and 0.94 < hi < 0.95
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def _rows(tasks: list[str], task_ids: list[int], episodes: list[int]) -> dict:
+    data = empty_dataset(tasks, 4)
+    n = len(task_ids)
+    data.update(
+        images=np.full((n, 4, 4, 3), 7, np.uint8),
+        actions=np.arange(n * 4, dtype=np.float32).reshape(n, 4),
+        task_ids=np.asarray(task_ids, np.int16),
+        episode_ids=np.asarray(episodes, np.int32),
+        steps=np.arange(n, dtype=np.int16),
+    )
+    return data
+
+
+def test_concat_appends_new_tasks_and_remaps_ids() -> None:
+    a = _rows(["drawer-open-v3", "drawer-close-v3"], [0, 1, 1], [0, 1, 1])
+    b = _rows(["handle-pull-v3", "drawer-close-v3"], [0, 1], [0, 1])
+    out = concat(a, b)
+    assert out["tasks"] == ["drawer-open-v3", "drawer-close-v3", "handle-pull-v3"]
+    names = [out["tasks"][i] for i in out["task_ids"]]
+    assert names == ["drawer-open-v3", "drawer-close-v3", "drawer-close-v3"] + [
+        "handle-pull-v3",
+        "drawer-close-v3",
+    ]
+    assert out["episode_ids"].tolist() == [0, 1, 1, 2, 3]  # b's episodes kept apart
+    assert np.array_equal(out["actions"][3:], b["actions"])
+
+
+def test_paired_ratio_ci() -> None:
+    same = [[True, False, True, True]] * 3
+    assert paired_ratio_ci(same, same) == (1.0, 1.0)  # identical outcomes: no spread
+    base = [[True] * 10, [True] * 5 + [False] * 5]
+    worse = [[True] * 8 + [False] * 2, [True] * 4 + [False] * 6]
+    lo, hi = paired_ratio_ci(base, worse)
+    assert lo < 12 / 15 < hi <= 1.0  # never better on any episode: the ratio stays <= 1
+    with pytest.raises(ValueError, match="differ in number"):
+        paired_ratio_ci([[True]], [[True, False]])
+
+
+def test_lockstep_rollout_indexes_episodes_across_chunks() -> None:
+    pairs = [("button-press-topdown-v3", EVAL_SEED_OFFSET + i) for i in range(3)]
+    seen: dict[int, int] = {}
+    firsts: list[int] = []
+
+    def policy(batch) -> np.ndarray:
+        for e, first in zip(batch.episodes, batch.first):
+            seen[e] = seen.get(e, 0) + 1
+            if first:
+                firsts.append(e)
+        assert batch.images.shape[1:] == (64, 64, 3)
+        assert set(batch.instructions) == {"press the button down"}
+        return np.zeros((len(batch.episodes), 4), np.float32)
+
+    res = rollout_lockstep(policy, pairs, 64, max_steps=5, progress=False, max_parallel=2)
+    assert seen == {0: 5, 1: 5, 2: 5} and firsts == [0, 1, 2]
+    assert res.total_steps == 15 and res.tasks["button-press-topdown-v3"].episodes == 3
 
 
 @pytest.mark.skipif(not (ASSET / "model.safetensors").exists(), reason="no embedded checkpoint")

@@ -46,15 +46,22 @@ PAD_SLOT_ID = -1
 
 @dataclass
 class _ActionTrack:
-    """A request in flight whose action attention feeds its robot's history."""
+    """A request in flight whose action attention feeds its robot's history.
+
+    Decode steps only collect the action layer's new keys and action queries; the attention
+    is computed once, for all action queries together, when the action is complete (the
+    per-step work stays two small copies however many robots share the batch).
+    """
 
     session: str
     num_visual: int
     max_rows: int
-    keys: torch.Tensor | None = None  # action layer keys seen so far [Tk, Hkv, D]
-    visual_ids: torch.Tensor | None = None  # original ids of the visual keys in that layout
     visual_start: int = 1
-    total: torch.Tensor | None = None
+    keys: list[torch.Tensor] = field(default_factory=list)  # [t, Hkv, D] chunks, in order
+    queries: list[torch.Tensor] = field(default_factory=list)  # [n, Hq, D] action queries
+    positions: list[int] = field(default_factory=list)  # key-axis position of each query
+    visual_ids: torch.Tensor | None = None  # original ids of the visual keys in that layout
+    num_keys: int = 0
     rows: int = 0
     done: bool = False
 
@@ -375,36 +382,37 @@ class PrunedDecoder:
         for r in reqs:
             track = self.tracks[r.req_id]
             rows = slice(r.row, r.row + r.rows_now)
-            ki = k[rows].view(r.rows_now, self.num_kv_heads, self.head_dim).float()
-            if track.keys is None:
+            if not track.keys:  # the prefill: every key, and the last prompt row's query
                 m = track.num_visual
                 track.visual_ids = r.kept if (compacted and r.kept is not None) else torch.arange(m)
-                track.keys = ki
-                q_rows = q[r.row + r.rows_now - 1 : r.row + r.rows_now]  # last prompt row
+                new_queries = q[r.row + r.rows_now - 1 : r.row + r.rows_now]
             else:
-                track.keys = torch.cat([track.keys, ki])
-                q_rows = q[rows]
-            n_new = q_rows.shape[0]
-            qi = q_rows.reshape(n_new, self.num_heads, self.head_dim).float()
-            t_keys = track.keys.shape[0]
-            rows_attn = attention_rows(qi, track.keys, torch.arange(t_keys - n_new, t_keys))
-            nv = track.visual_ids.numel()
-            key_cols = torch.arange(track.visual_start, track.visual_start + nv)
-            scores = action_scores(rows_attn, key_cols, track.visual_ids, track.num_visual)
-            track.total = scores * n_new if track.total is None else track.total + scores * n_new
+                new_queries = q[rows]
+            track.keys.append(k[rows].clone())
+            track.num_keys += r.rows_now
+            n_new = new_queries.shape[0]
+            track.queries.append(new_queries.clone())
+            track.positions.extend(range(track.num_keys - n_new, track.num_keys))
             track.rows += n_new
             if track.rows >= track.max_rows:
                 self._finish_track(r.req_id)
         self.stats.select_seconds += time.perf_counter() - t0
 
     def _finish_track(self, req_id: str) -> None:
+        """Score the completed action's attention over the visual keys into the history."""
         track = self.tracks.get(req_id)
         if track is None or track.done:
             return
         track.done = True
         if track.rows:
-            self.history.push(track.session, track.total / track.rows)
-        track.keys = None
+            keys = torch.cat(track.keys).view(track.num_keys, self.num_kv_heads, self.head_dim)
+            queries = torch.cat(track.queries).view(track.rows, self.num_heads, self.head_dim)
+            rows_attn = attention_rows(queries, keys, torch.tensor(track.positions))
+            nv = track.visual_ids.numel()
+            key_cols = torch.arange(track.visual_start, track.visual_start + nv)
+            scores = action_scores(rows_attn, key_cols, track.visual_ids, track.num_visual)
+            self.history.push(track.session, scores)
+        track.keys, track.queries = [], []
 
     def on_request_finished(self, req_id: str, kv_blocks: list[int] | None = None) -> None:
         """Runner hook: the request left the batch (finished, aborted or preempted)."""

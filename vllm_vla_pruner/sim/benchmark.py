@@ -13,6 +13,7 @@ markdown table, JSON, a success-vs-keep plot and images of the kept patches per 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -23,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "metaworld-vla"
 PRUNERS = ("vlapruner", "fastv", "sparsevlm", "divprune", "random")
@@ -104,49 +104,39 @@ def run_closed_loop(
     keep_frames: bool,
     max_steps: int | None = None,
     progress: bool = True,
+    image_size: int = 64,
 ) -> RunRecord:
     """All episodes in lockstep; each engine call carries every running episode's frame."""
-    from .evaluate import _result
-    from .metaworld_env import eval_seeds, lockstep_envs
+    from .evaluate import StepBatch, rollout_lockstep
+    from .metaworld_env import eval_seeds
 
-    seeds = eval_seeds(episodes_per_task)
-    pairs = [(t, s) for t in tasks for s in seeds]
-    envs = lockstep_envs(pairs, 64, max_steps)
+    pairs = [(t, s) for t in tasks for s in eval_seeds(episodes_per_task)]
     rec = RunRecord(policy.method, policy.keep_ratio, None, 0.0, 0)
-    for i, (env, (_, s)) in enumerate(zip(envs, pairs)):
-        env.reset(s)
-        rec.instructions[i] = env.instruction
-    success = [False] * len(envs)
-    active = list(range(len(envs)))
-    env_time, steps, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(total=len(envs), desc=f"{policy.method}@{policy.keep_ratio}", disable=not progress)
-    while active:
-        t0 = time.perf_counter()
-        images = [envs[i].render() for i in active]
-        t1 = time.perf_counter()
-        first = [envs[i].steps == 0 for i in active]
-        actions, tokens, rids = policy(images, [envs[i].instruction for i in active], active, first)
-        t2 = time.perf_counter()
-        still = []
-        for j, i in enumerate(active):
+
+    def step(batch: StepBatch) -> np.ndarray:
+        actions, tokens, rids = policy(
+            batch.images, batch.instructions, batch.episodes, batch.first
+        )
+        for j, e in enumerate(batch.episodes):
             if keep_frames:
-                rec.frames.setdefault(i, []).append(images[j])
-            rec.tokens.setdefault(i, []).append(tokens[j])
-            rec.request_ids.setdefault(i, []).append(rids[j])
-            _, ok, done = envs[i].step(actions[j])
-            success[i] |= ok
-            if done:
-                bar.update(1)
-            else:
-                still.append(i)
-        env_time += (t1 - t0) + (time.perf_counter() - t2)
-        steps += len(active)
-        active = still
-    bar.close()
-    outcomes: dict[str, list[tuple[bool, int]]] = {t: [] for t in tasks}
-    for i, (task, _) in enumerate(pairs):
-        outcomes[task].append((success[i], envs[i].steps))
-    rec.result = _result(outcomes, policy.seconds, env_time, steps, time.perf_counter() - start)
+                rec.frames.setdefault(e, []).append(batch.images[j])
+            rec.tokens.setdefault(e, []).append(tokens[j])
+            rec.request_ids.setdefault(e, []).append(rids[j])
+            rec.instructions[e] = batch.instructions[j]
+        return actions
+
+    res = rollout_lockstep(
+        step,
+        pairs,
+        image_size,
+        max_steps,
+        progress=progress,
+        desc=f"{policy.method}@{policy.keep_ratio}",
+    )
+    # Engine time only (the wrapper's prompt building and action decoding excluded).
+    rec.result = dataclasses.replace(
+        res, policy_seconds_per_step=policy.seconds / max(1, res.total_steps)
+    )
     rec.engine_seconds, rec.engine_calls = policy.seconds, policy.calls
     return rec
 
@@ -287,9 +277,10 @@ def evaluate_pruners(
     max_steps: int | None = None,
     layer: int | None = None,
 ) -> dict[str, Any]:
-    from vllm_vla_pruner.config import grid_shape, load_config_json
+    from vllm_vla_pruner.config import grid_shape, image_size, load_config_json
     from vllm_vla_pruner.engine.local import make_llm
 
+    from .evaluate import paired_ratio_ci
     from .metaworld_env import DEFAULT_TASKS
 
     out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +305,7 @@ def evaluate_pruners(
             episodes_per_task,
             keep_frames=(i == 0) or keep == 0.25,
             max_steps=max_steps,
+            image_size=image_size(cfg),
         )
         records.append(rec)
         fid = None
@@ -336,10 +328,18 @@ def evaluate_pruners(
             }
         )
     base_ms = summary[0]["engine_ms_per_step"]
-    for s in summary:
+    base_eps = [r.per_episode for r in records[0].result.tasks.values()]
+    for s, rec in zip(summary, records):
+        eps = [r.per_episode for r in rec.result.tasks.values()]
         s["relative_success"] = (
             s["success"] / summary[0]["success"] if summary[0]["success"] else None
         )
+        s["relative_ci95"] = list(paired_ratio_ci(base_eps, eps))
+        flat_b, flat_o = sum(base_eps, []), sum(eps, [])
+        s["paired"] = {
+            "only_unpruned_succeeded": sum(b and not o for b, o in zip(flat_b, flat_o)),
+            "only_this_succeeded": sum(o and not b for b, o in zip(flat_b, flat_o)),
+        }
         s["speedup_vs_unpruned"] = (
             base_ms / s["engine_ms_per_step"] if s["engine_ms_per_step"] else None
         )
@@ -366,25 +366,34 @@ def evaluate_pruners(
 def markdown(result: dict[str, Any]) -> str:
     tasks = result["tasks"]
     head = (
-        "| method | keep | mean success (95% CI) | rel. to unpruned | "
+        "| method | keep | mean success (95% CI) | rel. to unpruned (paired 95% CI) | "
+        "lost / gained | "
         + " | ".join(t.replace("-v3", "") for t in tasks)
         + " | token agreement | engine ms/step | speedup |"
     )
     lines = [
         f"Meta-World closed loop through the vLLM engine: {len(tasks)} tasks x "
-        f"{result['episodes_per_task']} held-out episodes each; pruning after layer "
-        f"K={result['layer_k']}.",
+        f"{result['episodes_per_task']} held-out episodes each (same goals for every row); "
+        f"pruning after layer K={result['layer_k']}. *lost / gained*: episodes only the "
+        "unpruned policy / only this row solved.",
         "",
         head,
-        "|" + "---|" * (len(tasks) + 7),
+        "|" + "---|" * (len(tasks) + 8),
     ]
     for s in result["summary"]:
         per = " | ".join(f"{s['per_task'][t]['success']:.0%}" for t in tasks)
         fid = "-" if s["token_agreement"] is None else f"{s['token_agreement']:.1%}"
-        rel = "-" if s["relative_success"] is None else f"{s['relative_success']:.0%}"
+        rel = "-"
+        if s["relative_success"] is not None and s["method"] != "none":
+            lo, hi = s["relative_ci95"]
+            rel = f"{s['relative_success']:.0%} ({lo:.0%}-{hi:.0%})"
+        elif s["method"] == "none":
+            rel = "100%"
+        pair = s.get("paired") or {}
+        lost = f"{pair.get('only_unpruned_succeeded', 0)} / {pair.get('only_this_succeeded', 0)}"
         lines.append(
             f"| {s['method']} | {s['keep_ratio']} | {s['success']:.0%} "
-            f"({s['ci95'][0]:.0%}-{s['ci95'][1]:.0%}) | {rel} | {per} | {fid} "
+            f"({s['ci95'][0]:.0%}-{s['ci95'][1]:.0%}) | {rel} | {lost} | {per} | {fid} "
             f"| {s['engine_ms_per_step']:.1f} | {s['speedup_vs_unpruned']:.2f}x |"
         )
     return "\n".join(lines) + "\n"

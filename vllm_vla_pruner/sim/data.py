@@ -36,13 +36,15 @@ def empty_dataset(tasks: Sequence[str], image_size: int) -> Dataset:
 
 
 def concat(a: Dataset, b: Dataset) -> Dataset:
-    """Aggregate two datasets over the same task list (episode ids are kept apart)."""
-    if list(a["tasks"]) != list(b["tasks"]):
-        raise ValueError("datasets cover different task lists")
+    """Aggregate two datasets (episode ids are kept apart). The task list is ``a``'s followed
+    by ``b``'s new tasks, so demonstrations for added tasks can be appended to a cached set."""
+    tasks = list(a["tasks"]) + [t for t in b["tasks"] if t not in a["tasks"]]
+    remap = np.asarray([tasks.index(t) for t in b["tasks"]], np.int16)
+    b = dict(b, task_ids=remap[b["task_ids"]] if len(b["task_ids"]) else b["task_ids"])
     offset = int(a["episode_ids"].max()) + 1 if len(a["episode_ids"]) else 0
     out = {k: np.concatenate([a[k], b[k]]) for k in a if k != "tasks"}
     out["episode_ids"][len(a["episode_ids"]) :] += offset
-    out["tasks"] = list(a["tasks"])
+    out["tasks"] = tasks
     return out
 
 
@@ -215,10 +217,13 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--noise", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--append-to", help="a cached dataset to extend with these tasks' demos")
     a = p.parse_args()
     data = collect_expert(
         a.tasks.split(","), a.episodes, a.image_size, seed=a.seed, noise_std=a.noise
     )
+    if a.append_to:
+        data = concat(load_dataset(a.append_to), data)
     save_dataset(data, a.out)
     print(f"wrote {a.out}: {len(data['images'])} frames")
 

@@ -3,8 +3,9 @@
 ``evaluate(policy, ...)`` drives any per-step policy -- the vLLM engine with pruning, or the
 PyTorch reference through :class:`ReferencePolicy` -- one episode at a time, the way a robot
 calls a server:
-``policy(image, instruction, session_id, new_episode) -> action``. ``evaluate_batched`` runs
-all episodes in lockstep with a batched policy (training-time evaluation). Both report
+``policy(image, instruction, session_id, new_episode) -> action``. ``rollout_lockstep`` runs
+all episodes in lockstep, one batched policy call per step (training-time evaluation through
+``evaluate_batched``, the engine benchmark with its own recording policy). Both report
 success per task with 95% Wilson intervals and the policy's wall time per step.
 """
 
@@ -43,6 +44,38 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_ratio_ci(
+    base: Sequence[Sequence[bool]],
+    other: Sequence[Sequence[bool]],
+    n_boot: int = 4000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """95% paired bootstrap interval of ``success(other) / success(base)``.
+
+    ``base[t][e]`` and ``other[t][e]`` are the same held-out episode (task ``t``, goal ``e``)
+    under two policies; episodes are resampled within each task and shared by both, so the
+    interval reflects how the two differ on the same goals (tighter than two Wilson intervals).
+    """
+    rng = np.random.default_rng(seed)
+    b_sum = np.zeros(n_boot)
+    o_sum = np.zeros(n_boot)
+    for b_eps, o_eps in zip(base, other, strict=True):
+        b, o = np.asarray(b_eps, float), np.asarray(o_eps, float)
+        if len(b) != len(o):
+            raise ValueError("paired episodes differ in number")
+        if len(b) == 0:
+            continue
+        idx = rng.integers(0, len(b), (n_boot, len(b)))
+        b_sum += b[idx].mean(1)
+        o_sum += o[idx].mean(1)
+    ratio = o_sum / np.where(b_sum > 0, b_sum, np.nan)
+    ratio = ratio[np.isfinite(ratio)]
+    if not len(ratio):
+        return 0.0, float("inf")
+    lo, hi = np.quantile(ratio, [0.025, 0.975])
+    return float(lo), float(hi)
 
 
 @dataclass
@@ -163,6 +196,78 @@ def evaluate(
     return _result(outcomes, policy_time, env_time, steps, wall, instructions)
 
 
+@dataclass
+class StepBatch:
+    """One lockstep step: the frame of every running episode (indices into the pairs)."""
+
+    episodes: list[int]
+    images: np.ndarray  # uint8 [B, S, S, 3]
+    instructions: list[str]
+    first: list[bool]  # the episode's first frame (a robot's new episode)
+
+
+# lockstep_policy(batch) -> actions[B, 4]
+LockstepPolicy = Callable[[StepBatch], np.ndarray]
+
+
+def rollout_lockstep(
+    policy: LockstepPolicy,
+    pairs: Sequence[tuple[str, int]],
+    image_size: int = 64,
+    max_steps: int | None = None,
+    instructions: dict[str, str] | None = None,
+    progress: bool = True,
+    max_parallel: int = 50,
+    desc: str = "closed-loop eval (batched)",
+) -> EvalResult:
+    """Run one episode per ``(task, seed)`` pair, all running ones in one policy call per
+    step, at most ``max_parallel`` at a time (each live env holds a GL context of ~100 MB).
+    Episode ``i`` of ``pairs`` is ``StepBatch.episodes`` entry ``i`` in every chunk."""
+    outcomes: dict[str, list[tuple[bool, int]]] = {t: [] for t, _ in pairs}
+    policy_time = env_time = 0.0
+    steps = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(pairs), desc=desc, disable=not progress)
+    for lo in range(0, len(pairs), max_parallel):
+        chunk = list(pairs[lo : lo + max_parallel])
+        envs = lockstep_envs(chunk, image_size, max_steps)
+        for env, (_, seed) in zip(envs, chunk, strict=True):
+            env.reset(seed)
+        success = [False] * len(envs)
+        active = list(range(len(envs)))
+        while active:
+            t0 = time.perf_counter()
+            images = np.stack([envs[i].render() for i in active])
+            t1 = time.perf_counter()
+            batch = StepBatch(
+                episodes=[lo + i for i in active],
+                images=images,
+                instructions=[
+                    (instructions or {}).get(envs[i].task, envs[i].instruction) for i in active
+                ],
+                first=[envs[i].steps == 0 for i in active],
+            )
+            actions = np.asarray(policy(batch), np.float32)
+            t2 = time.perf_counter()
+            still = []
+            for j, i in enumerate(active):
+                _, ok, done = envs[i].step(actions[j])
+                success[i] |= ok
+                if done:
+                    bar.update(1)
+                else:
+                    still.append(i)
+            env_time += (t1 - t0) + (time.perf_counter() - t2)
+            policy_time += t2 - t1
+            steps += len(active)
+            active = still
+        for i, (task, _) in enumerate(chunk):
+            outcomes[task].append((success[i], envs[i].steps))
+    bar.close()
+    wall = time.perf_counter() - start
+    return _result(outcomes, policy_time, env_time, steps, wall, instructions)
+
+
 def evaluate_batched(
     policy: BatchPolicy,
     tasks: Sequence[str] = DEFAULT_TASKS,
@@ -174,67 +279,17 @@ def evaluate_batched(
     progress: bool = True,
     max_parallel: int = 50,
 ) -> EvalResult:
-    """Like :func:`evaluate`, episodes in lockstep with a batched policy, at most
-    ``max_parallel`` at a time (each live env holds a GL context of ~100 MB)."""
+    """Like :func:`evaluate`, episodes in lockstep with a batched policy."""
     seeds = list(seeds) if seeds is not None else eval_seeds(episodes_per_task)
-    all_pairs = [(t, s) for t in tasks for s in seeds]
-    outcomes: dict[str, list[tuple[bool, int]]] = {t: [] for t in tasks}
-    policy_time = env_time = 0.0
-    steps = 0
-    start = time.perf_counter()
-    for lo in range(0, len(all_pairs), max_parallel):
-        part = _lockstep_chunk(
-            policy, all_pairs[lo : lo + max_parallel], image_size, max_steps, instructions, progress
-        )
-        for task, eps in part[0].items():
-            outcomes[task] += eps
-        policy_time += part[1]
-        env_time += part[2]
-        steps += part[3]
-    wall = time.perf_counter() - start
-    return _result(outcomes, policy_time, env_time, steps, wall, instructions)
-
-
-def _lockstep_chunk(
-    policy: BatchPolicy,
-    pairs: Sequence[tuple[str, int]],
-    image_size: int,
-    max_steps: int | None,
-    instructions: dict[str, str] | None,
-    progress: bool,
-) -> tuple[dict[str, list[tuple[bool, int]]], float, float, int]:
-    envs = lockstep_envs(pairs, image_size, max_steps)
-    for env, (_, s) in zip(envs, pairs, strict=True):
-        env.reset(s)
-    success = [False] * len(envs)
-    active = list(range(len(envs)))
-    policy_time = env_time = 0.0
-    steps = 0
-    bar = tqdm(total=len(envs), desc="closed-loop eval (batched)", disable=not progress)
-    while active:
-        t0 = time.perf_counter()
-        images = np.stack([envs[i].render() for i in active])
-        t1 = time.perf_counter()
-        texts = [(instructions or {}).get(envs[i].task, envs[i].instruction) for i in active]
-        actions = np.asarray(policy(images, texts), np.float32)
-        t2 = time.perf_counter()
-        still = []
-        for j, i in enumerate(active):
-            _, ok, done = envs[i].step(actions[j])
-            success[i] |= ok
-            if done:
-                bar.update(1)
-            else:
-                still.append(i)
-        env_time += (t1 - t0) + (time.perf_counter() - t2)
-        policy_time += t2 - t1
-        steps += len(active)
-        active = still
-    bar.close()
-    outcomes: dict[str, list[tuple[bool, int]]] = {}
-    for i, (task, _) in enumerate(pairs):
-        outcomes.setdefault(task, []).append((success[i], envs[i].steps))
-    return outcomes, policy_time, env_time, steps
+    return rollout_lockstep(
+        lambda b: policy(b.images, b.instructions),
+        [(t, s) for t in tasks for s in seeds],
+        image_size,
+        max_steps,
+        instructions,
+        progress,
+        max_parallel,
+    )
 
 
 class ReferencePolicy:

@@ -32,6 +32,8 @@ TASK_INSTRUCTIONS: dict[str, str] = {
     "window-open-v3": "slide the window open",
     "window-close-v3": "slide the window closed",
     "button-press-topdown-v3": "press the button down",
+    "handle-press-v3": "press the handle down",
+    "handle-pull-v3": "pull the handle up",
     "reach-v3": "reach the red ball",
 }
 # The embedded model's tasks. reach-v3 is available but left out: its goal ball is ~2 px and
@@ -42,11 +44,14 @@ DEFAULT_TASKS: tuple[str, ...] = (
     "window-open-v3",
     "window-close-v3",
     "button-press-topdown-v3",
+    "handle-press-v3",
+    "handle-pull-v3",
 )
 # Pairs that share a scene and differ in the instruction.
 INSTRUCTION_PAIRS: tuple[tuple[str, str], ...] = (
     ("drawer-open-v3", "drawer-close-v3"),
     ("window-open-v3", "window-close-v3"),
+    ("handle-press-v3", "handle-pull-v3"),
 )
 EVAL_SEED_OFFSET = 100_000
 DEFAULT_MAX_STEPS = 200

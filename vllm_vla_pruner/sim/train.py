@@ -286,7 +286,17 @@ def train(args: argparse.Namespace, command: str) -> None:
         model = ReferenceOpenVLA.from_pretrained(init_dir)
         if NORM_STATS_KEY not in model.config["norm_stats"]:
             raise ValueError(f"{init_dir} has no norm_stats[{NORM_STATS_KEY!r}]")
-        stats = model.config["norm_stats"][NORM_STATS_KEY]
+        # Action tokens keep their meaning only if the bin range (q01/q99) is unchanged; the
+        # rest of the statistics describe the data this stage trains on.
+        init_stats = model.config["norm_stats"][NORM_STATS_KEY]
+        same_range = all(
+            np.allclose(init_stats["action"][q], stats["action"][q]) for q in ("q01", "q99")
+        )
+        if same_range:
+            model.config["norm_stats"][NORM_STATS_KEY] = stats
+        else:
+            print("note: the data's q01/q99 differ from --init's; keeping --init's", flush=True)
+            stats = init_stats
         previous = json.loads((init_dir / "training.json").read_text())
         stages = previous.get("stages", []) + [
             {k: previous.get(k) for k in ("command", "optimizer_steps", "wall_seconds", "frames")}
