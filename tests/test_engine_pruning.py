@@ -229,6 +229,54 @@ def test_temporal_history_warmup_and_new_episode(tiny_engine, reference):
     assert out.kv_transfer_params["vla_pruner"]["warmup"] is True
 
 
+def test_action_history_matches_reference_decode_attention(tiny_engine, reference):
+    """The temporal signal end to end: three warm-up frames feed the robot's history with
+    their action-decode attention (engine: captured at the action layer); the fourth frame's
+    selection equals the one computed from the reference's own decode attention, smoothed
+    by the pure ActionHistory."""
+    from vllm_vla_pruner.pruning import ActionHistory, action_scores
+
+    session = f"robot-{uuid.uuid4().hex[:8]}"
+    xargs = {"vla_pruner": "vlapruner", "vla_keep_ratio": 0.25}
+    ins = INSTRUCTIONS[1]
+    action_layer = reference.config["text_config"]["num_hidden_layers"] // 2
+    history = ActionHistory(window=3, gamma=0.8)
+    for frame in range(4):
+        image = _image(70 + frame)
+        [out] = tiny_engine.generate(
+            *[[x] for x in _request(reference, image, ins, xargs, session)]
+        )
+        inputs = reference.build_inputs(image, ins)
+        m = inputs.num_visual
+        if frame < 3:  # warm-up: unpruned, so the action layer saw every visual key
+            ref = reference.generate(
+                image, ins, max_new_tokens=7, return_attn_layers=[action_layer]
+            )
+            rows = ref.attn[action_layer].action_rows()
+            assert rows.shape[0] == 7  # last prompt row + one row per decode step
+            cols = torch.arange(inputs.visual_start, inputs.visual_start + m)
+            history.push(session, action_scores(rows, cols, torch.arange(m), m))
+            continue
+        ref = reference.generate(image, ins, max_new_tokens=1, return_attn_layers=[2])
+        pin = dict(
+            attn=ref.attn[2].prefill,
+            visual_start=inputs.visual_start,
+            num_visual=m,
+            embeddings=inputs.inputs_embeds[1 : 1 + m].detach().float(),
+            grid_shape=(8, 8),
+            text_start=1 + m,
+        )
+        expected = select_tokens(
+            PruneInputs(**pin, action_estimate=history.estimate(session)), "vlapruner", 16
+        ).tolist()
+        without_history = select_tokens(PruneInputs(**pin), "vlapruner", 16).tolist()
+        got = _kept_of(tiny_engine, out)
+        # The action signal changes the choice, so agreeing below is evidence it was right.
+        assert set(expected) != set(without_history)
+        overlap = len(set(expected) & set(got)) / 16
+        assert overlap >= 0.9, (expected, got)
+
+
 def test_pruned_requests_allocate_fewer_kv_blocks(tiny_engine, reference):
     from vllm_vla_pruner.engine.local import decoder_report, kv_layout
 
