@@ -383,12 +383,13 @@ def markdown(result: dict[str, Any]) -> str:
     for s in result["summary"]:
         per = " | ".join(f"{s['per_task'][t]['success']:.0%}" for t in tasks)
         fid = "-" if s["token_agreement"] is None else f"{s['token_agreement']:.1%}"
-        rel = "-"
-        if s["relative_success"] is not None and s["method"] != "none":
+        if s["method"] == "none":
+            rel = "100%"
+        elif s["relative_success"] is None:
+            rel = "-"
+        else:
             lo, hi = s["relative_ci95"]
             rel = f"{s['relative_success']:.0%} ({lo:.0%}-{hi:.0%})"
-        elif s["method"] == "none":
-            rel = "100%"
         pair = s.get("paired") or {}
         lost = f"{pair.get('only_unpruned_succeeded', 0)} / {pair.get('only_this_succeeded', 0)}"
         lines.append(

@@ -221,8 +221,12 @@ def rollout_lockstep(
     desc: str = "closed-loop eval (batched)",
 ) -> EvalResult:
     """Run one episode per ``(task, seed)`` pair, all running ones in one policy call per
-    step, at most ``max_parallel`` at a time (each live env holds a GL context of ~100 MB).
-    Episode ``i`` of ``pairs`` is ``StepBatch.episodes`` entry ``i`` in every chunk."""
+    step, at most ``max_parallel`` per call. Episode ``i`` of ``pairs`` is
+    ``StepBatch.episodes`` entry ``i`` in every chunk.
+
+    Memory is not bounded by ``max_parallel``: ``lockstep_envs`` pools every env it creates
+    (~100-170 MB of GL context each), so a run holds one env per episode of its largest
+    per-task chunk, summed over tasks (70 for 7 tasks x 10 episodes)."""
     outcomes: dict[str, list[tuple[bool, int]]] = {t: [] for t, _ in pairs}
     policy_time = env_time = 0.0
     steps = 0

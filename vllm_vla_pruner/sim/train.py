@@ -123,11 +123,16 @@ class Batcher:
 
 
 def _tokenizer_files(model_dir: Path) -> dict[str, bytes]:
-    skip = ("config.json", "training.json", "loss.png", "success.png")
+    """The files a stage carries over unchanged: tokenizer, chat template, generation config
+    (not the weights, config, training record or any stage's plots)."""
+    skip = ("config.json", "training.json")
     return {
         f.name: f.read_bytes()
         for f in model_dir.iterdir()
-        if f.is_file() and f.name not in skip and not f.name.startswith("model")
+        if f.is_file()
+        and f.name not in skip
+        and f.suffix != ".png"
+        and not f.name.startswith("model")
     }
 
 
