@@ -154,3 +154,29 @@ def test_embedded_checkpoint_acts_in_the_env() -> None:
     action = policy(env.render(), env.instruction, "smoke", True)
     assert action.shape == (4,) and np.all(np.abs(action) <= 1.0 + 1e-6)
     env.step(action)
+
+
+def test_lockstep_chunks_take_tasks_in_turn_so_the_env_pool_stays_small() -> None:
+    from vllm_vla_pruner.sim import metaworld_env
+    from vllm_vla_pruner.sim.evaluate import _round_robin_by_task
+
+    a, b = "drawer-open-v3", "drawer-close-v3"
+    pairs = [(a, 1), (a, 2), (a, 3), (b, 1), (b, 2), (b, 3)]
+    assert _round_robin_by_task(pairs) == [0, 3, 1, 4, 2, 5]
+    assert _round_robin_by_task([(a, 1), (b, 1), (b, 2)]) == [0, 1, 2]
+
+    metaworld_env._LOCKSTEP_POOL.clear()
+    steps_by_episode: dict[int, int] = {}
+
+    def policy(batch) -> np.ndarray:
+        tasks = [pairs[e][0] for e in batch.episodes]
+        assert sorted(tasks) == sorted([a, b])  # every chunk of two mixes the two tasks
+        for e in batch.episodes:
+            steps_by_episode[e] = steps_by_episode.get(e, 0) + 1
+        return np.zeros((len(batch.episodes), 4), np.float32)
+
+    res = rollout_lockstep(policy, pairs, 64, max_steps=2, progress=False, max_parallel=2)
+    pool = {task: len(envs) for (task, _), envs in metaworld_env._LOCKSTEP_POOL.items()}
+    assert pool == {a: 1, b: 1}  # task-major chunks would have held 2 of a, then 2 of b
+    assert steps_by_episode == dict.fromkeys(range(6), 2)
+    assert [len(res.tasks[t].per_episode) for t in (a, b)] == [3, 3]

@@ -13,6 +13,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("vllm_vla_pruner.bench.engine_bench:main", "pruned vs unpruned on the real engine"),
     "pruning": ("vllm_vla_pruner.bench.pruning_bench:main", "scoring + selection cost alone"),
     "metaworld": ("vllm_vla_pruner.sim.benchmark:main", "closed-loop success per pruner"),
+    "metaworld-layers": (
+        "vllm_vla_pruner.sim.layer_sweep:main",
+        "choose pruning / action layers on validation goals",
+    ),
     "fleet": ("vla_serve.simulator:main", "simulated robot fleet on Ray Serve"),
 }
 

@@ -28,6 +28,8 @@ from PIL import Image
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "metaworld-vla"
 PRUNERS = ("vlapruner", "fastv", "sparsevlm", "divprune", "random")
 KEEPS = (0.5, 0.25, 0.125)
+MAX_PARALLEL = 50  # episodes per engine call (``rollout_lockstep``'s chunk size)
+GOAL_NAMES = {"heldout": "held-out", "validation": "validation"}
 
 
 @dataclass
@@ -105,12 +107,14 @@ def run_closed_loop(
     max_steps: int | None = None,
     progress: bool = True,
     image_size: int = 64,
+    goals: str = "heldout",
 ) -> RunRecord:
-    """All episodes in lockstep; each engine call carries every running episode's frame."""
+    """All episodes in lockstep; each engine call carries every running episode's frame.
+    ``goals`` names the goal seeds (``metaworld_env.GOAL_SETS``)."""
     from .evaluate import StepBatch, rollout_lockstep
-    from .metaworld_env import eval_seeds
+    from .metaworld_env import GOAL_SETS
 
-    pairs = [(t, s) for t in tasks for s in eval_seeds(episodes_per_task)]
+    pairs = [(t, s) for t in tasks for s in GOAL_SETS[goals](episodes_per_task)]
     rec = RunRecord(policy.method, policy.keep_ratio, None, 0.0, 0)
 
     def step(batch: StepBatch) -> np.ndarray:
@@ -131,6 +135,7 @@ def run_closed_loop(
         image_size,
         max_steps,
         progress=progress,
+        max_parallel=MAX_PARALLEL,
         desc=f"{policy.method}@{policy.keep_ratio}",
     )
     # Engine time only (the wrapper's prompt building and action decoding excluded).
@@ -276,6 +281,8 @@ def evaluate_pruners(
     with_fidelity: bool = True,
     max_steps: int | None = None,
     layer: int | None = None,
+    action_layer: int | None = None,
+    goals: str = "heldout",
 ) -> dict[str, Any]:
     from vllm_vla_pruner.config import grid_shape, image_size, load_config_json
     from vllm_vla_pruner.engine.local import make_llm
@@ -291,7 +298,9 @@ def evaluate_pruners(
     cfg = load_config_json(model_dir)
     layer = layer or pruning_layer_for(cfg["text_config"]["num_hidden_layers"])
     llm = make_llm(
-        model_dir, max_num_seqs=max(16, len(tasks) * episodes_per_task), pruning={"layer": layer}
+        model_dir,
+        max_num_seqs=max(16, min(MAX_PARALLEL, len(tasks) * episodes_per_task)),
+        pruning={"layer": layer, "action_layer": action_layer},
     )
     grid = grid_shape(cfg)[0]
     configs = [("none", 1.0)] + [(m, k) for m in methods for k in keeps]
@@ -306,6 +315,7 @@ def evaluate_pruners(
             keep_frames=(i == 0) or keep == 0.25,
             max_steps=max_steps,
             image_size=image_size(cfg),
+            goals=goals,
         )
         records.append(rec)
         fid = None
@@ -350,6 +360,8 @@ def evaluate_pruners(
     result = {
         "model": str(model_dir),
         "layer_k": layer,
+        "action_layer": action_layer,  # None: the engine's default, the middle layer
+        "goals": goals,
         "tasks": tasks,
         "episodes_per_task": episodes_per_task,
         "summary": summary,
@@ -363,6 +375,10 @@ def evaluate_pruners(
     return result
 
 
+def _action_layer_name(result: dict[str, Any]) -> str:
+    return "L//2" if result.get("action_layer") is None else str(result["action_layer"])
+
+
 def markdown(result: dict[str, Any]) -> str:
     tasks = result["tasks"]
     head = (
@@ -373,8 +389,9 @@ def markdown(result: dict[str, Any]) -> str:
     )
     lines = [
         f"Meta-World closed loop through the vLLM engine: {len(tasks)} tasks x "
-        f"{result['episodes_per_task']} held-out episodes each (same goals for every row); "
-        f"pruning after layer K={result['layer_k']}. *lost / gained*: episodes only the "
+        f"{result['episodes_per_task']} {GOAL_NAMES[result.get('goals', 'heldout')]} episodes "
+        f"each (same goals for every row); pruning after layer K={result['layer_k']}, action "
+        f"attention at layer {_action_layer_name(result)}. *lost / gained*: episodes only the "
         "unpruned policy / only this row solved.",
         "",
         head,
@@ -411,6 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-fidelity", action="store_true")
     p.add_argument("--layer", type=int, default=None, help="pruning layer K (default: scaled)")
+    p.add_argument(
+        "--action-layer", type=int, default=None, help="action-attention layer (default: L//2)"
+    )
+    p.add_argument(
+        "--goals",
+        choices=["heldout", "validation"],
+        default="heldout",
+        help="goal seeds: report on held-out ones, tune settings on validation ones",
+    )
     a = p.parse_args(argv)
     evaluate_pruners(
         a.model,
@@ -422,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         with_fidelity=not a.no_fidelity,
         max_steps=a.max_steps,
         layer=a.layer,
+        action_layer=a.action_layer,
+        goals=a.goals,
     )
     return 0
 

@@ -221,19 +221,23 @@ def rollout_lockstep(
     desc: str = "closed-loop eval (batched)",
 ) -> EvalResult:
     """Run one episode per ``(task, seed)`` pair, all running ones in one policy call per
-    step, at most ``max_parallel`` per call. Episode ``i`` of ``pairs`` is
-    ``StepBatch.episodes`` entry ``i`` in every chunk.
+    step, at most ``max_parallel`` per call. ``StepBatch.episodes`` holds each episode's
+    index in ``pairs``.
 
-    Memory is not bounded by ``max_parallel``: ``lockstep_envs`` pools every env it creates
-    (~100-170 MB of GL context each), so a run holds one env per episode of its largest
-    per-task chunk, summed over tasks (70 for 7 tasks x 10 episodes)."""
-    outcomes: dict[str, list[tuple[bool, int]]] = {t: [] for t, _ in pairs}
+    Chunks interleave the tasks (round-robin), so each holds about ``max_parallel / T``
+    episodes of each of the T tasks; as ``lockstep_envs`` pools envs per task (~100-170 MB
+    of GL context each), the pool stays near ``max_parallel + T`` envs however many episodes
+    run."""
+    outcomes: dict[str, list[tuple[bool, int] | None]] = {t: [] for t, _ in pairs}
+    slot = [_append_slot(outcomes[t]) for t, _ in pairs]  # episode -> its place in its task
     policy_time = env_time = 0.0
     steps = 0
     start = time.perf_counter()
     bar = tqdm(total=len(pairs), desc=desc, disable=not progress)
-    for lo in range(0, len(pairs), max_parallel):
-        chunk = list(pairs[lo : lo + max_parallel])
+    order = _round_robin_by_task(pairs)
+    for lo in range(0, len(order), max_parallel):
+        ids = order[lo : lo + max_parallel]
+        chunk = [pairs[e] for e in ids]
         envs = lockstep_envs(chunk, image_size, max_steps)
         for env, (_, seed) in zip(envs, chunk, strict=True):
             env.reset(seed)
@@ -244,7 +248,7 @@ def rollout_lockstep(
             images = np.stack([envs[i].render() for i in active])
             t1 = time.perf_counter()
             batch = StepBatch(
-                episodes=[lo + i for i in active],
+                episodes=[ids[i] for i in active],
                 images=images,
                 instructions=[
                     (instructions or {}).get(envs[i].task, envs[i].instruction) for i in active
@@ -265,11 +269,27 @@ def rollout_lockstep(
             policy_time += t2 - t1
             steps += len(active)
             active = still
-        for i, (task, _) in enumerate(chunk):
-            outcomes[task].append((success[i], envs[i].steps))
+        for i, e in enumerate(ids):
+            outcomes[pairs[e][0]][slot[e]] = (success[i], envs[i].steps)
     bar.close()
     wall = time.perf_counter() - start
-    return _result(outcomes, policy_time, env_time, steps, wall, instructions)
+    return _result(outcomes, policy_time, env_time, steps, wall, instructions)  # type: ignore[arg-type]
+
+
+def _append_slot(items: list[Any]) -> int:
+    items.append(None)
+    return len(items) - 1
+
+
+def _round_robin_by_task(pairs: Sequence[tuple[str, int]]) -> list[int]:
+    """Indices of ``pairs`` with the tasks taking turns, each task's own order kept."""
+    queues: dict[str, list[int]] = {}
+    for e, (task, _) in enumerate(pairs):
+        queues.setdefault(task, []).append(e)
+    order: list[int] = []
+    for k in range(max((len(q) for q in queues.values()), default=0)):
+        order += [q[k] for q in queues.values() if k < len(q)]
+    return order
 
 
 def evaluate_batched(

@@ -54,6 +54,9 @@ INSTRUCTION_PAIRS: tuple[tuple[str, str], ...] = (
     ("handle-press-v3", "handle-pull-v3"),
 )
 EVAL_SEED_OFFSET = 100_000
+VAL_SEED_OFFSET = (
+    50_000  # validation goals: for choosing checkpoints and settings, never trained on
+)
 DEFAULT_MAX_STEPS = 200
 ACTION_DIM = 4  # xyz hand delta + gripper effort, each in [-1, 1]
 
@@ -227,3 +230,11 @@ def train_seeds(n: int, start: int = 0) -> list[int]:
 def eval_seeds(n: int) -> list[int]:
     """Held-out goal seeds (never used for demonstrations or DAgger)."""
     return list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + n))
+
+
+def val_seeds(n: int) -> list[int]:
+    """Validation goal seeds: choose checkpoints and settings here, report on held-out ones."""
+    return list(range(VAL_SEED_OFFSET, VAL_SEED_OFFSET + n))
+
+
+GOAL_SETS = {"heldout": eval_seeds, "validation": val_seeds}

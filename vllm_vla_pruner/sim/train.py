@@ -39,9 +39,8 @@ from .data import (
     save_dataset,
 )
 from .evaluate import ReferencePolicy, evaluate_batched, pixel_values_from_uint8
-from .metaworld_env import DEFAULT_TASKS, TASK_INSTRUCTIONS
+from .metaworld_env import DEFAULT_TASKS, TASK_INSTRUCTIONS, val_seeds
 
-VAL_SEED_OFFSET = 50_000  # validation goals: not trained on, not the held-out eval seeds
 DAGGER_SEED_OFFSET = 10_000
 
 
@@ -392,7 +391,7 @@ def train(args: argparse.Namespace, command: str) -> None:
             tasks,
             args.val_episodes,
             args.image_size,
-            seeds=list(range(VAL_SEED_OFFSET, VAL_SEED_OFFSET + args.val_episodes)),
+            seeds=val_seeds(args.val_episodes),
         )
         rollout_time += time.time() - t0
         entry = {
