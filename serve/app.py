@@ -142,12 +142,13 @@ class EngineReplica:
         t0 = time.perf_counter()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         self.start_s = time.perf_counter() - t0
+        # What the engine runs: the paper's defaults, the checkpoint's, then this fleet's.
+        settings = PruningSettings.from_vllm_config(self.engine.vllm_config)
         self.service = ActionService.from_engine_client(
-            self.engine, pruning_defaults={**asdict(PruningSettings()), **self.pruning}
+            self.engine, pruning_defaults=asdict(settings)
         )
         self.dims = ModelDims.from_config(self.service.config)
-        layer = int(self.pruning.get("layer", PruningSettings().layer))
-        self.layers_after_k = max(0, self.dims.num_layers - layer)
+        self.layers_after_k = max(0, self.dims.num_layers - settings.layer)
         self.metrics = ReplicaMetrics(replica=self.replica_id)
         try:
             self._metrics_server, port = start_metrics_server(

@@ -1,5 +1,6 @@
 """Other checkpoint shapes through the engine: one tower, another image/patch size, a deeper
-Llama whose pruned layers span several KV cache groups, and another pruning layer K."""
+Llama whose pruned layers span several KV cache groups, and another pruning layer K (the
+checkpoint's recommendation in its config.json)."""
 
 from __future__ import annotations
 
@@ -33,11 +34,15 @@ def deep_single_tower(tmp_path_factory):
         image_size=48,
         patch_size=6,
     )
+    # K comes from the checkpoint's own recommendation, not from the operator.
+    cfg_path = ckpt / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "vla_pruner": {"layer": K}}, indent=2))
     trace = tmp / "trace.jsonl"
     previous = os.environ.get("VLA_PRUNER_TRACE")
     os.environ["VLA_PRUNER_TRACE"] = str(trace)  # read by the worker at model init
     try:
-        llm = make_llm(ckpt, max_num_seqs=8, pruning={"layer": K})
+        llm = make_llm(ckpt, max_num_seqs=8)
     finally:
         if previous is None:
             os.environ.pop("VLA_PRUNER_TRACE", None)

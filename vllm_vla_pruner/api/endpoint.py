@@ -249,7 +249,8 @@ async def _poll_worker(engine: Any, metrics: Any) -> None:
 
 
 def _pruning_defaults(engine_client: Any) -> dict[str, Any]:
-    """Server-wide pruning defaults (``--additional-config '{"vla_pruner": {...}}'``)."""
+    """Server-wide pruning defaults: the checkpoint's recommendation (config.json) overridden
+    by ``--additional-config '{"vla_pruner": {...}}'``."""
     try:
         from vllm_vla_pruner.engine.settings import PruningSettings
 

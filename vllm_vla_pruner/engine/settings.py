@@ -53,14 +53,30 @@ class PruningSettings:
         return self
 
     @classmethod
+    def resolve(
+        cls, checkpoint: dict[str, Any] | None = None, operator: dict[str, Any] | None = None
+    ) -> PruningSettings:
+        """The paper's defaults, then the checkpoint's recommendation (``"vla_pruner"`` in its
+        config.json: layers tuned for that model), then the operator's settings."""
+        merged: dict[str, Any] = {}
+        for source, raw in (("checkpoint config.json", checkpoint), ("operator", operator)):
+            raw = dict(raw or {})
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(raw) - known)
+            if unknown:
+                raise ValueError(
+                    f"unknown vla_pruner settings {unknown} from the {source}; "
+                    f"valid: {sorted(known)}"
+                )
+            merged.update(raw)
+        return replace(cls(), **merged)
+
+    @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> PruningSettings:
         extra = getattr(vllm_config, "additional_config", None) or {}
-        raw = dict(extra.get("vla_pruner", {}) or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown vla_pruner settings {unknown}; valid: {sorted(known)}")
-        return replace(cls(), **raw)
+        model_config = getattr(vllm_config, "model_config", None)
+        hf_config = getattr(model_config, "hf_config", None)
+        return cls.resolve(getattr(hf_config, "vla_pruner", None), extra.get("vla_pruner"))
 
 
 class InvalidPruningSetting(ValueError):

@@ -163,9 +163,20 @@ def fidelity(policy: EnginePolicy, reference: RunRecord) -> float:
     return agree / max(1, total)
 
 
-def pruning_layer_for(num_layers: int) -> int:
-    """The paper's K=3 of 32 layers, scaled to this depth (at least 1)."""
-    return max(1, round(3 * num_layers / 32))
+def pruning_layers_for(
+    cfg: dict[str, Any], layer: int | None = None, action_layer: int | None = None
+) -> tuple[int, int]:
+    """K and the action-attention layer: as given, else the checkpoint's recommendation
+    (``"vla_pruner"`` in config.json), else the paper's K=3 of 32 layers scaled to this
+    depth (at least 1) and the middle layer."""
+    from vllm_vla_pruner.engine.settings import PruningSettings
+
+    n = cfg["text_config"]["num_hidden_layers"]
+    rec = PruningSettings.resolve(cfg.get("vla_pruner"))
+    has = cfg.get("vla_pruner") or {}
+    k = layer or (rec.layer if "layer" in has else max(1, round(3 * n / 32)))
+    a = action_layer if action_layer is not None else rec.action_layer_for(n)
+    return k, a
 
 
 def _trace(path: Path) -> dict[str, list[int]]:
@@ -296,7 +307,7 @@ def evaluate_pruners(
     os.environ["VLA_PRUNER_TRACE"] = str(trace_path)
     tasks = list(tasks or DEFAULT_TASKS)
     cfg = load_config_json(model_dir)
-    layer = layer or pruning_layer_for(cfg["text_config"]["num_hidden_layers"])
+    layer, action_layer = pruning_layers_for(cfg, layer, action_layer)
     llm = make_llm(
         model_dir,
         max_num_seqs=max(16, min(MAX_PARALLEL, len(tasks) * episodes_per_task)),
@@ -360,7 +371,7 @@ def evaluate_pruners(
     result = {
         "model": str(model_dir),
         "layer_k": layer,
-        "action_layer": action_layer,  # None: the engine's default, the middle layer
+        "action_layer": action_layer,
         "goals": goals,
         "tasks": tasks,
         "episodes_per_task": episodes_per_task,
@@ -375,10 +386,6 @@ def evaluate_pruners(
     return result
 
 
-def _action_layer_name(result: dict[str, Any]) -> str:
-    return "L//2" if result.get("action_layer") is None else str(result["action_layer"])
-
-
 def markdown(result: dict[str, Any]) -> str:
     tasks = result["tasks"]
     head = (
@@ -391,7 +398,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Meta-World closed loop through the vLLM engine: {len(tasks)} tasks x "
         f"{result['episodes_per_task']} {GOAL_NAMES[result.get('goals', 'heldout')]} episodes "
         f"each (same goals for every row); pruning after layer K={result['layer_k']}, action "
-        f"attention at layer {_action_layer_name(result)}. *lost / gained*: episodes only the "
+        f"attention at layer {result.get('action_layer', 'L//2')}. *lost / gained*: episodes "
+        "only the "
         "unpruned policy / only this row solved.",
         "",
         head,
@@ -427,9 +435,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=10, help="held-out episodes per task")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-fidelity", action="store_true")
-    p.add_argument("--layer", type=int, default=None, help="pruning layer K (default: scaled)")
     p.add_argument(
-        "--action-layer", type=int, default=None, help="action-attention layer (default: L//2)"
+        "--layer",
+        type=int,
+        default=None,
+        help="pruning layer K (default: the checkpoint's, else 3/32 of the depth)",
+    )
+    p.add_argument(
+        "--action-layer",
+        type=int,
+        default=None,
+        help="action-attention layer (default: the checkpoint's, else the middle one)",
     )
     p.add_argument(
         "--goals",
