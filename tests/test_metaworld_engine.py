@@ -48,3 +48,19 @@ def test_one_episode_through_the_engine(tmp_path):
     assert all(len(r["kept"]) == 16 and r["had_history"] for r in closed_loop)
     for name in ("metaworld.json", "metaworld.md", "success_vs_keep.png", "kept_patches.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_layer_sweep_smoke(tmp_path):
+    """``bench metaworld-layers`` on one short validation episode and one (K, action layer)."""
+    from vllm_vla_pruner.sim.benchmark import DEFAULT_MODEL
+    from vllm_vla_pruner.sim.layer_sweep import sweep
+
+    model = Path(os.environ.get("VLA_TEST_METAWORLD_MODEL", DEFAULT_MODEL))
+    res = sweep(model, tmp_path, [1], [0], tasks=["drawer-open-v3"], episodes=1, max_steps=8)
+    (cell,) = res["cells"]
+    assert (cell["layer_k"], cell["action_layer"]) == (1, 0) and res["goals"] == "validation"
+    assert res["best"] == {"layer_k": 1, "action_layer": 0}
+    assert 0.0 <= cell["success"] <= 1.0 and cell["engine_ms_per_step"] > 0
+    assert json.loads((tmp_path / "layers.json").read_text())["cells"] == res["cells"]
+    assert "| 1 | 0 |" in (tmp_path / "layers.md").read_text()
+    assert (tmp_path / "layers.png").stat().st_size > 0

@@ -35,6 +35,7 @@ def _run(
     action_layer: int | None,
     goals: str,
     image_size: int,
+    max_steps: int | None,
 ) -> RunRecord:
     from vllm_vla_pruner.engine.local import make_llm, shutdown_llm
 
@@ -46,7 +47,13 @@ def _run(
     try:
         policy = EnginePolicy(llm, model_dir, method, keep, tag=f"K{layer}A{action_layer}")
         return run_closed_loop(
-            policy, tasks, episodes, keep_frames=False, image_size=image_size, goals=goals
+            policy,
+            tasks,
+            episodes,
+            keep_frames=False,
+            max_steps=max_steps,
+            image_size=image_size,
+            goals=goals,
         )
     finally:
         shutdown_llm(llm)
@@ -62,6 +69,7 @@ def sweep(
     tasks: Sequence[str] | None = None,
     episodes: int = 10,
     goals: str = "validation",
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
     from vllm_vla_pruner.config import image_size, load_config_json
 
@@ -73,7 +81,8 @@ def sweep(
     cfg = load_config_json(model_dir)
     size = image_size(cfg)
     num_layers = cfg["text_config"]["num_hidden_layers"]
-    base = _run(model_dir, "none", 1.0, tasks, episodes, layers[0], None, goals, size).result
+    run = dict(tasks=tasks, episodes=episodes, goals=goals, image_size=size, max_steps=max_steps)
+    base = _run(model_dir, "none", 1.0, layer=layers[0], action_layer=None, **run).result
     base_eps = [r.per_episode for r in base.tasks.values()]
     print(f"unpruned: {base.mean_success:.0%}", flush=True)
     result = {
@@ -91,7 +100,7 @@ def sweep(
     cells = result["cells"]
     for k in layers:
         for a in action_layers:
-            res = _run(model_dir, method, keep, tasks, episodes, k, a, goals, size).result
+            res = _run(model_dir, method, keep, layer=k, action_layer=a, **run).result
             eps = [r.per_episode for r in res.tasks.values()]
             flat_b, flat_o = sum(base_eps, []), sum(eps, [])
             cells.append(
