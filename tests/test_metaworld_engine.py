@@ -51,15 +51,21 @@ def test_one_episode_through_the_engine(tmp_path):
 
 
 def test_layer_sweep_smoke(tmp_path):
-    """``bench metaworld-layers`` on one short validation episode and one (K, action layer)."""
+    """``bench metaworld-layers`` on one short validation episode and a one-cell grid."""
     from vllm_vla_pruner.sim.benchmark import DEFAULT_MODEL
-    from vllm_vla_pruner.sim.layer_sweep import sweep
+    from vllm_vla_pruner.sim.layer_sweep import parse_grid, sweep
 
     model = Path(os.environ.get("VLA_TEST_METAWORLD_MODEL", DEFAULT_MODEL))
-    res = sweep(model, tmp_path, [1], [0], tasks=["drawer-open-v3"], episodes=1, max_steps=8)
+    grid = parse_grid(["layer=1", "action_layer=0"])
+    assert grid == {"layer": [1], "action_layer": [0]}
+    with pytest.raises(ValueError, match="layers=1"):
+        parse_grid(["layers=1"])
+    with pytest.raises(ValueError, match="vla_pruner.layer must be in"):
+        sweep(model, tmp_path, {"layer": [9]})  # refused before any roll-out
+    res = sweep(model, tmp_path, grid, tasks=["drawer-open-v3"], episodes=1, max_steps=8)
     (cell,) = res["cells"]
-    assert (cell["layer_k"], cell["action_layer"]) == (1, 0) and res["goals"] == "validation"
-    assert res["best"] == {"layer_k": 1, "action_layer": 0}
+    assert cell["settings"] == {"layer": 1, "action_layer": 0} and res["goals"] == "validation"
+    assert res["best"] == {"layer": 1, "action_layer": 0}
     assert 0.0 <= cell["success"] <= 1.0 and cell["engine_ms_per_step"] > 0
     assert json.loads((tmp_path / "layers.json").read_text())["cells"] == res["cells"]
     assert "| 1 | 0 |" in (tmp_path / "layers.md").read_text()
