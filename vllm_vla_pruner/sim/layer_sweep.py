@@ -137,7 +137,8 @@ def sweep(
 
 def render(result: dict[str, Any], out: Path) -> None:
     """Pick the best cell and write ``layers.json``, ``layers.md`` and ``layers.png``."""
-    best = max(result["cells"], key=lambda c: (c["success"], -c["lost"]))
+    # Success is a mean of per-task rates: round before comparing so ties are ties.
+    best = max(result["cells"], key=lambda c: (round(c["success"], 9), -c["lost"]))
     result["best"] = best["settings"]
     result["plot"] = str(plot(result, out))
     (out / "layers.json").write_text(json.dumps(result, indent=2))
