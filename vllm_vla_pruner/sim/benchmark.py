@@ -172,10 +172,10 @@ def pruning_layers_for(
     from vllm_vla_pruner.engine.settings import PruningSettings
 
     n = cfg["text_config"]["num_hidden_layers"]
-    rec = PruningSettings.resolve(cfg.get("vla_pruner"))
-    has = cfg.get("vla_pruner") or {}
-    k = layer or (rec.layer if "layer" in has else max(1, round(3 * n / 32)))
-    a = action_layer if action_layer is not None else rec.action_layer_for(n)
+    recommended = cfg.get("vla_pruner") or {}
+    settings = PruningSettings.resolve(recommended)  # refuses unknown keys
+    k = layer or recommended.get("layer") or max(1, round(3 * n / 32))
+    a = action_layer if action_layer is not None else settings.action_layer_for(n)
     return k, a
 
 
@@ -399,8 +399,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['episodes_per_task']} {GOAL_NAMES[result.get('goals', 'heldout')]} episodes "
         f"each (same goals for every row); pruning after layer K={result['layer_k']}, action "
         f"attention at layer {result.get('action_layer', 'L//2')}. *lost / gained*: episodes "
-        "only the "
-        "unpruned policy / only this row solved.",
+        "only the unpruned policy / only this row solved.",
         "",
         head,
         "|" + "---|" * (len(tasks) + 8),

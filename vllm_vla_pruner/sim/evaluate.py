@@ -228,8 +228,7 @@ def rollout_lockstep(
     episodes of each of the T tasks; as ``lockstep_envs`` pools envs per task (~100-170 MB
     of GL context each), the pool stays near ``max_parallel + T`` envs however many episodes
     run."""
-    outcomes: dict[str, list[tuple[bool, int] | None]] = {t: [] for t, _ in pairs}
-    slot = [_append_slot(outcomes[t]) for t, _ in pairs]  # episode -> its place in its task
+    results: list[tuple[bool, int]] = [(False, 0)] * len(pairs)  # (success, steps) per pair
     policy_time = env_time = 0.0
     steps = 0
     start = time.perf_counter()
@@ -270,15 +269,13 @@ def rollout_lockstep(
             steps += len(active)
             active = still
         for i, e in enumerate(ids):
-            outcomes[pairs[e][0]][slot[e]] = (success[i], envs[i].steps)
+            results[e] = (success[i], envs[i].steps)
     bar.close()
     wall = time.perf_counter() - start
-    return _result(outcomes, policy_time, env_time, steps, wall, instructions)  # type: ignore[arg-type]
-
-
-def _append_slot(items: list[Any]) -> int:
-    items.append(None)
-    return len(items) - 1
+    outcomes: dict[str, list[tuple[bool, int]]] = {t: [] for t, _ in pairs}
+    for (task, _), r in zip(pairs, results):
+        outcomes[task].append(r)
+    return _result(outcomes, policy_time, env_time, steps, wall, instructions)
 
 
 def _round_robin_by_task(pairs: Sequence[tuple[str, int]]) -> list[int]:

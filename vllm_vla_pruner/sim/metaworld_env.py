@@ -54,9 +54,8 @@ INSTRUCTION_PAIRS: tuple[tuple[str, str], ...] = (
     ("handle-press-v3", "handle-pull-v3"),
 )
 EVAL_SEED_OFFSET = 100_000
-VAL_SEED_OFFSET = (
-    50_000  # validation goals: for choosing checkpoints and settings, never trained on
-)
+# Validation goals: for choosing checkpoints and settings; never trained on, never reported.
+VAL_SEED_OFFSET = 50_000
 DEFAULT_MAX_STEPS = 200
 ACTION_DIM = 4  # xyz hand delta + gripper effort, each in [-1, 1]
 
