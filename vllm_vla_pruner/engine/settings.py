@@ -1,9 +1,11 @@
 """Pruning settings: server-wide defaults (engine flag) and per-request overrides.
 
 Server defaults come from vLLM's own ``--additional-config '{"vla_pruner": {...}}'``, which
-reaches every engine process. Per-request settings travel in ``SamplingParams.extra_args``
-(``vllm_xargs`` on the OpenAI routes) under the ``vla_*`` keys below, so any vLLM client can
-set them; the session id is vLLM's own per-request ``session_id``.
+reaches every engine process, over the checkpoint's recommendation (a ``"vla_pruner"`` object
+in its config.json, e.g. the pruning layers tuned for a shallow model). Per-request
+settings travel in ``SamplingParams.extra_args`` (``vllm_xargs`` on the OpenAI routes) under
+the ``vla_*`` keys below, so any vLLM client can set them; the session id is vLLM's own
+per-request ``session_id``.
 """
 
 from __future__ import annotations
