@@ -163,6 +163,32 @@ def fidelity(policy: EnginePolicy, reference: RunRecord) -> float:
     return agree / max(1, total)
 
 
+def start_engine(model_dir: Path, num_episodes: int, pruning: dict[str, Any]) -> Any:
+    """An engine sized for a lockstep roll-out (at most ``MAX_PARALLEL`` episodes per call)."""
+    from vllm_vla_pruner.engine.local import make_llm
+
+    return make_llm(
+        model_dir, max_num_seqs=max(16, min(MAX_PARALLEL, num_episodes)), pruning=pruning
+    )
+
+
+def compare_with_unpruned(base: Any, other: Any) -> dict[str, Any]:
+    """``other``'s success relative to ``base`` (``EvalResult``s on the same goals): the ratio,
+    its paired bootstrap 95% CI, and the episodes only ``base`` (lost) / only ``other``
+    (gained) solved."""
+    from .evaluate import paired_ratio_ci
+
+    base_eps = [r.per_episode for r in base.tasks.values()]
+    eps = [r.per_episode for r in other.tasks.values()]
+    flat_b, flat_o = sum(base_eps, []), sum(eps, [])
+    return {
+        "relative_success": other.mean_success / base.mean_success if base.mean_success else None,
+        "relative_ci95": list(paired_ratio_ci(base_eps, eps)),
+        "lost": sum(b and not o for b, o in zip(flat_b, flat_o)),
+        "gained": sum(o and not b for b, o in zip(flat_b, flat_o)),
+    }
+
+
 def pruning_layers_for(
     cfg: dict[str, Any], layer: int | None = None, action_layer: int | None = None
 ) -> tuple[int, int]:
@@ -296,9 +322,7 @@ def evaluate_pruners(
     goals: str = "heldout",
 ) -> dict[str, Any]:
     from vllm_vla_pruner.config import grid_shape, image_size, load_config_json
-    from vllm_vla_pruner.engine.local import make_llm
 
-    from .evaluate import paired_ratio_ci
     from .metaworld_env import DEFAULT_TASKS
 
     out.mkdir(parents=True, exist_ok=True)
@@ -308,10 +332,8 @@ def evaluate_pruners(
     tasks = list(tasks or DEFAULT_TASKS)
     cfg = load_config_json(model_dir)
     layer, action_layer = pruning_layers_for(cfg, layer, action_layer)
-    llm = make_llm(
-        model_dir,
-        max_num_seqs=max(16, min(MAX_PARALLEL, len(tasks) * episodes_per_task)),
-        pruning={"layer": layer, "action_layer": action_layer},
+    llm = start_engine(
+        model_dir, len(tasks) * episodes_per_task, {"layer": layer, "action_layer": action_layer}
     )
     grid = grid_shape(cfg)[0]
     configs = [("none", 1.0)] + [(m, k) for m in methods for k in keeps]
@@ -349,18 +371,10 @@ def evaluate_pruners(
             }
         )
     base_ms = summary[0]["engine_ms_per_step"]
-    base_eps = [r.per_episode for r in records[0].result.tasks.values()]
     for s, rec in zip(summary, records):
-        eps = [r.per_episode for r in rec.result.tasks.values()]
-        s["relative_success"] = (
-            s["success"] / summary[0]["success"] if summary[0]["success"] else None
-        )
-        s["relative_ci95"] = list(paired_ratio_ci(base_eps, eps))
-        flat_b, flat_o = sum(base_eps, []), sum(eps, [])
-        s["paired"] = {
-            "only_unpruned_succeeded": sum(b and not o for b, o in zip(flat_b, flat_o)),
-            "only_this_succeeded": sum(o and not b for b, o in zip(flat_b, flat_o)),
-        }
+        c = compare_with_unpruned(records[0].result, rec.result)
+        s["relative_success"], s["relative_ci95"] = c["relative_success"], c["relative_ci95"]
+        s["paired"] = {"only_unpruned_succeeded": c["lost"], "only_this_succeeded": c["gained"]}
         s["speedup_vs_unpruned"] = (
             base_ms / s["engine_ms_per_step"] if s["engine_ms_per_step"] else None
         )

@@ -26,7 +26,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .benchmark import DEFAULT_MODEL, MAX_PARALLEL, EnginePolicy, RunRecord, run_closed_loop
+from .benchmark import (
+    DEFAULT_MODEL,
+    EnginePolicy,
+    RunRecord,
+    compare_with_unpruned,
+    run_closed_loop,
+    start_engine,
+)
 
 Grid = dict[str, list[Any]]
 
@@ -42,13 +49,9 @@ def _run(
     image_size: int,
     max_steps: int | None,
 ) -> RunRecord:
-    from vllm_vla_pruner.engine.local import make_llm, shutdown_llm
+    from vllm_vla_pruner.engine.local import shutdown_llm
 
-    llm = make_llm(
-        model_dir,
-        max_num_seqs=max(16, min(MAX_PARALLEL, len(tasks) * episodes)),
-        pruning=settings,
-    )
+    llm = start_engine(model_dir, len(tasks) * episodes, settings)
     try:
         tag = ",".join(f"{k}={v}" for k, v in settings.items())
         policy = EnginePolicy(llm, model_dir, method, keep, tag=tag)
@@ -81,7 +84,6 @@ def sweep(
     from vllm_vla_pruner.config import image_size, load_config_json
     from vllm_vla_pruner.engine.settings import PruningSettings
 
-    from .evaluate import paired_ratio_ci
     from .metaworld_env import DEFAULT_TASKS
 
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +97,6 @@ def sweep(
         tasks=tasks, episodes=episodes, goals=goals, image_size=image_size(cfg), max_steps=max_steps
     )
     base = _run(model_dir, "none", 1.0, {}, **run).result
-    base_eps = [r.per_episode for r in base.tasks.values()]
     print(f"unpruned: {base.mean_success:.0%}", flush=True)
     result: dict[str, Any] = {
         "model": str(model_dir),
@@ -112,18 +113,11 @@ def sweep(
     }
     for settings in combos:
         res = _run(model_dir, method, keep, settings, **run).result
-        eps = [r.per_episode for r in res.tasks.values()]
-        flat_b, flat_o = sum(base_eps, []), sum(eps, [])
         result["cells"].append(
             {
                 "settings": settings,
                 "success": res.mean_success,
-                "relative_success": res.mean_success / base.mean_success
-                if base.mean_success
-                else None,
-                "relative_ci95": list(paired_ratio_ci(base_eps, eps)),
-                "lost": sum(b and not o for b, o in zip(flat_b, flat_o)),
-                "gained": sum(o and not b for b, o in zip(flat_b, flat_o)),
+                **compare_with_unpruned(base, res),
                 "per_task": {t: r.success_rate for t, r in res.tasks.items()},
                 "engine_ms_per_step": 1000 * res.policy_seconds_per_step,
             }
