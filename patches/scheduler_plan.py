@@ -46,7 +46,15 @@ def plan_request(scheduler: Any, request: Any) -> None:
         return  # text-only request: nothing visual to prune
     place = features[0].mm_position
     try:
-        plan = make_plan(extra, request.session_id, place.offset, place.length, settings, frames)
+        plan = make_plan(
+            extra,
+            request.session_id,
+            place.offset,
+            place.length,
+            settings,
+            frames,
+            request_seed=request.sampling_params.seed,
+        )
     except ValueError as e:  # validated in the API process; never take the engine down
         logger.warning("request %s: ignoring invalid pruning settings: %s", request.request_id, e)
         return

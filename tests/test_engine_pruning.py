@@ -229,6 +229,29 @@ def test_temporal_history_warmup_and_new_episode(tiny_engine, reference):
     assert out.kv_transfer_params["vla_pruner"]["warmup"] is True
 
 
+def test_random_draws_per_robot_frame_and_replays(tiny_engine, reference):
+    """``random`` is a sanity floor only if it is random: a robot gets a new subset every
+    frame (not one fixed mask), a new episode replays the same draws, and each frame's
+    actions equal the reference run on the kept tokens."""
+    session = f"robot-{uuid.uuid4().hex[:8]}"
+    xargs = {"vla_pruner": "random", "vla_keep_ratio": 0.25}
+    image, ins = _image(60), INSTRUCTIONS[2]
+
+    def frame(extra=None):
+        [out] = tiny_engine.generate(
+            *[[x] for x in _request(reference, image, ins, {**xargs, **(extra or {})}, session)]
+        )
+        return out, _kept_of(tiny_engine, out)
+
+    draws = [frame() for _ in range(3)]
+    kept = [k for _, k in draws]
+    assert all(k is not None and len(k) == 16 for k in kept)
+    assert len({tuple(k) for k in kept}) == 3
+    _assert_matches_reference(reference, image, ins, draws[1][0], kept[1])
+    _, replay = frame({"vla_new_episode": True})
+    assert replay == kept[0]
+
+
 def test_action_history_matches_reference_decode_attention(tiny_engine, reference):
     """The temporal signal end to end: three warm-up frames feed the robot's history with
     their action-decode attention (engine: captured at the action layer); the fourth frame's

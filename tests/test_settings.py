@@ -35,3 +35,25 @@ def test_unknown_setting_names_its_source(source: str) -> None:
     args = (bad, None) if source == "checkpoint" else (None, bad)
     with pytest.raises(ValueError, match=rf"\['layers'\] from the {source}"):
         PruningSettings.resolve(*args)
+
+
+def test_benchmark_runs_the_layers_a_deployment_would() -> None:
+    """``bench metaworld`` resolves K and the action layer as the engine does: flags over the
+    checkpoint's recommendation over the paper's defaults, checked against the depth."""
+    from vllm_vla_pruner.sim.benchmark import pruning_layers_for
+
+    def cfg(layers: int, recommended: dict | None = None) -> dict:
+        out = {"text_config": {"num_hidden_layers": layers}}
+        return out if recommended is None else {**out, "vla_pruner": recommended}
+
+    assert pruning_layers_for(cfg(4, {"layer": 2, "action_layer": 2})) == (2, 2)
+    assert pruning_layers_for(cfg(32)) == (3, 16)  # the paper's K and the middle layer
+    assert pruning_layers_for(cfg(4)) == (3, 2)  # what `vllm serve` would run, not a rescale
+    assert pruning_layers_for(cfg(4, {"layer": 2}), layer=1) == (1, 2)
+    assert pruning_layers_for(cfg(4, {"layer": 2}), action_layer=0) == (2, 0)
+    with pytest.raises(ValueError, match=r"vla_pruner.layer must be in \[1, 1\]"):
+        pruning_layers_for(cfg(2))
+    with pytest.raises(ValueError, match="vla_pruner.action_layer"):
+        pruning_layers_for(cfg(4), action_layer=4)
+    with pytest.raises(ValueError, match="unknown vla_pruner settings"):
+        pruning_layers_for(cfg(4, {"layers": 2}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from typing import Any
 
@@ -49,6 +50,17 @@ class FrameCounter:
         return len(self._frames)
 
 
+def random_seed(session: str | None, frame: int, request_seed: int | None = None) -> int:
+    """Seed of the ``random`` pruner: the client's ``SamplingParams.seed`` if set; else one per
+    robot frame (session, frame index), so a robot gets a new subset every frame and a run
+    replays exactly; else 0 (a request without a session is one frame on its own)."""
+    if request_seed is not None:
+        return int(request_seed)
+    if session:
+        return zlib.crc32(f"{session}#{frame}".encode())
+    return 0
+
+
 def make_plan(
     extra_args: dict[str, Any] | None,
     session_id: str | None,
@@ -56,6 +68,7 @@ def make_plan(
     num_visual: int,
     settings: PruningSettings,
     frames: FrameCounter,
+    request_seed: int | None = None,
 ) -> dict[str, Any]:
     """The request's pruning plan; ``prune`` False means this frame runs unpruned."""
     args = extra_args or {}
@@ -64,7 +77,7 @@ def make_plan(
     session = session_id or args.get(KEY_SESSION)
     new_episode = bool(args.get(KEY_NEW_EPISODE, False))
     history = needs_action_history(method)
-    prior = frames.next_frame(session, new_episode) if session and history else 0
+    prior = frames.next_frame(session, new_episode) if session else 0
     # Warm-up (paper and reference code): until `window` frames of action history exist the
     # frame runs unpruned and only fills the history. Without a session there is no history:
     # the method then uses its semantic half from the first frame on.
@@ -82,6 +95,7 @@ def make_plan(
         "session": session,
         "new_episode": new_episode,
         "track_actions": bool(session) and history,
+        "seed": random_seed(session, prior, request_seed),
     }
 
 

@@ -192,17 +192,19 @@ def compare_with_unpruned(base: Any, other: Any) -> dict[str, Any]:
 def pruning_layers_for(
     cfg: dict[str, Any], layer: int | None = None, action_layer: int | None = None
 ) -> tuple[int, int]:
-    """K and the action-attention layer: as given, else the checkpoint's recommendation
-    (``"vla_pruner"`` in config.json), else the paper's K=3 of 32 layers scaled to this
-    depth (at least 1) and the middle layer."""
+    """K and the action-attention layer the engine will run: ``layer`` / ``action_layer`` if
+    given, over the checkpoint's recommendation (``"vla_pruner"`` in config.json), over the
+    engine's defaults (the paper's K = 3, the middle layer) - the one resolution
+    ``PruningSettings.resolve`` that ``vllm serve`` uses, so the benchmark measures what a
+    deployment of the same checkpoint runs. Refuses layers the model does not have."""
     from vllm_vla_pruner.engine.settings import PruningSettings
 
     n = cfg["text_config"]["num_hidden_layers"]
-    recommended = cfg.get("vla_pruner") or {}
-    settings = PruningSettings.resolve(recommended)  # refuses unknown keys
-    k = layer or recommended.get("layer") or max(1, round(3 * n / 32))
-    a = action_layer if action_layer is not None else settings.action_layer_for(n)
-    return k, a
+    given = {"layer": layer, "action_layer": action_layer}
+    settings = PruningSettings.resolve(
+        cfg.get("vla_pruner"), {k: v for k, v in given.items() if v is not None}
+    ).check(n)
+    return settings.layer, settings.action_layer_for(n)
 
 
 def _trace(path: Path) -> dict[str, list[int]]:
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         "--layer",
         type=int,
         default=None,
-        help="pruning layer K (default: the checkpoint's, else 3/32 of the depth)",
+        help="pruning layer K (default: the checkpoint's, else the engine's, 3)",
     )
     p.add_argument(
         "--action-layer",

@@ -39,9 +39,20 @@ from .data import (
     save_dataset,
 )
 from .evaluate import ReferencePolicy, evaluate_batched, pixel_values_from_uint8
-from .metaworld_env import DEFAULT_TASKS, TASK_INSTRUCTIONS, val_seeds
+from .metaworld_env import DEFAULT_TASKS, TASK_INSTRUCTIONS, VAL_SEED_OFFSET, val_seeds
 
 DAGGER_SEED_OFFSET = 10_000
+
+
+def dagger_seeds(stage: int, round_index: int, n: int) -> list[int]:
+    """Goal seeds of one DAgger round: distinct for every (stage, round) of a chained training,
+    so a fine-tuning stage visits new goals; all below the validation and held-out seeds."""
+    if not 0 <= round_index < 10 or not 0 < n <= 100:
+        raise ValueError(f"round {round_index} / {n} seeds: at most 10 rounds of 100 seeds")
+    start = DAGGER_SEED_OFFSET + 100 * (10 * stage + round_index)
+    if start + n > VAL_SEED_OFFSET:
+        raise ValueError(f"stage {stage}: DAgger seeds would reach the validation seeds")
+    return list(range(start, start + n))
 
 
 def model_overrides(args: argparse.Namespace, norm_stats: dict[str, Any]) -> dict[str, Any]:
@@ -219,6 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dagger-rounds", type=int, default=3)
     p.add_argument("--dagger-seeds", type=int, default=8, help="roll-outs per task per round")
     p.add_argument("--dagger-betas", default="0.5,0.2,0.0")
+    p.add_argument(
+        "--dagger-tasks",
+        help="tasks to roll out in DAgger rounds (default: all); training still samples "
+        "every task's frames, so a fine-tuning stage can add states where the policy is weak",
+    )
     p.add_argument("--val-episodes", type=int, default=4, help="validation episodes per task")
     p.add_argument("--rollout-steps", type=int, default=160)
     p.add_argument("--batch", type=int, default=64)
@@ -262,6 +278,10 @@ def train(args: argparse.Namespace, command: str) -> None:
     work = out / "_work"
     work.mkdir(exist_ok=True)
     tasks = args.tasks.split(",")
+    dagger_tasks = args.dagger_tasks.split(",") if args.dagger_tasks else tasks
+    unknown = sorted(set(dagger_tasks) - set(tasks))
+    if unknown:
+        raise ValueError(f"--dagger-tasks {unknown} are not in --tasks {tasks}")
 
     if args.demos:
         data = load_dataset(args.demos)
@@ -430,6 +450,10 @@ def train(args: argparse.Namespace, command: str) -> None:
             next_round = step + int((est_total_steps - step) * frac)
         print(f"planned: {est_total_steps} steps, next DAgger round at {next_round}", flush=True)
 
+    if args.init:
+        # The baseline a fine-tuning stage must beat: if no later validation matches it, the
+        # checkpoint written is the one we started from.
+        validate("init")
     if args.first_round == 0 and betas:
         next_round = 0
     while True:
@@ -440,10 +464,10 @@ def train(args: argparse.Namespace, command: str) -> None:
         if phase < len(betas) and next_round is not None and step >= next_round:
             val = validate(f"before DAgger round {phase + 1}") if step >= 100 else None
             t0 = time.time()
-            seeds = [DAGGER_SEED_OFFSET + 100 * phase + i for i in range(args.dagger_seeds)]
+            seeds = dagger_seeds(len(stages), phase, args.dagger_seeds)
             new, per_task = dagger_rollouts(
-                lambda im, tid: policy.batch(im, [TASK_INSTRUCTIONS[tasks[i]] for i in tid]),
-                tasks,
+                lambda im, tid: policy.batch(im, [TASK_INSTRUCTIONS[dagger_tasks[i]] for i in tid]),
+                dagger_tasks,
                 seeds,
                 betas[phase],
                 args.image_size,
