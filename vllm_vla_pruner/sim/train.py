@@ -13,6 +13,10 @@
 5. Closed-loop success on validation goals (disjoint from training and from the held-out
    evaluation seeds) after each round; the best checkpoint is written with
    ``save_pretrained`` plus training.json, loss.png and success.png.
+
+A later stage continues an earlier checkpoint (``--init``): that checkpoint is validated
+first, so a stage that does not beat it leaves it unchanged; ``--dagger-tasks`` aims the
+roll-outs at chosen tasks while training still samples every task.
 """
 
 from __future__ import annotations
@@ -520,11 +524,11 @@ def train(args: argparse.Namespace, command: str) -> None:
         train_time += time.time() - t0
         step += 1
         history["step"].append(step)
-        history["loss"].append(float(res.loss))
+        history["loss"].append(res.loss.item())
         history["acc"].append(acc)
         if step % 50 == 0:
             print(
-                f"step {step}/{total if est_total_steps else '?'} loss {float(res.loss):.3f} "
+                f"step {step}/{total if est_total_steps else '?'} loss {res.loss.item():.3f} "
                 f"acc {acc:.2f} lr {lr:.2e} frames {len(tokens)} "
                 f"[{(time.time() - t_start) / 60:.1f} min]",
                 flush=True,
