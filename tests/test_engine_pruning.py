@@ -231,8 +231,8 @@ def test_temporal_history_warmup_and_new_episode(tiny_engine, reference):
 
 def test_random_draws_per_robot_frame_and_replays(tiny_engine, reference):
     """``random`` is a sanity floor only if it is random: a robot gets a new subset every
-    frame (not one fixed mask), a new episode replays the same draws, and each frame's
-    actions equal the reference run on the kept tokens."""
+    frame (not one fixed mask), a new episode replays the same draws, and a pruned frame's
+    actions equal the reference run on its kept tokens."""
     session = f"robot-{uuid.uuid4().hex[:8]}"
     xargs = {"vla_pruner": "random", "vla_keep_ratio": 0.25}
     image, ins = _image(60), INSTRUCTIONS[2]
