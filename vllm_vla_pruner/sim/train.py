@@ -524,11 +524,12 @@ def train(args: argparse.Namespace, command: str) -> None:
         train_time += time.time() - t0
         step += 1
         history["step"].append(step)
-        history["loss"].append(res.loss.item())
+        loss = res.loss.item()
+        history["loss"].append(loss)
         history["acc"].append(acc)
         if step % 50 == 0:
             print(
-                f"step {step}/{total if est_total_steps else '?'} loss {res.loss.item():.3f} "
+                f"step {step}/{total if est_total_steps else '?'} loss {loss:.3f} "
                 f"acc {acc:.2f} lr {lr:.2e} frames {len(tokens)} "
                 f"[{(time.time() - t_start) / 60:.1f} min]",
                 flush=True,
