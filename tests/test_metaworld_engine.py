@@ -41,6 +41,8 @@ def test_one_episode_through_the_engine(tmp_path):
     for s in (base, pruned):
         assert 0.0 <= s["success"] <= 1.0 and s["engine_ms_per_step"] > 0
     assert 0.0 <= pruned["token_agreement"] <= 1.0
+    recommended = json.loads((model / "config.json").read_text()).get("vla_pruner", {})
+    assert res["semantic_rows"] == recommended.get("semantic_rows", "all")  # what it ran, recorded
     # 12 frames of one episode: 3 warm-up frames, then every frame pruned to M/4.
     trace = [json.loads(x) for x in (tmp_path / "pruning_trace.jsonl").read_text().splitlines()]
     closed_loop = [r for r in trace if r["session"] == "run1/0"]

@@ -207,6 +207,14 @@ def pruning_layers_for(
     return settings.layer, settings.action_layer_for(n)
 
 
+def _semantic_rows_for(cfg: dict[str, Any]) -> str:
+    """Which prefill rows vote for VLA-Pruner's semantic score in the engine: the checkpoint's
+    recommendation over the paper's ``all`` (recorded so a result says what it measured)."""
+    from vllm_vla_pruner.engine.settings import PruningSettings
+
+    return PruningSettings.resolve(cfg.get("vla_pruner")).semantic_rows
+
+
 def _trace(path: Path) -> dict[str, list[int]]:
     if not path.exists():
         return {}
@@ -334,6 +342,7 @@ def evaluate_pruners(
     tasks = list(tasks or DEFAULT_TASKS)
     cfg = load_config_json(model_dir)
     layer, action_layer = pruning_layers_for(cfg, layer, action_layer)
+    semantic_rows = _semantic_rows_for(cfg)
     llm = start_engine(
         model_dir, len(tasks) * episodes_per_task, {"layer": layer, "action_layer": action_layer}
     )
@@ -388,6 +397,7 @@ def evaluate_pruners(
         "model": str(model_dir),
         "layer_k": layer,
         "action_layer": action_layer,
+        "semantic_rows": semantic_rows,
         "goals": goals,
         "tasks": tasks,
         "episodes_per_task": episodes_per_task,
@@ -414,7 +424,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Meta-World closed loop through the vLLM engine: {len(tasks)} tasks x "
         f"{result['episodes_per_task']} {GOAL_NAMES[result.get('goals', 'heldout')]} episodes "
         f"each (same goals for every row); pruning after layer K={result['layer_k']}, action "
-        f"attention at layer {result.get('action_layer', 'L//2')}. *lost / gained*: episodes "
+        f"attention at layer {result.get('action_layer', 'L//2')}, semantic score from "
+        f"{result.get('semantic_rows', 'all')!r} prompt rows. *lost / gained*: episodes "
         "only the unpruned policy / only this row solved.",
         "",
         head,
