@@ -20,10 +20,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from vllm_vla_pruner.engine.settings import PruningSettings
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "metaworld-vla"
 PRUNERS = ("vlapruner", "fastv", "sparsevlm", "divprune", "random")
@@ -189,30 +192,28 @@ def compare_with_unpruned(base: Any, other: Any) -> dict[str, Any]:
     }
 
 
-def pruning_layers_for(
+def pruning_settings_for(
     cfg: dict[str, Any], layer: int | None = None, action_layer: int | None = None
-) -> tuple[int, int]:
-    """K and the action-attention layer the engine will run: ``layer`` / ``action_layer`` if
-    given, over the checkpoint's recommendation (``"vla_pruner"`` in config.json), over the
-    engine's defaults (the paper's K = 3, the middle layer) - the one resolution
+) -> PruningSettings:
+    """The pruning settings the engine will run: ``layer`` / ``action_layer`` if given, over
+    the checkpoint's recommendation (``"vla_pruner"`` in config.json), over the engine's
+    defaults (the paper's K = 3, the middle layer, all semantic rows) - the one resolution
     ``PruningSettings.resolve`` that ``vllm serve`` uses, so the benchmark measures what a
     deployment of the same checkpoint runs. Refuses layers the model does not have."""
     from vllm_vla_pruner.engine.settings import PruningSettings
 
-    n = cfg["text_config"]["num_hidden_layers"]
     given = {"layer": layer, "action_layer": action_layer}
-    settings = PruningSettings.resolve(
+    return PruningSettings.resolve(
         cfg.get("vla_pruner"), {k: v for k, v in given.items() if v is not None}
-    ).check(n)
-    return settings.layer, settings.action_layer_for(n)
+    ).check(cfg["text_config"]["num_hidden_layers"])
 
 
-def _semantic_rows_for(cfg: dict[str, Any]) -> str:
-    """Which prefill rows vote for VLA-Pruner's semantic score in the engine: the checkpoint's
-    recommendation over the paper's ``all`` (recorded so a result says what it measured)."""
-    from vllm_vla_pruner.engine.settings import PruningSettings
-
-    return PruningSettings.resolve(cfg.get("vla_pruner")).semantic_rows
+def pruning_layers_for(
+    cfg: dict[str, Any], layer: int | None = None, action_layer: int | None = None
+) -> tuple[int, int]:
+    """K and the action-attention layer of ``pruning_settings_for``."""
+    settings = pruning_settings_for(cfg, layer, action_layer)
+    return settings.layer, settings.action_layer_for(cfg["text_config"]["num_hidden_layers"])
 
 
 def _trace(path: Path) -> dict[str, list[int]]:
@@ -341,8 +342,9 @@ def evaluate_pruners(
     os.environ["VLA_PRUNER_TRACE"] = str(trace_path)
     tasks = list(tasks or DEFAULT_TASKS)
     cfg = load_config_json(model_dir)
-    layer, action_layer = pruning_layers_for(cfg, layer, action_layer)
-    semantic_rows = _semantic_rows_for(cfg)
+    settings = pruning_settings_for(cfg, layer, action_layer)
+    layer = settings.layer
+    action_layer = settings.action_layer_for(cfg["text_config"]["num_hidden_layers"])
     llm = start_engine(
         model_dir, len(tasks) * episodes_per_task, {"layer": layer, "action_layer": action_layer}
     )
@@ -397,7 +399,7 @@ def evaluate_pruners(
         "model": str(model_dir),
         "layer_k": layer,
         "action_layer": action_layer,
-        "semantic_rows": semantic_rows,
+        "semantic_rows": settings.semantic_rows,
         "goals": goals,
         "tasks": tasks,
         "episodes_per_task": episodes_per_task,
