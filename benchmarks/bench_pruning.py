@@ -1,6 +1,6 @@
 """Scoring + selection cost of the pruning core alone (vllm_vla_pruner/bench/pruning_bench.py)."""
 
-from vllm_vla_pruner.bench.pruning_bench import main
+from vllm_vla_pruner.research.bench.pruning_bench import main
 
 if __name__ == "__main__":
     main()

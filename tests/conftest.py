@@ -28,7 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``tiny`` preset checkpoint (seed 0), built once per test session."""
-    from vllm_vla_pruner.checkpoint import build_checkpoint
+    from vllm_vla_pruner.research.checkpoint import build_checkpoint
 
     return build_checkpoint("tiny", tmp_path_factory.mktemp("tiny_ckpt"), seed=0)
 

@@ -25,10 +25,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_fleet(tiny_ckpt: Path) -> Iterator[object]:
-    """A started :class:`vla_serve.fleet.Fleet`: 2 engine replicas, fast health checks."""
+    """A started ``Fleet``: 2 engine replicas, fast health checks."""
     pytest.importorskip("ray.serve")
-    from vla_serve.config import parse_config
-    from vla_serve.fleet import start_fleet, stop_fleet
+    from vllm_vla_pruner.serve.config import parse_config
+    from vllm_vla_pruner.serve.fleet import start_fleet, stop_fleet
 
     cfg = parse_config(
         {

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vllm_vla_pruner.checkpoint import (
+from vllm_vla_pruner.config import action_vocab_size, num_visual_tokens, tower_specs
+from vllm_vla_pruner.research.checkpoint import (
     build_checkpoint,
     build_config,
     build_tokenizer,
@@ -18,7 +19,6 @@ from vllm_vla_pruner.checkpoint import (
     preset_config,
     preset_names,
 )
-from vllm_vla_pruner.config import action_vocab_size, num_visual_tokens, tower_specs
 
 PROMPT = "In: What action should the robot take to {}?\nOut:"
 

@@ -32,7 +32,7 @@ def _image(seed: int, side: int = 64) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt):
-    from vllm_vla_pruner.reference import ReferenceOpenVLA
+    from vllm_vla_pruner.research.reference import ReferenceOpenVLA
 
     return ReferenceOpenVLA.from_pretrained(tiny_ckpt)
 

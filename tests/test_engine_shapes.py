@@ -20,9 +20,9 @@ K = 2
 
 @pytest.fixture(scope="module")
 def deep_single_tower(tmp_path_factory):
-    from vllm_vla_pruner.checkpoint import build_checkpoint
     from vllm_vla_pruner.engine.local import make_llm
-    from vllm_vla_pruner.reference import ReferenceOpenVLA
+    from vllm_vla_pruner.research.checkpoint import build_checkpoint
+    from vllm_vla_pruner.research.reference import ReferenceOpenVLA
 
     tmp = tmp_path_factory.mktemp("deep")
     ckpt = build_checkpoint(

@@ -7,11 +7,16 @@ import json
 from collections import Counter
 
 import pytest
-from vla_serve.config import FleetConfigError, load_config, parse_config
-from vla_serve.hashring import HashRing, key_hash
-from vla_serve.simulator import PhaseResult, load_factor, percentile, robots_at_budget
 
 from vllm_vla_pruner.metrics import IngressMetrics, ModelDims, ReplicaMetrics, flops_saved, render
+from vllm_vla_pruner.research.bench.fleet_simulator import (
+    PhaseResult,
+    load_factor,
+    percentile,
+    robots_at_budget,
+)
+from vllm_vla_pruner.serve.config import FleetConfigError, load_config, parse_config
+from vllm_vla_pruner.serve.hashring import HashRing, key_hash
 
 # ----------------------------------------------------------------------------- config
 

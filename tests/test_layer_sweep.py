@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vllm_vla_pruner.sim.layer_sweep import markdown, parse_grid, render
+from vllm_vla_pruner.research.sim.layer_sweep import markdown, parse_grid, render
 
 
 def _cell(settings: dict, success: float, lost: int) -> dict:

@@ -15,7 +15,7 @@ pytest.importorskip("metaworld", reason="Meta-World is installed by scripts/setu
 
 
 def test_one_episode_through_the_engine(tmp_path):
-    from vllm_vla_pruner.sim.benchmark import DEFAULT_MODEL, evaluate_pruners
+    from vllm_vla_pruner.research.sim.benchmark import DEFAULT_MODEL, evaluate_pruners
 
     model = Path(os.environ.get("VLA_TEST_METAWORLD_MODEL", DEFAULT_MODEL))
     assert (model / "config.json").exists(), f"the embedded model is missing at {model}"
@@ -54,8 +54,8 @@ def test_one_episode_through_the_engine(tmp_path):
 
 def test_layer_sweep_smoke(tmp_path):
     """``bench metaworld-layers`` on one short validation episode and a one-cell grid."""
-    from vllm_vla_pruner.sim.benchmark import DEFAULT_MODEL
-    from vllm_vla_pruner.sim.layer_sweep import parse_grid, sweep
+    from vllm_vla_pruner.research.sim.benchmark import DEFAULT_MODEL
+    from vllm_vla_pruner.research.sim.layer_sweep import parse_grid, sweep
 
     model = Path(os.environ.get("VLA_TEST_METAWORLD_MODEL", DEFAULT_MODEL))
     grid = parse_grid(["layer=1", "action_layer=0"])

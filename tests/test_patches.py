@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from vllm_vla_pruner.patches import VLLM_VERSION_PINNED, check_vllm_version
 
 
@@ -55,6 +56,7 @@ print("ok")
 
 def test_engine_args_constraints_for_openvla(tiny_ckpt):
     from vllm.engine.arg_utils import EngineArgs
+
     from vllm_vla_pruner.patches.engine_args import constrain, is_openvla_checkpoint
 
     assert is_openvla_checkpoint(str(tiny_ckpt))

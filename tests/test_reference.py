@@ -12,9 +12,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vllm_vla_pruner.actions import UnknownUnnormKey
-from vllm_vla_pruner.checkpoint import build_checkpoint
 from vllm_vla_pruner.config import tower_specs
-from vllm_vla_pruner.reference import ReferenceOpenVLA
+from vllm_vla_pruner.research.checkpoint import build_checkpoint
+from vllm_vla_pruner.research.reference import ReferenceOpenVLA
 
 INSTRUCTIONS = ["pick up the red block", "open the top drawer", "put the bowl on the plate"]
 

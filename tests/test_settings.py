@@ -40,7 +40,7 @@ def test_unknown_setting_names_its_source(source: str) -> None:
 def test_benchmark_runs_the_layers_a_deployment_would() -> None:
     """``bench metaworld`` resolves K and the action layer as the engine does: flags over the
     checkpoint's recommendation over the paper's defaults, checked against the depth."""
-    from vllm_vla_pruner.sim.benchmark import pruning_layers_for
+    from vllm_vla_pruner.research.sim.benchmark import pruning_layers_for
 
     def cfg(layers: int, recommended: dict | None = None) -> dict:
         out = {"text_config": {"num_hidden_layers": layers}}

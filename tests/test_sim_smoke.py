@@ -13,19 +13,19 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 pytest.importorskip("metaworld", reason="metaworld==3.1.1 is not installed (pip install .[sim])")
 
 from vllm_vla_pruner.actions import ActionDecoder  # noqa: E402
-from vllm_vla_pruner.sim.data import (  # noqa: E402
+from vllm_vla_pruner.research.sim.data import (  # noqa: E402
     NORM_STATS_KEY,
     action_norm_stats,
     collect_expert,
     concat,
     empty_dataset,
 )
-from vllm_vla_pruner.sim.evaluate import (  # noqa: E402
+from vllm_vla_pruner.research.sim.evaluate import (  # noqa: E402
     paired_ratio_ci,
     rollout_lockstep,
     wilson_interval,
 )
-from vllm_vla_pruner.sim.metaworld_env import (  # noqa: E402
+from vllm_vla_pruner.research.sim.metaworld_env import (  # noqa: E402
     DEFAULT_TASKS,
     EVAL_SEED_OFFSET,
     INSTRUCTION_PAIRS,
@@ -145,8 +145,8 @@ def test_lockstep_rollout_indexes_episodes_across_chunks() -> None:
 
 @pytest.mark.skipif(not (ASSET / "model.safetensors").exists(), reason="no embedded checkpoint")
 def test_embedded_checkpoint_acts_in_the_env() -> None:
-    from vllm_vla_pruner.reference import ReferenceOpenVLA
-    from vllm_vla_pruner.sim.evaluate import ReferencePolicy
+    from vllm_vla_pruner.research.reference import ReferenceOpenVLA
+    from vllm_vla_pruner.research.sim.evaluate import ReferencePolicy
 
     policy = ReferencePolicy(ReferenceOpenVLA.from_pretrained(ASSET))
     env = make_task(DEFAULT_TASKS[0], policy.model.image_size)
@@ -157,8 +157,8 @@ def test_embedded_checkpoint_acts_in_the_env() -> None:
 
 
 def test_lockstep_chunks_take_tasks_in_turn_so_the_env_pool_stays_small() -> None:
-    from vllm_vla_pruner.sim import metaworld_env
-    from vllm_vla_pruner.sim.evaluate import _round_robin_by_task
+    from vllm_vla_pruner.research.sim import metaworld_env
+    from vllm_vla_pruner.research.sim.evaluate import _round_robin_by_task
 
     a, b = "drawer-open-v3", "drawer-close-v3"
     pairs = [(a, 1), (a, 2), (a, 3), (b, 1), (b, 2), (b, 3)]

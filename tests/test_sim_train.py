@@ -11,10 +11,10 @@ import pytest
 os.environ.setdefault("MUJOCO_GL", "egl")
 pytest.importorskip("metaworld", reason="metaworld==3.1.1 is not installed (pip install .[sim])")
 
-from vllm_vla_pruner.reference import ReferenceOpenVLA  # noqa: E402
-from vllm_vla_pruner.sim.data import collect_expert, save_dataset  # noqa: E402
-from vllm_vla_pruner.sim.metaworld_env import VAL_SEED_OFFSET, val_seeds  # noqa: E402
-from vllm_vla_pruner.sim.train import DAGGER_SEED_OFFSET, dagger_seeds, main  # noqa: E402
+from vllm_vla_pruner.research.reference import ReferenceOpenVLA  # noqa: E402
+from vllm_vla_pruner.research.sim.data import collect_expert, save_dataset  # noqa: E402
+from vllm_vla_pruner.research.sim.metaworld_env import VAL_SEED_OFFSET, val_seeds  # noqa: E402
+from vllm_vla_pruner.research.sim.train import DAGGER_SEED_OFFSET, dagger_seeds, main  # noqa: E402
 
 ASSET = Path(__file__).resolve().parents[1] / "vllm_vla_pruner" / "assets" / "metaworld-vla"
 

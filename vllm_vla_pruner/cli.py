@@ -47,7 +47,7 @@ def _checkpoint_configure(p: argparse.ArgumentParser) -> None:
 
 
 def _checkpoint_run(args: argparse.Namespace, extra: list[str]) -> int:
-    from vllm_vla_pruner.checkpoint import build_checkpoint
+    from vllm_vla_pruner.research.checkpoint import build_checkpoint
 
     t0 = time.perf_counter()
     out = build_checkpoint(args.preset, args.out, args.seed)
@@ -157,13 +157,13 @@ def _serve_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _bench_configure(p: argparse.ArgumentParser) -> None:
-    from vllm_vla_pruner.bench.cli import configure
+    from vllm_vla_pruner.research.bench.cli import configure
 
     configure(p)
 
 
 def _bench_run(args: argparse.Namespace, extra: list[str]) -> int:
-    from vllm_vla_pruner.bench.cli import run
+    from vllm_vla_pruner.research.bench.cli import run
 
     return run(args, extra)
 
@@ -173,7 +173,7 @@ def _demo_configure(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(args: argparse.Namespace, extra: list[str]) -> int:
-    from vllm_vla_pruner.sim.benchmark import demo
+    from vllm_vla_pruner.research.sim.benchmark import demo
 
     return demo([*args.args, *extra])
 
@@ -182,13 +182,19 @@ def _demo_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _fleet_configure(p: argparse.ArgumentParser) -> None:
-    from vla_serve.fleet import configure_cli
+    from vllm_vla_pruner.serve.fleet import configure_cli
 
     configure_cli(p)
 
 
 def _fleet_run(args: argparse.Namespace, extra: list[str]) -> int:
-    from vla_serve.fleet import run_cli
+    from vllm_vla_pruner.serve.fleet import run_cli
+
+    if args.action == "up":  # a preset model is a research checkpoint: build it here
+        from vllm_vla_pruner.research.checkpoint import build_fleet_preset
+        from vllm_vla_pruner.serve.config import load_config
+
+        build_fleet_preset(load_config(args.config).model)
 
     return run_cli(args, extra)
 

@@ -407,7 +407,7 @@ def pixel_values_from_uint8(images: np.ndarray, dtype: Any = None) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m vllm_vla_pruner.sim.evaluate --model DIR``: PyTorch-reference evaluation."""
+    """``python -m vllm_vla_pruner.research.sim.evaluate --model DIR``: reference evaluation."""
     import argparse
     import json
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vla_serve.config import FleetConfig, FleetConfigError, load_config
+from vllm_vla_pruner.serve.config import FleetConfig, FleetConfigError, load_config
 
 __all__ = [
     "Fleet",
@@ -43,17 +43,17 @@ class Fleet:
 
 
 def ensure_checkpoint(cfg: FleetConfig) -> Path:
-    """The checkpoint directory; presets are built once into their cache directory."""
+    """The checkpoint directory, which must exist: presets are built by the CLI (``fleet up``)
+    or ``vllm_vla_pruner.research.checkpoint.build_fleet_preset`` before deploying."""
     path = cfg.model.checkpoint_dir()
     if (path / "config.json").is_file():
         return path
-    if cfg.model.preset is None:
-        raise FleetConfigError(f"model.path: {path} has no config.json")
-    from vllm_vla_pruner.checkpoint import build_checkpoint
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = build_checkpoint(cfg.model.preset, path, cfg.model.seed)
-    return Path(out or path)
+    hint = (
+        f"; build the preset first: vla-pruner checkpoint --preset {cfg.model.preset} --out {path}"
+        if cfg.model.preset
+        else ""
+    )
+    raise FleetConfigError(f"model.path: {path} has no config.json{hint}")
 
 
 def connect_ray(cfg: FleetConfig) -> bool:
@@ -105,7 +105,8 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
 def start_fleet(cfg: FleetConfig, timeout_s: float = 1800.0) -> Fleet:
     """Deploy (starting Ray if needed) and return once every replica's engine is up."""
     from ray import serve
-    from vla_serve.app import build_app
+
+    from vllm_vla_pruner.serve.app import build_app
 
     t0 = time.perf_counter()
     model_dir = ensure_checkpoint(cfg)
@@ -224,7 +225,7 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vla_serve.fleet up CONFIG`` (same as ``vla-pruner fleet up CONFIG``)."""
+    """``python -m vllm_vla_pruner.serve.fleet up CONFIG`` (= ``vla-pruner fleet up``)."""
     p = argparse.ArgumentParser(prog="vla-pruner fleet", description=__doc__.split("\n")[0])
     configure_cli(p)
     return run_cli(p.parse_args(argv), [])

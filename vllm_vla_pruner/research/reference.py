@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .actions import ActionDecoder
-from .config import VisionTowerSpec, image_size, load_config_json, tower_specs
+from vllm_vla_pruner.actions import ActionDecoder
+from vllm_vla_pruner.config import VisionTowerSpec, image_size, load_config_json, tower_specs
 
 __all__ = [
     "AttnRecord",

@@ -6,7 +6,7 @@ candidates (primary, then ``num_fallback_replicas`` successors) tried in order, 
 rejects (its ``max_ongoing_requests`` is full: overloaded) passed over for the next one, and a
 routing task that never drops a popped request. This subclass changes two things:
 
-- the ring is :class:`vla_serve.hashring.HashRing` (blake2b, no mmh3 dependency), the same
+- the ring is ``serve.hashring.HashRing`` (blake2b, no mmh3 dependency), the same
   code the unit tests check for stable assignment and minimal movement;
 - a replica whose actor died is taken off the ring at once (Ray's version only skips it in
   lookups until the controller's next broadcast), so its sessions settle on their successor
@@ -24,14 +24,15 @@ import logging
 from ray.serve._private.common import ReplicaID
 from ray.serve._private.constants import SERVE_LOGGER_NAME
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
-from vla_serve.hashring import HashRing
+
+from vllm_vla_pruner.serve.hashring import HashRing
 
 __all__ = ["ROUTER_CLASS", "SessionAffinityRouter"]
 
 logger = logging.getLogger(SERVE_LOGGER_NAME)
 
 #: Import path for ``RequestRouterConfig(request_router_class=...)``.
-ROUTER_CLASS = "vla_serve.routing.SessionAffinityRouter"
+ROUTER_CLASS = "vllm_vla_pruner.serve.routing.SessionAffinityRouter"
 
 
 def _ring_name(replica_id: ReplicaID) -> str:

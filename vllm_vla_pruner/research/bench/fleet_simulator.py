@@ -415,11 +415,13 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
     fleet = None
     t_start = time.perf_counter()
     if args.config:
-        from vla_serve.config import load_config
-        from vla_serve.fleet import start_fleet
+        from vllm_vla_pruner.research.checkpoint import build_fleet_preset
+        from vllm_vla_pruner.serve.config import load_config
+        from vllm_vla_pruner.serve.fleet import start_fleet
 
         over = {"replicas": args.replicas} if args.replicas else None
         cfg = load_config(args.config, over)
+        build_fleet_preset(cfg.model)
         print(f"starting fleet {cfg.name} from {args.config} ...", flush=True)
         fleet = start_fleet(cfg)
         url = fleet.url
@@ -445,7 +447,7 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
         replicas = _replicas(url)
     finally:
         if fleet is not None:
-            from vla_serve.fleet import stop_fleet
+            from vllm_vla_pruner.serve.fleet import stop_fleet
 
             stop_fleet(fleet)
     summary = {
@@ -503,7 +505,7 @@ def _replicas(url: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry of ``vla-pruner bench fleet`` (vllm_vla_pruner.bench.cli passes the argv)."""
+    """Entry of ``vla-pruner bench fleet`` (vllm_vla_pruner.research.bench.cli passes the argv)."""
     p = argparse.ArgumentParser(prog="vla-pruner bench fleet", description=__doc__.split("\n")[0])
     configure_cli(p)
     return run_cli(p.parse_args(argv), [])

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     model = args.model
     if model is None:
-        from vllm_vla_pruner.checkpoint import build_checkpoint
+        from vllm_vla_pruner.research.checkpoint import build_checkpoint
 
         model = Path(args.out) / "bench-ckpt"
         if not (model / "config.json").exists():

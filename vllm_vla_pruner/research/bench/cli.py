@@ -10,14 +10,23 @@ import argparse
 import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "engine": ("vllm_vla_pruner.bench.engine_bench:main", "pruned vs unpruned on the real engine"),
-    "pruning": ("vllm_vla_pruner.bench.pruning_bench:main", "scoring + selection cost alone"),
-    "metaworld": ("vllm_vla_pruner.sim.benchmark:main", "closed-loop success per pruner"),
+    "engine": (
+        "vllm_vla_pruner.research.bench.engine_bench:main",
+        "pruned vs unpruned on the real engine",
+    ),
+    "pruning": (
+        "vllm_vla_pruner.research.bench.pruning_bench:main",
+        "scoring + selection cost alone",
+    ),
+    "metaworld": ("vllm_vla_pruner.research.sim.benchmark:main", "closed-loop success per pruner"),
     "metaworld-layers": (
-        "vllm_vla_pruner.sim.layer_sweep:main",
+        "vllm_vla_pruner.research.sim.layer_sweep:main",
         "choose pruning / action layers on validation goals",
     ),
-    "fleet": ("vla_serve.simulator:main", "simulated robot fleet on Ray Serve"),
+    "fleet": (
+        "vllm_vla_pruner.research.bench.fleet_simulator:main",
+        "simulated robot fleet on Ray Serve",
+    ),
 }
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .config import OPENVLA_PROMPT, VisionTowerSpec, spec_to_dict, tower_specs
+from vllm_vla_pruner.config import OPENVLA_PROMPT, VisionTowerSpec, spec_to_dict, tower_specs
 
 __all__ = [
     "PRESETS",
@@ -634,7 +634,7 @@ def count_parameters(params: Mapping[str, Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m vllm_vla_pruner.checkpoint --preset tiny --out DIR [--seed S]``."""
+    """``python -m vllm_vla_pruner.research.checkpoint --preset tiny --out DIR [--seed S]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=preset_names())
     parser.add_argument("--out", required=True)
@@ -646,3 +646,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def build_fleet_preset(model: Any) -> Path:
+    """Build a fleet config's ``model.preset`` into its cache directory once (``model`` is a
+    ``vllm_vla_pruner.serve.config.ModelConfig``); an existing checkpoint is reused."""
+    path = model.checkpoint_dir()
+    if (path / "config.json").is_file() or model.preset is None:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(build_checkpoint(model.preset, path, model.seed) or path)

@@ -205,7 +205,7 @@ def load_dataset(path: str | Path) -> Dataset:
 
 
 def main() -> None:
-    """``python -m vllm_vla_pruner.sim.data --out FILE.npz``: cache expert demonstrations."""
+    """``python -m vllm_vla_pruner.research.sim.data --out FILE.npz``: cache expert demos."""
     import argparse
 
     from .metaworld_env import DEFAULT_TASKS

@@ -1,8 +1,8 @@
 """Train the embedded Meta-World VLA: the exact checkpoint format the plugin serves.
 
-``python -m vllm_vla_pruner.sim.train --out DIR [--minutes 60] ...``
+``python -m vllm_vla_pruner.research.sim.train --out DIR [--minutes 60] ...``
 
-1. Expert demonstrations (or ``--demos FILE.npz`` from ``python -m vllm_vla_pruner.sim.data``).
+1. Expert demos (or ``--demos FILE.npz`` from ``python -m vllm_vla_pruner.research.sim.data``).
 2. norm_stats (key ``metaworld``, 4 action dims) from the demo actions; a small random
    checkpoint from the checkpoint factory (one DINOv2-family tower, 64 px / patch 8 = 64
    visual tokens, a 4-layer Llama) loaded into :class:`ReferenceOpenVLA`.
@@ -61,7 +61,7 @@ def dagger_seeds(stage: int, round_index: int, n: int) -> list[int]:
 
 def model_overrides(args: argparse.Namespace, norm_stats: dict[str, Any]) -> dict[str, Any]:
     """Checkpoint-factory overrides of the ``tiny`` preset for the embedded model."""
-    from ..config import VisionTowerSpec
+    from vllm_vla_pruner.config import VisionTowerSpec
 
     tower = VisionTowerSpec(
         "dinov2",
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the embedded Meta-World VLA.")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    p.add_argument("--demos", help="cached demos (.npz from vllm_vla_pruner.sim.data)")
+    p.add_argument("--demos", help="cached demos (.npz from vllm_vla_pruner.research.sim.data)")
     p.add_argument("--init", help="continue from this checkpoint (weights + norm_stats)")
     p.add_argument("--first-round", type=float, default=0.35, help="first DAgger round, fraction")
     p.add_argument("--episodes", type=int, default=40, help="expert episodes per task")
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         logs, metas = args.replot.split(":")
         replot_from_logs(logs.split(","), metas.split(","), Path(args.out))
         return
-    command = "python -m vllm_vla_pruner.sim.train " + " ".join(
+    command = "python -m vllm_vla_pruner.research.sim.train " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
     train(args, command)
@@ -403,7 +403,7 @@ def train(args: argparse.Namespace, command: str) -> None:
             "checkpoint": tag,
             "validation": result,
             "history": {k: history[k] for k in ("evals", "dagger", "dagger_steps")},
-            "camera": "vllm_vla_pruner.sim.metaworld_env.DEFAULT_CAMERA",
+            "camera": "vllm_vla_pruner.research.sim.metaworld_env.DEFAULT_CAMERA",
         }
         (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
 

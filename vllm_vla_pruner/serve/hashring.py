@@ -3,7 +3,7 @@
 Why consistent hashing: a robot's temporal pruning history lives in one engine replica, so
 its frames must keep landing there; when a replica leaves, only the sessions it owned move
 (to their next replica clockwise) and everybody else stays put. Pure Python and Ray-free so
-the routing rule is unit-testable; :mod:`vla_serve.routing` plugs it into Ray Serve's router.
+the routing rule is unit-testable; ``serve.routing`` plugs it into Ray Serve's router.
 """
 
 from __future__ import annotations

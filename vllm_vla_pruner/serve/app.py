@@ -4,7 +4,7 @@
 ``ActionService``; ``VLAIngress`` (FastAPI) answers the robots:
 
 - ``POST /v1/actions``: validated here (garbage never reaches an engine), then sent to the
-  replica that owns the robot's session (:mod:`vla_serve.routing`: consistent hashing on the
+  replica that owns the robot's session (``serve.routing``: consistent hashing on the
   body's ``session_id`` or the ``X-Session-ID`` header, fallback replicas when the owner is
   full or gone). Every response, errors included, names the serving replica in
   ``X-VLA-Replica``. A replica that dies mid-request is retried on the session's next
@@ -560,7 +560,8 @@ class FleetIngress:
 def build_app(cfg: Any, model_dir: str | Path | None = None) -> Any:
     """FleetConfig -> a bound Serve application (ingress over the engine deployment)."""
     from ray.serve.config import AutoscalingConfig, RequestRouterConfig
-    from vla_serve.routing import ROUTER_CLASS
+
+    from vllm_vla_pruner.serve.routing import ROUTER_CLASS
 
     model_dir = str(model_dir or cfg.model.checkpoint_dir())
     rep = cfg.replica

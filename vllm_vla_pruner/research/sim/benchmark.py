@@ -28,7 +28,7 @@ from PIL import Image
 if TYPE_CHECKING:
     from vllm_vla_pruner.engine.settings import PruningSettings
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "metaworld-vla"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "metaworld-vla"
 PRUNERS = ("vlapruner", "fastv", "sparsevlm", "divprune", "random")
 KEEPS = (0.5, 0.25, 0.125)
 MAX_PARALLEL = 50  # episodes per engine call (``rollout_lockstep``'s chunk size)
