@@ -1,12 +1,17 @@
-"""One two-replica Ray Serve fleet on the ``tiny`` checkpoint per test session.
+"""One two-replica Ray Serve fleet on the ``tiny`` checkpoint per test module.
 
 Imported by ``tests/conftest.py``. Ray is imported only when a test asks for the fleet, so
 the rest of the suite does not pay for it. The pytest process is the Ray driver (a private,
 loopback-only local Ray), which lets tests find and ``ray.kill`` replica actors.
+
+The fleet runs with an API key (from a test-only variable, handed to ``start_fleet`` rather
+than set in this process's environment), so every fleet test also exercises the guard;
+clients send :data:`AUTH`.
 """
 
 from __future__ import annotations
 
+import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -14,7 +19,11 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["ray_fleet"]
+__all__ = ["AUTH", "FLEET_KEY", "FLEET_KEY_ENV", "ray_fleet"]
+
+FLEET_KEY_ENV = "VLA_TEST_FLEET_API_KEY"
+FLEET_KEY = "test-fleet-key-" + secrets.token_hex(8)
+AUTH = {"Authorization": f"Bearer {FLEET_KEY}"}
 
 
 def _free_port() -> int:
@@ -25,7 +34,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_fleet(tiny_ckpt: Path) -> Iterator[object]:
-    """A started ``Fleet``: 2 engine replicas, fast health checks."""
+    """A started ``Fleet``: 2 engine replicas, fast health checks, API key :data:`FLEET_KEY`."""
     pytest.importorskip("ray.serve")
     from vllm_vla_pruner.serve.config import parse_config
     from vllm_vla_pruner.serve.fleet import start_fleet, stop_fleet
@@ -46,10 +55,11 @@ def ray_fleet(tiny_ckpt: Path) -> Iterator[object]:
             "http": {"port": _free_port()},
             "metrics": {"report_interval_s": 0.5},
             "ray": {"num_cpus": 4},
+            "auth": {"api_key_env": FLEET_KEY_ENV},
         }
     )
     t0 = time.perf_counter()
-    fleet = start_fleet(cfg, timeout_s=900.0)
+    fleet = start_fleet(cfg, timeout_s=900.0, environ={FLEET_KEY_ENV: FLEET_KEY})
     print(f"\n[ray_fleet] 2-replica fleet ready in {time.perf_counter() - t0:.1f} s ({fleet.url})")
     try:
         yield fleet

@@ -516,6 +516,58 @@ def test_route_ok_and_errors():
     assert r.status_code == 422 and r.json()["error"]["field"] == "image"
 
 
+#: Nesting bombs (json.loads alone: RecursionError -> 500) and near misses, 400 naming the
+#: top-level field that holds the bomb when there is one.
+NESTING: list[tuple[str, bytes, str | None]] = [
+    ("list bomb", b"[" * 100_000 + b"]" * 100_000, None),
+    ("object bomb", b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "a"),
+    ("unclosed bomb", b"[" * 100_000, None),
+    ("bomb in pruning", b'{"image": "x", "pruning": ' + b"[" * 65 + b"]" * 65 + b"}", "pruning"),
+    (
+        "bomb after escapes",
+        b'{"instruction": "\\\\\\"]]", "p":' + b"[" * 65 + b"]" * 65 + b"}",
+        "p",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "field"), NESTING, ids=[n[0] for n in NESTING])
+def test_nesting_bomb_is_400_naming_the_field(name: str, raw: bytes, field: str | None):
+    from vllm_vla_pruner.api.json_body import MAX_JSON_DEPTH, parse_json_body
+
+    with pytest.raises(ApiError) as ei:
+        parse_json_body(raw)
+    assert ei.value.status == 400 and ei.value.field == field, ei.value
+    assert f"deeper than {MAX_JSON_DEPTH}" in ei.value.message
+    r = run(_post(make_app(make_service()), content=raw))
+    assert r.status_code == 400, r.text[:200]
+    assert r.json()["error"]["field"] == field
+
+
+def test_nesting_within_limit_and_brackets_in_strings_pass():
+    from vllm_vla_pruner.api.json_body import MAX_JSON_DEPTH, parse_json_body
+
+    deep = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    assert parse_json_body(deep) is not None
+    with pytest.raises(ApiError):
+        parse_json_body(b"[" + deep + b"]")
+    text = {"instruction": "[" * 500 + '\\"{' * 100, "image": "x"}
+    assert parse_json_body(json.dumps(text).encode()) == text
+    flat = json.dumps([[i] for i in range(1000)]).encode()
+    assert len(parse_json_body(flat)) == 1000
+
+
+def test_body_must_be_utf8_json():
+    from vllm_vla_pruner.api.json_body import parse_json_body
+
+    assert parse_json_body('{"a": "é"}'.encode()) == {"a": "é"}
+    assert parse_json_body(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}  # with a BOM
+    for raw in ('{"a": 1}'.encode("utf-16"), '{"a": 1}'.encode("utf-32"), b"", b"\xff{"):
+        with pytest.raises(ApiError) as ei:
+            parse_json_body(raw)
+        assert ei.value.status == 400 and ei.value.field is None
+
+
 def test_route_info_and_uninitialised():
     app = make_app(make_service())
 

@@ -1,8 +1,10 @@
 """The fleet end to end: a real two-replica Ray Serve fleet on the tiny checkpoint.
 
-Several simulated robots (threads, bounded request counts and time) each stick to one
-replica; a robot sending garbage gets 4xx without hurting the others; the Prometheus
-endpoints of the ingress and of every replica are scraped; and one replica is killed mid-run
+The fleet runs with an API key: every route but /health and /metrics refuses requests
+without it (401). Several simulated robots (threads, bounded request counts and time) each
+stick to one replica; a robot sending garbage (nesting bombs included) gets 4xx without
+hurting the others; the Prometheus endpoints of the ingress and of every replica are
+scraped; and one replica is killed mid-run
 (last test: it changes the fleet): its robots either succeed on retry or fail fast with a
 clear error, move to the survivor and warm up again; the other robots see no errors.
 """
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
+from tests.fleet_fixtures import AUTH, FLEET_KEY, FLEET_KEY_ENV
 
 pytestmark = pytest.mark.ray
 
@@ -43,7 +47,7 @@ def _frame(side: int, seed: int) -> str:
 def fleet_info(ray_fleet) -> dict[str, Any]:
     import httpx
 
-    r = httpx.get(f"{ray_fleet.url}/v1/actions/info", timeout=60.0)
+    r = httpx.get(f"{ray_fleet.url}/v1/actions/info", headers=AUTH, timeout=60.0)
     assert r.status_code == 200, r.text
     assert r.headers.get(REPLICA)
     return r.json()
@@ -107,7 +111,7 @@ def _drive(url: str, robots: list[Robot], frame: str, stop: threading.Event, max
     import httpx
 
     def loop(robot: Robot, header: bool) -> None:
-        with httpx.Client() as client:
+        with httpx.Client(headers=AUTH) as client:
             for i in range(max_steps):
                 if stop.is_set():
                     return
@@ -143,7 +147,7 @@ def _value(text: str, name: str, labels: str = "") -> float:
 def _replicas(url: str) -> dict[str, dict[str, Any]]:
     import httpx
 
-    reps = httpx.get(f"{url}/v1/fleet/replicas", timeout=10.0).json()["replicas"]
+    reps = httpx.get(f"{url}/v1/fleet/replicas", headers=AUTH, timeout=10.0).json()["replicas"]
     return {r["replica"]: r for r in reps}
 
 
@@ -152,7 +156,7 @@ def _pick_robots(url: str, frame: str, per_replica: int, prefix: str) -> dict[st
     import httpx
 
     by_rep: dict[str, list[Robot]] = defaultdict(list)
-    with httpx.Client() as client:
+    with httpx.Client(headers=AUTH) as client:
         for i in range(60):
             robot = Robot(f"{prefix}-{i}")
             _step(client, url, robot, frame, first=True, header=False)
@@ -179,8 +183,63 @@ def test_fleet_routes_and_metrics_discovery(ray_fleet, fleet_info) -> None:
     # Loopback only: the private Ray's node and the replicas' metrics servers.
     assert all(r["node_ip"] == "127.0.0.1" for r in reps.values()), reps
     assert all(r["metrics_url"].startswith("http://127.0.0.1:") for r in reps.values()), reps
-    targets = httpx.get(f"{ray_fleet.url}/v1/fleet/metrics_targets", timeout=10.0).json()
+    targets = httpx.get(
+        f"{ray_fleet.url}/v1/fleet/metrics_targets", headers=AUTH, timeout=10.0
+    ).json()
     assert len(targets) == 2 and all(t["targets"] for t in targets)
+
+
+def test_api_key_guards_all_but_health_and_metrics(ray_fleet, frame) -> None:
+    """vLLM's --api-key semantics on the real ingress: Bearer key or 401 in the error shape."""
+    import httpx
+
+    url = ray_fleet.url
+    guarded = [
+        ("POST", "/v1/actions", {"json": _body(frame, "auth-robot")}),
+        ("GET", "/v1/actions/info", {}),
+        ("GET", "/v1/fleet/replicas", {}),
+        ("GET", "/v1/fleet/metrics_targets", {}),
+        ("GET", "/v1/fleet/sessions", {}),
+        ("GET", "/v1/no/such/route", {}),
+    ]
+    wrong = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {FLEET_KEY}"},
+             {"Authorization": FLEET_KEY}, {"X-API-Key": FLEET_KEY}]  # fmt: skip
+    with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client:
+        for method, path, kw in guarded:
+            for headers in wrong:
+                r = client.request(method, f"{url}{path}", headers=headers, **kw)
+                assert r.status_code == 401, (path, headers, r.text[:200])
+                assert r.headers["www-authenticate"] == "Bearer"
+                assert r.headers.get(REPLICA) == "ingress"
+                assert r.json()["error"]["type"] == "unauthorized"
+        for path in ("/health", "/metrics"):
+            assert client.get(f"{url}{path}").status_code == 200, path
+        # The key opens the same routes; the scheme is case-insensitive, as in vLLM.
+        r = client.post(f"{url}/v1/actions", json=_body(frame, "auth-robot"), headers=AUTH)
+        assert r.status_code == 200, r.text[:300]
+        lower = {"Authorization": f"bearer {FLEET_KEY}"}
+        assert client.get(f"{url}/v1/fleet/sessions", headers=lower).status_code == 200
+    ingress = _scrape(f"{url}/metrics")
+    assert _value(ingress, "vla_ingress_errors_total", 'type="unauthorized"') >= 30
+    # Unknown paths share one label: a scanner cannot add series.
+    assert 'route="/v1/no/such/route"' not in ingress
+
+
+def test_fleet_status_cli_sends_the_key(ray_fleet, tmp_path, monkeypatch, capsys) -> None:
+    """``vla-pruner fleet status`` reads the key from the config's variable."""
+    import json
+
+    from vllm_vla_pruner.serve.fleet import main
+
+    cfg = ray_fleet.config.model_dump(mode="json")
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps(cfg))
+    monkeypatch.delenv(FLEET_KEY_ENV, raising=False)
+    assert main(["status", str(path)]) == 1
+    assert "unauthorized" in capsys.readouterr().out
+    monkeypatch.setenv(FLEET_KEY_ENV, FLEET_KEY)
+    assert main(["status", str(path)]) == 0
+    assert len(json.loads(capsys.readouterr().out)["replicas"]) == 2
 
 
 def test_robots_stick_to_one_replica_and_warm_up(ray_fleet, frame) -> None:
@@ -199,7 +258,8 @@ def test_robots_stick_to_one_replica_and_warm_up(ray_fleet, frame) -> None:
             assert {e[1] for e in robot.log} == {rep}, f"{robot.sid} changed replica"
             # vlapruner: window (3) warm-up frames from the new episode on, then pruned.
             assert [e[2] for e in robot.log] == [True] * 3 + [False] * 4, robot.log
-    sessions = __import__("httpx").get(f"{url}/v1/fleet/sessions", timeout=10.0).json()
+    sessions = __import__("httpx").get(f"{url}/v1/fleet/sessions", headers=AUTH, timeout=10.0)
+    sessions = sessions.json()
     for rep, rs in by_rep.items():
         for robot in rs:
             assert sessions[robot.sid]["replica"] == rep
@@ -224,14 +284,19 @@ def test_garbage_robot_gets_4xx_and_others_do_not_suffer(ray_fleet, frame) -> No
         ({"json": {**_body(frame, "bad-robot"), "colour": "red"}}, 422),
         ({"json": _body(frame, None), "headers": {"X-Session-ID": "r" * 300}}, 422),
         ({"content": b"x" * (9 << 20), "headers": {"content-type": "application/json"}}, 413),
+        ({"content": b"[" * 100_000 + b"]" * 100_000}, 400),  # nesting bombs: 400, not 500
+        ({"content": b'{"a":' * 100_000 + b"1" + b"}" * 100_000}, 400),
+        ({"content": b'{"instruction": "x", "pruning": ' + b"[" * 70 + b"]" * 70 + b"}"}, 400),
     ]
-    with httpx.Client() as client:
+    with httpx.Client(headers=AUTH) as client:
         for _ in range(2):
             for kwargs, status in garbage:
                 r = client.post(f"{url}/v1/actions", timeout=CLIENT_TIMEOUT_S, **kwargs)
                 assert r.status_code == status, (kwargs.get("json", "raw"), r.text[:300])
                 assert r.headers.get(REPLICA), "every response names who answered"
                 assert "error" in r.json() and r.json()["error"]["message"]
+                if status == 400 and b"pruning" in kwargs.get("content", b""):
+                    assert r.json()["error"]["field"] == "pruning", r.text[:300]
     for t in threads:
         t.join(120.0)
     assert not any(t.is_alive() for t in threads)

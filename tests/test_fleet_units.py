@@ -1,5 +1,6 @@
-"""Fast checks of the fleet's pieces that need no Ray: config validation, the hash ring,
-the simulator's statistics and the metrics helpers."""
+"""Fast checks of the fleet's pieces that need no Ray: config validation, the API key rules
+and middleware, the session tables, the hash ring, the simulator's statistics and the
+metrics helpers."""
 
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ from vllm_vla_pruner.research.bench.fleet_simulator import (
     percentile,
     robots_at_budget,
 )
+from vllm_vla_pruner.serve.auth import (
+    ApiKeyMiddleware,
+    client_headers,
+    is_loopback,
+    key_digest,
+    resolve_api_key,
+)
 from vllm_vla_pruner.serve.config import FleetConfigError, load_config, parse_config
 from vllm_vla_pruner.serve.hashring import HashRing, key_hash
+from vllm_vla_pruner.serve.sessions import FrameGaps, SessionTable
 
 # ----------------------------------------------------------------------------- config
 
@@ -73,6 +82,13 @@ def test_config_json_and_overrides(tmp_path) -> None:
         ({"model": {"preset": "tiny"}, "http": {"route_prefix": "api"}}, "route_prefix"),
         ({"model": {"preset": "tiny"}, "name": "a b"}, "name"),
         ({"model": {"preset": "tiny"}, "colour": "red"}, "colour"),
+        ({"model": {"preset": "tiny"}, "auth": {"api_key": "s3cret"}}, "api_key_env"),
+        ({"model": {"preset": "tiny"}, "auth": {"api_key_env": "MY KEY"}}, "auth.api_key_env"),
+        ({"model": {"preset": "tiny"}, "auth": {"apikey_env": "K"}}, "auth.apikey_env"),
+        (
+            {"model": {"preset": "tiny"}, "auth": {"allow_unauthenticated": "maybe"}},
+            "auth.allow_unauthenticated",
+        ),
     ],
 )
 def test_config_rejects(data, names) -> None:
@@ -91,6 +107,143 @@ def test_config_bad_files(tmp_path) -> None:
     top.write_text("[1, 2]")
     with pytest.raises(FleetConfigError, match="mapping"):
         load_config(top)
+
+
+def test_config_key_in_file_is_refused_without_echoing_it() -> None:
+    with pytest.raises(FleetConfigError) as ei:
+        parse_config({"model": {"preset": "tiny"}, "auth": {"api_key": "s3cret-value"}})
+    assert "s3cret-value" not in str(ei.value)
+
+
+def test_shipped_configs_load() -> None:
+    from pathlib import Path
+
+    import vllm_vla_pruner.serve as serve_pkg
+
+    configs = Path(serve_pkg.__file__).parent / "configs"
+    cluster = load_config(configs / "cluster.yaml")
+    assert cluster.http.host == "0.0.0.0" and not cluster.auth.allow_unauthenticated
+    assert load_config(configs / "tiny.yaml").metrics.replica_host == "127.0.0.1"
+    assert parse_config({"model": {"preset": "tiny"}}).metrics.replica_host == "127.0.0.1"
+
+
+# ----------------------------------------------------------------------------- API key
+
+
+def _cfg(host: str, **auth) -> object:
+    return parse_config({"model": {"preset": "tiny"}, "http": {"host": host}, "auth": auth})
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("robots.example.org", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_api_key_off_by_default_on_loopback() -> None:
+    assert resolve_api_key(_cfg("127.0.0.1"), {}) is None
+    assert resolve_api_key(_cfg("localhost"), {"VLA_FLEET_API_KEY": ""}) is None  # empty: unset
+
+
+def test_api_key_from_the_named_variable_wherever_bound() -> None:
+    env = {"VLA_FLEET_API_KEY": "k1", "OTHER": "k2"}
+    assert resolve_api_key(_cfg("127.0.0.1"), env) == "k1"
+    assert resolve_api_key(_cfg("0.0.0.0"), env) == "k1"
+    assert resolve_api_key(_cfg("0.0.0.0", api_key_env="OTHER"), env) == "k2"
+    # A key, when given, is enforced even if running open was allowed.
+    assert resolve_api_key(_cfg("0.0.0.0", allow_unauthenticated=True), env) == "k1"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "robots.example.org"])
+def test_public_fleet_without_key_is_refused(host: str) -> None:
+    with pytest.raises(FleetConfigError, match=r"http\.host.*VLA_FLEET_API_KEY"):
+        resolve_api_key(_cfg(host), {})
+    with pytest.raises(FleetConfigError, match="MY_KEY"):
+        resolve_api_key(_cfg(host, api_key_env="MY_KEY"), {"VLA_FLEET_API_KEY": "k"})
+
+
+def test_public_fleet_without_key_when_explicitly_allowed() -> None:
+    assert resolve_api_key(_cfg("0.0.0.0", allow_unauthenticated=True), {}) is None
+
+
+def test_client_headers_follow_the_config() -> None:
+    assert client_headers(_cfg("127.0.0.1"), {}) == {}
+    cfg = _cfg("0.0.0.0", api_key_env="MY_KEY")
+    assert client_headers(cfg, {"MY_KEY": "abc"}) == {"Authorization": "Bearer abc"}
+
+
+def test_api_key_middleware() -> None:
+    """The ASGI guard on a small app, through httpx (the real ingress: tests/test_fleet.py)."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    rejected: list[str] = []
+    app = FastAPI()
+    for path in ("/health", "/metrics", "/v1/actions/info", "/v1/fleet/sessions"):
+        app.add_api_route(path, lambda: {"ok": True}, methods=["GET"])
+    app.add_middleware(
+        ApiKeyMiddleware, digest=key_digest("k1"), on_reject=rejected.append, headers={"X-A": "b"}
+    )
+
+    async def get(path: str, auth: str | None = None) -> httpx.Response:
+        headers = {"Authorization": auth} if auth is not None else {}
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.get(path, headers=headers)
+
+    def status(path: str, auth: str | None = None) -> int:
+        return asyncio.run(get(path, auth)).status_code
+
+    assert status("/health") == 200 and status("/metrics") == 200
+    assert status("/v1/actions/info", "Bearer k1") == 200
+    assert status("/v1/fleet/sessions", "bearer k1") == 200  # scheme is case-insensitive
+    for auth in (None, "", "Bearer", "Bearer ", "Bearer k2", "Bearer k1 ", "Basic k1", "k1"):
+        assert status("/v1/actions/info", auth) == 401, auth
+    assert status("/no/such/route") == 401  # unknown paths do not reveal what exists
+    r = asyncio.run(get("/v1/fleet/sessions", "Bearer nope"))
+    assert r.headers["www-authenticate"] == "Bearer" and r.headers["x-a"] == "b"
+    err = r.json()["error"]
+    assert err["type"] == "unauthorized" and "Authorization: Bearer" in err["message"]
+    assert rejected[-1] == "/v1/fleet/sessions" and "/health" not in rejected
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+def test_session_table_numbers_frames_and_notes_moves() -> None:
+    table = SessionTable(window_s=60.0, max_sessions=2)
+    a = table.next_frame("a")
+    assert a.seq == 1 and table.next_frame("a").seq == 2
+    assert not table.served(a, "r1") and not table.served(a, "r1")
+    assert table.served(a, "r2")  # moved
+    table.next_frame("b")
+    table.next_frame("c")  # over the bound: the least recently seen ("a") is forgotten
+    assert set(table.snapshot()) == {"b", "c"} and table.active() == 2
+    assert table.next_frame("a").seq == 1
+
+
+def test_frame_gaps_detect_frames_served_elsewhere() -> None:
+    gaps = FrameGaps(window_s=60.0, max_sessions=8)
+    assert not gaps.stale("r", 1)  # first frame seen here: nothing stale
+    assert not gaps.stale("r", 2)
+    assert gaps.stale("r", 5)  # frames 3 and 4 went to another replica
+    assert not gaps.stale("r", 6)
+    assert not gaps.stale("s", None) and not gaps.stale("s", None)  # unnumbered: no gaps
+    assert gaps.active() == 2
 
 
 # ----------------------------------------------------------------------------- hashing

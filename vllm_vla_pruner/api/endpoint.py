@@ -20,6 +20,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import State
 
+from vllm_vla_pruner.api.json_body import parse_json_body
 from vllm_vla_pruner.api.protocol import (
     SESSION_ID_HEADER,
     ActionRequest,
@@ -59,12 +60,9 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
 
 
 def parse_body(service: ActionService, body: bytes) -> ActionRequest:
-    """JSON bytes -> validated request; 400 for non-JSON, 422 naming the field otherwise."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}", field=None) from None
-    return parse_action_request(data, **service.validation_context())
+    """JSON bytes -> validated request; 400 for non-JSON or a nesting bomb, 422 naming the
+    field otherwise."""
+    return parse_action_request(parse_json_body(body), **service.validation_context())
 
 
 async def handle_action_body(

@@ -13,17 +13,21 @@ Example (YAML)::
     routing: {num_virtual_nodes: 100, num_fallback_replicas: 1}
     pruning: {method: none, keep_ratio: 0.25}
     http: {host: 127.0.0.1, port: 8000}
+    auth: {api_key_env: VLA_FLEET_API_KEY}   # the key itself: in that environment variable
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "DEFAULT_API_KEY_ENV",
+    "AuthSettings",
     "AutoscalingSettings",
     "FleetConfig",
     "FleetConfigError",
@@ -32,6 +36,8 @@ __all__ = [
 ]
 
 PRESETS = ("tiny", "bench")
+#: Where ``fleet up`` looks for the ingress's API key unless ``auth.api_key_env`` says otherwise.
+DEFAULT_API_KEY_ENV = "VLA_FLEET_API_KEY"
 
 
 class FleetConfigError(ValueError):
@@ -135,12 +141,45 @@ class HttpSettings(_Strict):
 
 
 class MetricsSettings(_Strict):
-    #: Each replica serves /metrics on its own port: bind address (0.0.0.0 on a cluster).
+    #: Each replica serves /metrics on its own port: bind address. Loopback unless set
+    #: (0.0.0.0 on a cluster so that Prometheus on another machine can scrape it).
     replica_host: str = "127.0.0.1"
     #: 0: a free port per replica (the ingress lists them at GET /v1/fleet/replicas).
     replica_port: int = Field(default=0, ge=0, le=65535)
     #: How often a replica pulls the worker's pruning counters.
     report_interval_s: float = Field(default=2.0, gt=0)
+
+
+class AuthSettings(_Strict):
+    """The ingress's API key, with vLLM's ``--api-key`` semantics (``Authorization: Bearer``).
+
+    The key is read from the environment of the process that deploys the fleet, never from
+    this file (configs get committed); whether a fleet may run without one is decided in
+    ``serve.auth.resolve_api_key``.
+    """
+
+    #: Environment variable holding the key; set and non-empty: every route but /health and
+    #: /metrics needs it.
+    api_key_env: str = DEFAULT_API_KEY_ENV
+    #: Serve a non-loopback ``http.host`` without a key (something else guards the port).
+    allow_unauthenticated: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_in_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError(
+                "api_key: do not put the key in the config; export it in the variable named "
+                f"by auth.api_key_env (default {DEFAULT_API_KEY_ENV})"
+            )
+        return data
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("must be an environment variable name (letters, digits, '_')")
+        return v
 
 
 class RaySettings(_Strict):
@@ -164,6 +203,7 @@ class FleetConfig(_Strict):
     http: HttpSettings = Field(default_factory=HttpSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @field_validator("name")
     @classmethod

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,18 +103,24 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"fleet at {url} not healthy after {timeout_s:.0f} s")
 
 
-def start_fleet(cfg: FleetConfig, timeout_s: float = 1800.0) -> Fleet:
-    """Deploy (starting Ray if needed) and return once every replica's engine is up."""
+def start_fleet(
+    cfg: FleetConfig, timeout_s: float = 1800.0, environ: Mapping[str, str] | None = None
+) -> Fleet:
+    """Deploy (starting Ray if needed) and return once every replica's engine is up.
+
+    ``environ`` (default ``os.environ``) is where the API key is looked up.
+    """
     from ray import serve
 
     from vllm_vla_pruner.serve.app import build_app
 
     t0 = time.perf_counter()
     model_dir = ensure_checkpoint(cfg)
+    app = build_app(cfg, model_dir, environ)  # refuses an unguarded public fleet before Ray
     owns = connect_ray(cfg)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     # serve.run returns once every replica's constructor (the engine start) finished.
-    serve.run(build_app(cfg, model_dir), name=cfg.name, route_prefix=cfg.http.route_prefix)
+    serve.run(app, name=cfg.name, route_prefix=cfg.http.route_prefix)
     url = fleet_url(cfg)
     _wait_healthy(url, timeout_s)
     return Fleet(cfg, url, model_dir, owns, time.perf_counter() - t0)
@@ -178,14 +185,16 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
     if args.action == "status":
         import httpx
 
+        from vllm_vla_pruner.serve.auth import client_headers
+
         url = fleet_url(cfg)
         try:
-            r = httpx.get(f"{url}/v1/fleet/replicas", timeout=10.0)
+            r = httpx.get(f"{url}/v1/fleet/replicas", headers=client_headers(cfg), timeout=10.0)
             print(json.dumps(r.json(), indent=2))
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ValueError) as exc:
             print(f"vla-pruner fleet: {url} not reachable: {exc}")
             return 1
-        return 0
+        return 0 if r.status_code == 200 else 1
     if args.action == "down":
         if not cfg.ray.address:
             print(
@@ -199,11 +208,22 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
     if args.detach and not cfg.ray.address:
         print("vla-pruner fleet: --detach needs ray.address (a local Ray ends with this process)")
         return 2
-    fleet = start_fleet(cfg)
+    try:
+        fleet = start_fleet(cfg)
+    except FleetConfigError as exc:
+        print(f"vla-pruner fleet: {exc}")
+        return 2
     n = cfg.replica_count()
+    from vllm_vla_pruner.serve.auth import resolve_api_key
+
+    guard = (
+        f"API key required (${cfg.auth.api_key_env})"
+        if resolve_api_key(cfg)
+        else "no API key (open to whoever reaches the port)"
+    )
     print(
         f"vla-pruner fleet: {cfg.name} ({n} replica{'s' * (n != 1)}, {fleet.model_dir}) ready "
-        f"at {fleet.url} in {fleet.start_s:.1f} s\n"
+        f"at {fleet.url} in {fleet.start_s:.1f} s; {guard}\n"
         f"  POST {fleet.url}/v1/actions   GET {fleet.url}/v1/actions/info   "
         f"GET {fleet.url}/metrics   GET {fleet.url}/v1/fleet/replicas",
         flush=True,
