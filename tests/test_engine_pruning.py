@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from tests.engine_fixtures import EngineHandle
+from vllm_vla_pruner.engine.plan import PruningResult
 from vllm_vla_pruner.pruning import PruneInputs, select_tokens
 
 pytestmark = pytest.mark.engine
@@ -49,6 +50,13 @@ def _request(ref, image, instruction, xargs=None, session=None, max_tokens=7):
         temperature=0, max_tokens=max_tokens, logprobs=0, extra_args=args or None
     )
     return prompt, params
+
+
+def _result(output) -> PruningResult:
+    """What the engine reports it did (the worker's outcome beside the scheduler's plan)."""
+    result = PruningResult.from_public(output.kv_transfer_params)
+    assert result is not None, output.kv_transfer_params
+    return result
 
 
 def _chosen_logprobs(output) -> list[float]:
@@ -97,7 +105,7 @@ def test_pruned_matches_reference(tiny_engine, reference, method, keep):
     )
     kept = _kept_of(tiny_engine, out)
     assert kept is not None and len(kept) == round(64 * keep)
-    assert out.kv_transfer_params["vla_pruner"]["num_keep"] == len(kept)
+    assert _result(out).outcome.visual_tokens_kept == len(kept)
     _assert_matches_reference(reference, image, ins, out, kept)
     # Pruning really changed the computation (else the comparison above proves little).
     unpruned = reference.generate(image, ins, max_new_tokens=7)
@@ -146,7 +154,7 @@ def test_keep_one_and_none_are_unpruned(tiny_engine, reference):
     for o in outs[1:]:
         assert o.outputs[0].token_ids == base
         assert _chosen_logprobs(o) == pytest.approx(_chosen_logprobs(outs[0]), abs=1e-5)
-        assert o.kv_transfer_params["vla_pruner"]["prune"] is False
+        assert _result(o).outcome.pruned is False
 
 
 def test_mixed_batch_equals_alone(tiny_engine, reference):
@@ -207,13 +215,14 @@ def test_temporal_history_warmup_and_new_episode(tiny_engine, reference):
                 )
             ]
         )
-        plans.append(out.kv_transfer_params["vla_pruner"])
+        plans.append(_result(out))
         if frame == 3:
             rec = [r for r in tiny_engine.trace().values() if r["session"] == session]
             assert rec and rec[-1]["had_history"], "4th frame must use the smoothed action scores"
             _assert_matches_reference(reference, _image(43), INSTRUCTIONS[0], out, rec[-1]["kept"])
-    assert [p["warmup"] for p in plans] == [True, True, True, False, False]
-    assert [p["num_keep"] for p in plans] == [64, 64, 64, 16, 16]
+    assert [p.warmup for p in plans] == [True, True, True, False, False]
+    assert [p.outcome.visual_tokens_kept for p in plans] == [64, 64, 64, 16, 16]
+    assert [p.outcome.used_history for p in plans] == [False, False, False, True, True]
     [out] = tiny_engine.generate(
         *[
             [x]
@@ -226,7 +235,7 @@ def test_temporal_history_warmup_and_new_episode(tiny_engine, reference):
             )
         ]
     )
-    assert out.kv_transfer_params["vla_pruner"]["warmup"] is True
+    assert _result(out).warmup is True
 
 
 def test_random_draws_per_robot_frame_and_replays(tiny_engine, reference):

@@ -80,7 +80,8 @@ def test_kv_groups_and_pruned_forward_match_reference(deep_single_tower):
         ],
         use_tqdm=False,
     )
-    assert outs[1].kv_transfer_params["vla_pruner"]["num_keep"] == 16  # 64 patches of 6 px
+    outcome = outs[1].kv_transfer_params["vla_pruner"]["outcome"]
+    assert outcome["visual_tokens_kept"] == 16  # 64 patches of 6 px
     records = [json.loads(line) for line in trace.read_text().splitlines()]
     kept = next(r["kept"] for r in records if r["req_id"].startswith(outs[1].request_id))
     for out, keep in ((outs[0], None), (outs[1], torch.tensor(kept))):

@@ -1,4 +1,5 @@
-"""The patches refuse other vLLM versions and are all installed by the plugin entry point."""
+"""The patches check the vLLM internals they touch by feature and are all installed by the
+plugin entry point."""
 
 from __future__ import annotations
 
@@ -7,20 +8,39 @@ import sys
 
 import pytest
 
-from vllm_vla_pruner.patches import VLLM_VERSION_PINNED, check_vllm_version
+from vllm_vla_pruner.patches.requirements import (
+    REQUIREMENTS,
+    IncompatibleVllmError,
+    Requirement,
+    check_vllm_internals,
+    missing_internals,
+)
 
 
-def test_installed_vllm_is_the_pinned_version():
-    import vllm
+def test_installed_vllm_has_every_internal_the_patches_touch():
+    assert missing_internals() == []
+    check_vllm_internals()
+    used_by = {r.used_by for r in REQUIREMENTS}
+    assert {"runner_hooks", "scheduler_plan", "engine.kv_spec", "runner_choice"} <= used_by
 
-    check_vllm_version()  # raises if the installed vLLM is not 0.32.x
-    assert vllm.__version__.startswith(VLLM_VERSION_PINNED)
 
-
-@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0", "0.320.0"])
-def test_other_vllm_versions_are_refused(version):
-    with pytest.raises(RuntimeError, match="written for vLLM 0.32"):
-        check_vllm_version(version)
+def test_a_missing_internal_is_named_with_what_uses_it():
+    runner = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+    fake = (
+        Requirement(f"{runner}._no_such_hook", "runner_hooks"),
+        Requirement(f"{runner}._model_forward", "runner_hooks", ("self", "no_such_param")),
+        Requirement("vllm.v1.attention.backend:CommonAttentionMetadata", "x", fields=("nope",)),
+        Requirement("vllm.no_such_module:Thing", "y"),
+        Requirement("vllm.v1.request:RequestStatus", "scheduler_plan", fields=("FINISHED_ERROR",)),
+    )
+    with pytest.raises(IncompatibleVllmError) as ei:
+        check_vllm_internals(fake)
+    msg = str(ei.value)
+    assert "GPUModelRunner._no_such_hook not found" in msg
+    assert "lacks parameters ['no_such_param']" in msg
+    assert "lacks fields ['nope']" in msg and "vllm.no_such_module:Thing not found" in msg
+    assert "FINISHED_ERROR" not in msg  # present: not reported
+    assert len(missing_internals(fake)) == 4
 
 
 def test_plugin_installs_every_hook_in_a_fresh_process():
@@ -38,6 +58,10 @@ from vllm_vla_pruner.engine.kv_spec import PrunedAttentionSpec, PrunedAttentionM
 import torch
 for cls in (Scheduler, GPUModelRunner, InputProcessor, EngineArgs):
     assert getattr(cls, "_vla_hooked", False), cls
+from vllm.v1.worker.gpu_worker import Worker
+import os
+assert Worker.load_model.__qualname__.startswith("apply."), Worker.load_model.__qualname__
+assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
 spec = PrunedAttentionSpec(block_size=32, num_kv_heads=2, head_size=16, dtype=torch.float32)
 assert KVCacheSpecRegistry.get_manager_class(spec) is PrunedAttentionManager
 full = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=16, dtype=torch.float32)

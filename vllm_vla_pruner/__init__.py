@@ -9,6 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+#: vLLM model runners whose forward the pruning hooks cover. The plugin makes the engine use
+#: one of them (``patches.runner_choice``) and refuses to start otherwise.
+SUPPORTED_RUNNERS: tuple[str, ...] = ("v1",)
 MODEL_ARCH = "OpenVLAForActionPrediction"
 _registered = False
 

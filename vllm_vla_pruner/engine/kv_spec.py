@@ -3,7 +3,9 @@
 Layers >= K store KV only for BOS, the kept visual tokens and the text/action tokens. Giving
 those layers their own spec type puts them in their own KV cache group(s) (vLLM's hybrid KV
 cache), with their own block tables; this group's manager sizes each request for
-``num_tokens - P`` slots, where P = M - num_keep was fixed by the scheduler-side plan.
+``num_tokens - P`` slots, where P = M - num_keep was fixed by the scheduler-side plan
+(read from the scheduler's :class:`~vllm_vla_pruner.engine.scheduler_state.SchedulerPruning`,
+which the scheduler patch attaches to these managers).
 
 The spec is a plain ``AttentionSpec`` subclass on purpose: a ``FullAttentionSpec`` subclass
 would be merged back into the full-attention group.
@@ -12,26 +14,14 @@ would be merged back into the full-attention group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
-# request id -> P, written by the scheduler hook in the engine-core process.
-_PRUNED_SLOTS: dict[str, int] = {}
-
-
-def set_pruned_slots(request_id: str, num_slots: int) -> None:
-    if num_slots > 0:
-        _PRUNED_SLOTS[request_id] = num_slots
-
-
-def forget_request(request_id: str) -> None:
-    _PRUNED_SLOTS.pop(request_id, None)
-
-
-def pruned_slots_of(request_id: str) -> int:
-    return _PRUNED_SLOTS.get(request_id, 0)
+if TYPE_CHECKING:
+    from vllm_vla_pruner.engine.scheduler_state import SchedulerPruning
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,12 +55,18 @@ class PrunedAttentionSpec(AttentionSpec):
 class PrunedAttentionManager(FullAttentionManager):
     """Allocates ``num_tokens - P`` slots per request; everything else as full attention."""
 
+    #: Set by the scheduler patch when the scheduler's pruning state is created.
+    pruning: SchedulerPruning | None = None
+
+    def _pruned_slots(self, request_id: str) -> int:
+        return self.pruning.pruned_slots(request_id) if self.pruning is not None else 0
+
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args, **kwargs) -> int:
-        num_tokens = max(num_tokens - pruned_slots_of(request_id), 0)
+        num_tokens = max(num_tokens - self._pruned_slots(request_id), 0)
         return super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
-        p = pruned_slots_of(request_id)
+        p = self._pruned_slots(request_id)
         return super().allocate_new_blocks(
             request_id, max(num_tokens - p, 0), max(num_tokens_main_model - p, 0)
         )

@@ -2,7 +2,7 @@
 
 The scheduler must know up front how many KV slots layers >= K need, so the number of kept
 visual tokens (and whether this frame is a warm-up frame) is fixed here, in the engine-core
-process, and written into the request's ``extra_args[vla_plan]``, which travels to the worker.
+process, as a :class:`~vllm_vla_pruner.engine.plan.PruningPlan` that travels to the worker.
 The worker then decides *which* tokens to keep at layer K, always exactly ``num_keep``.
 """
 
@@ -14,11 +14,11 @@ import zlib
 from collections import OrderedDict
 from typing import Any
 
+from vllm_vla_pruner.engine.plan import PruningPlan
 from vllm_vla_pruner.engine.settings import (
     KEY_KEEP_RATIO,
     KEY_METHOD,
     KEY_NEW_EPISODE,
-    KEY_PLAN,
     KEY_SESSION,
     PruningSettings,
 )
@@ -69,7 +69,7 @@ def make_plan(
     settings: PruningSettings,
     frames: FrameCounter,
     request_seed: int | None = None,
-) -> dict[str, Any]:
+) -> PruningPlan:
     """The request's pruning plan; ``prune`` False means this frame runs unpruned."""
     args = extra_args or {}
     method = args.get(KEY_METHOD, settings.method)
@@ -84,28 +84,17 @@ def make_plan(
     warmup = bool(session) and history and prior < settings.window
     num_keep = num_visual if method == "none" else budget_for(num_visual, keep_ratio)
     prune = method != "none" and not warmup and num_keep < num_visual
-    return {
-        "method": method,
-        "keep_ratio": 1.0 if method == "none" else keep_ratio,
-        "num_visual": num_visual,
-        "visual_start": visual_start,
-        "num_keep": num_keep if prune else num_visual,
-        "prune": prune,
-        "warmup": warmup,
-        "session": session,
-        "new_episode": new_episode,
-        "track_actions": bool(session) and history,
-        "seed": random_seed(session, prior, request_seed),
-    }
-
-
-def plan_of(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
-    return (extra_args or {}).get(KEY_PLAN)
-
-
-def pruned_slots(extra_args: dict[str, Any] | None) -> int:
-    """P: KV slots layers >= K do not need for this request."""
-    plan = plan_of(extra_args)
-    if not plan or not plan["prune"]:
-        return 0
-    return plan["num_visual"] - plan["num_keep"]
+    return PruningPlan(
+        method=method,
+        keep_ratio=1.0 if method == "none" else keep_ratio,
+        num_visual=num_visual,
+        visual_start=visual_start,
+        num_keep=num_keep if prune else num_visual,
+        prune=prune,
+        warmup=warmup,
+        session=session,
+        new_episode=new_episode,
+        track_actions=bool(session) and history,
+        expects_history=prune and bool(session) and history,
+        seed=random_seed(session, prior, request_seed),
+    )

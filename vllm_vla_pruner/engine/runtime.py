@@ -12,9 +12,13 @@ Runs vLLM's own Llama layers. For a step that carries pruned requests:
 * at the action layer, each tracked request's action queries (the last prompt row, then each
   decode row) are scored against the visual keys; when the request has emitted its action the
   mean goes into the robot's temporal history;
-* final hidden states are scattered back to the runner's row order for the sampler.
+* final hidden states are scattered back to the runner's row order for the sampler;
+* every planned request's first forward reports a :class:`PruneOutcome` (what it actually
+  kept) through the step channel; the scheduler fails a request planned to be pruned that
+  reports none, so a forward that bypassed this code can never be taken for a pruned one.
 
-A step without pruning plans takes the plain loop (identical to vLLM's LlamaModel).
+A step without pruning plans takes the plain loop (identical to vLLM's LlamaModel); so do
+vLLM's dummy and profiling runs, which carry no step context.
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ from typing import Any
 import torch
 
 from vllm_vla_pruner.config import grid_shape
-from vllm_vla_pruner.engine import step as step_ctx
+from vllm_vla_pruner.engine.plan import PruneOutcome, PruningPlan
 from vllm_vla_pruner.engine.settings import PruningSettings
+from vllm_vla_pruner.engine.step import StepChannel, StepContext
 from vllm_vla_pruner.pruning import (
     ActionHistory,
-    PruneInputs,
+    QKRequest,
     action_scores,
     attention_rows,
-    select_batch,
+    checks,
+    select_from_qk,
 )
 
 PAD_SLOT_ID = -1
@@ -71,7 +77,7 @@ class _Req:
     """One request's rows in this step."""
 
     req_id: str
-    plan: dict[str, Any] | None
+    plan: PruningPlan | None
     max_tokens: int
     q_start: int  # row offset in the runner's layout
     q_len: int
@@ -81,6 +87,8 @@ class _Req:
     prune_now: bool = False  # choose kept tokens in this step (its prefill)
     kept: torch.Tensor | None = None  # original visual ids kept (prune_now only)
     had_history: bool = False  # the selection used the robot's smoothed action scores
+    recomputed: bool = False  # preempted and re-prefilled with its generated tokens
+    prompt_len: int = 0  # rows of this step that are the prompt (prefills)
     row: int = 0  # row offset in the current (possibly compacted) layout
     rows_now: int = 0
 
@@ -92,6 +100,9 @@ class PruneStats:
     steps_pruned: int = 0
     requests_pruned: int = 0
     warmup_frames: int = 0
+    history_missing: int = 0  # pruned frames whose expected action history was gone
+    recomputed: int = 0  # re-prefills after preemption (action attention not recorded)
+    actions_recorded: int = 0  # complete actions whose attention entered a robot's history
     visual_tokens_total: int = 0
     visual_tokens_kept: int = 0
     select_seconds: float = 0.0
@@ -125,6 +136,7 @@ class PrunedDecoder:
         self._lock = threading.Lock()
         self.kv_blocks_log: deque[tuple[str, list[int]]] = deque(maxlen=4096)
         self._trace_path = os.environ.get("VLA_PRUNER_TRACE")
+        self.channel = StepChannel()
         if self.settings.separate_kv_group:
             self._use_pruned_kv_spec(model)
 
@@ -147,7 +159,7 @@ class PrunedDecoder:
 
     def run(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         lm = self.model.language_model.model
-        ctx = step_ctx.current()
+        ctx = self.channel.current
         if ctx is None or not any(r.plan for r in ctx.requests):
             return self._plain(lm, embeds, positions)
         return self._pruned(lm, ctx, embeds, positions)
@@ -162,10 +174,15 @@ class PrunedDecoder:
 
     # ------------------------------------------------------------------ pruned step
 
-    def _describe(self, ctx: step_ctx.StepContext) -> list[_Req]:
+    def _describe(self, ctx: StepContext) -> list[_Req]:
         cm = ctx.common_metadata[0]
         qsl = cm.query_start_loc_cpu.tolist()
-        seq_lens = cm.seq_lens.cpu().tolist()
+        # The runner's CPU copy (num_computed + scheduled; exact without speculative drafts,
+        # which this plugin does not run): reading the device copy would stall the GPU.
+        seq_cpu = cm.seq_lens_cpu_upper_bound
+        if seq_cpu is None or (checks.enabled() and not torch.equal(seq_cpu, cm.seq_lens.cpu())):
+            seq_cpu = cm.seq_lens.cpu()
+        seq_lens = seq_cpu.tolist()
         reqs = []
         for i, sr in enumerate(ctx.requests):
             q_start, q_len = qsl[i], qsl[i + 1] - qsl[i]
@@ -173,9 +190,18 @@ class PrunedDecoder:
                 sr.req_id, sr.plan, sr.max_tokens, q_start, q_len, seq_lens[i] - q_len, seq_lens[i]
             )
             plan = sr.plan
-            if plan and plan["prune"]:
-                r.shift = plan["num_visual"] - plan["num_keep"]
-                end_visual = plan["visual_start"] + plan["num_visual"]
+            if plan is not None and r.num_computed == 0:
+                # A first prefill has exactly the prompt's rows; a recompute after preemption
+                # also carries the tokens generated before it.
+                r.recomputed = q_len > sr.num_prompt_tokens
+                r.prompt_len = min(q_len, sr.num_prompt_tokens)
+                self.stats.recomputed += int(r.recomputed)
+                if not plan.prune:
+                    total = plan.num_visual
+                    self._report(r, PruneOutcome(False, total, total, recomputed=r.recomputed))
+            if plan is not None and plan.prune:
+                r.shift = plan.pruned_slots
+                end_visual = plan.visual_start + plan.num_visual
                 if r.num_computed == 0:
                     r.prune_now = True
                 elif r.num_computed < end_visual:
@@ -188,7 +214,7 @@ class PrunedDecoder:
         return reqs
 
     def _pruned(
-        self, lm: Any, ctx: step_ctx.StepContext, embeds: torch.Tensor, positions: torch.Tensor
+        self, lm: Any, ctx: StepContext, embeds: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         reqs = self._describe(ctx)
         for r in reqs:
@@ -241,64 +267,89 @@ class PrunedDecoder:
     # ------------------------------------------------------------------ selection (layer K-1)
 
     def _select(self, reqs: list[_Req], q: torch.Tensor, k: torch.Tensor, embeds: torch.Tensor):
+        """Kept visual tokens of every request prefilled now, from layer K-1's q/k: only the
+        attention rows each request's pruner reads are computed (one for FastV)."""
         t0 = time.perf_counter()
-        items, targets = [], []
+        requests, targets = [], []
         for r in reqs:
             if not r.prune_now:
                 continue
             plan = r.plan
-            rows = slice(r.row, r.row + r.rows_now)
-            qi = q[rows].view(r.rows_now, self.num_heads, self.head_dim).float()
-            ki = k[rows].view(r.rows_now, self.num_kv_heads, self.head_dim).float()
-            attn = attention_rows(qi, ki, torch.arange(r.rows_now))
-            vs, m = plan["visual_start"], plan["num_visual"]
+            # Scores come from the prompt's rows only: a recompute after preemption also
+            # carries the action tokens decoded before it, which must not vote.
+            n = r.prompt_len
+            rows = slice(r.row, r.row + n)
+            vs, m = plan.visual_start, plan.num_visual
             estimate = None
-            if plan["track_actions"] and plan["session"]:
-                estimate = self.history.estimate(plan["session"])
+            if plan.track_actions and plan.session:
+                estimate = self.history.estimate(plan.session)
             r.had_history = estimate is not None
-            inputs = PruneInputs(
-                attn=attn,
+            fields = dict(
                 visual_start=vs,
                 num_visual=m,
                 embeddings=embeds[r.row + vs : r.row + vs + m].float(),
                 action_estimate=estimate,
                 grid_shape=self.grid,
-                seed=int(plan.get("seed", 0)),
+                seed=plan.seed,
                 semantic_rows=self.settings.semantic_rows,
                 text_start=vs + m,
             )
-            items.append((inputs, plan["method"], plan["num_keep"]))
+            qi = q[rows].view(n, self.num_heads, self.head_dim)
+            ki = k[rows].view(n, self.num_kv_heads, self.head_dim)
+            requests.append(QKRequest(qi, ki, plan.method, plan.num_keep, fields))
             targets.append(r)
-        for r, kept in zip(targets, select_batch(items)):
+        for r, kept in zip(targets, select_from_qk(requests)):
             r.kept = kept
         self.stats.select_seconds += time.perf_counter() - t0
         self.stats.steps_pruned += 1
         for r in targets:
+            kept = r.kept.numel()  # a shape, known on the host: no device sync
+            missing = r.plan.expects_history and not r.had_history
             self.stats.requests_pruned += 1
-            self.stats.visual_tokens_total += r.plan["num_visual"]
-            self.stats.visual_tokens_kept += int(r.kept.numel())
+            self.stats.visual_tokens_total += r.plan.num_visual
+            self.stats.visual_tokens_kept += kept
+            self.stats.history_missing += int(missing)
+            self._report(
+                r,
+                PruneOutcome(
+                    pruned=kept < r.plan.num_visual,
+                    visual_tokens_total=r.plan.num_visual,
+                    visual_tokens_kept=kept,
+                    used_history=r.had_history,
+                    history_missing=missing,
+                    recomputed=r.recomputed,
+                ),
+            )
             self._trace(r)
 
     def _keep_index(self, reqs: list[_Req], num_rows: int) -> torch.Tensor:
-        """Rows that layers >= K run on; updates each request's compacted row range."""
-        keep = torch.ones(num_rows, dtype=torch.bool)
-        last_actual = reqs[-1].q_start + reqs[-1].q_len if reqs else 0
-        keep[last_actual:] = False  # padding rows carry nothing to sample
+        """Rows (of ``num_rows``) that layers >= K run on, ascending; updates each request's
+        compacted row range. Padding rows after the last request are dropped.
+
+        Built by concatenation on the kept ids' device (not a mask's ``nonzero``), so its
+        size comes from host ints and nothing waits for the device."""
+        device = next((r.kept.device for r in reqs if r.kept is not None), torch.device("cpu"))
+        parts = []
         for r in reqs:
+            start, end = r.q_start, r.q_start + r.q_len
             if r.prune_now:
-                vs, m = r.plan["visual_start"], r.plan["num_visual"]
-                drop = torch.ones(m, dtype=torch.bool)
-                drop[r.kept] = False
-                keep[r.q_start + vs : r.q_start + vs + m] &= ~drop
+                vs, m = r.plan.visual_start, r.plan.num_visual
+                parts.append(torch.arange(start, start + vs, device=device))
+                parts.append(r.kept.to(device) + (start + vs))
+                parts.append(torch.arange(start + vs + m, end, device=device))
+            else:
+                parts.append(torch.arange(start, end, device=device))
         row = 0
         for r in reqs:
             r.row = row
             r.rows_now = r.q_len - (r.shift if r.prune_now else 0)
             row += r.rows_now
-        return keep.nonzero().squeeze(1)
+        if not parts:
+            return torch.zeros(0, dtype=torch.long, device=device)
+        return torch.cat(parts)
 
     def _install_compacted_metadata(
-        self, ctx: step_ctx.StepContext, reqs: list[_Req], pos: torch.Tensor
+        self, ctx: StepContext, reqs: list[_Req], pos: torch.Tensor
     ) -> None:
         """Attention metadata and KV slots of layers >= K for the compacted rows."""
         from vllm.forward_context import get_forward_context
@@ -351,7 +402,7 @@ class PrunedDecoder:
                 layer_names = [n for n in g.layer_names if extract_layer_index(n) >= self.K]
                 if not layer_names:
                     continue
-                with step_ctx.not_recorded():  # maps to kernel blocks, then the builder
+                with self.channel.not_recorded():  # maps to kernel blocks, then the builder
                     metadata = g.build_metadata(new_cm, 0)
                 for n in layer_names:
                     fc.attn_metadata[n] = metadata
@@ -362,19 +413,25 @@ class PrunedDecoder:
 
     def _start_tracking(self, r: _Req) -> None:
         plan = r.plan
-        if not plan or not plan.get("track_actions") or r.req_id in self.tracks:
+        if plan is None or not plan.track_actions or r.num_computed != 0:
+            return  # nothing to record, or joined mid-request (e.g. restart)
+        if r.recomputed:
+            # Re-prefill after preemption (vLLM keeps the request's worker state, so its track
+            # is still here): its rows past the prompt are the action tokens decoded before,
+            # not this frame's action queries. The partial action is dropped, not recorded.
+            self.tracks.pop(r.req_id, None)
             return
-        if r.num_computed != 0:
-            return  # joined mid-request (e.g. restart): nothing consistent to record
-        if plan.get("new_episode"):
-            self.history.reset(plan["session"])
-        if plan.get("warmup"):
+        if r.req_id in self.tracks:
+            return
+        if plan.new_episode:
+            self.history.reset(plan.session)
+        if plan.warmup:
             self.stats.warmup_frames += 1
         self.tracks[r.req_id] = _ActionTrack(
-            session=plan["session"],
-            num_visual=plan["num_visual"],
+            session=plan.session,
+            num_visual=plan.num_visual,
             max_rows=r.max_tokens,
-            visual_start=plan["visual_start"],
+            visual_start=plan.visual_start,
         )
 
     def _capture_actions(self, reqs: list[_Req], q: torch.Tensor, k: torch.Tensor, compacted: bool):
@@ -384,7 +441,11 @@ class PrunedDecoder:
             rows = slice(r.row, r.row + r.rows_now)
             if not track.keys:  # the prefill: every key, and the last prompt row's query
                 m = track.num_visual
-                track.visual_ids = r.kept if (compacted and r.kept is not None) else torch.arange(m)
+                track.visual_ids = (
+                    r.kept
+                    if (compacted and r.kept is not None)
+                    else torch.arange(m, device=k.device)
+                )
                 new_queries = q[r.row + r.rows_now - 1 : r.row + r.rows_now]
             else:
                 new_queries = q[rows]
@@ -404,15 +465,20 @@ class PrunedDecoder:
         if track is None or track.done:
             return
         track.done = True
-        if track.rows:
+        if track.rows >= track.max_rows:  # a preempted or aborted action is not an action
             keys = torch.cat(track.keys).view(track.num_keys, self.num_kv_heads, self.head_dim)
             queries = torch.cat(track.queries).view(track.rows, self.num_heads, self.head_dim)
-            rows_attn = attention_rows(queries, keys, torch.tensor(track.positions))
+            positions = torch.tensor(track.positions, device=keys.device)
+            rows_attn = attention_rows(queries, keys, positions)
             nv = track.visual_ids.numel()
-            key_cols = torch.arange(track.visual_start, track.visual_start + nv)
+            key_cols = torch.arange(track.visual_start, track.visual_start + nv, device=keys.device)
             scores = action_scores(rows_attn, key_cols, track.visual_ids, track.num_visual)
             self.history.push(track.session, scores)
+            self.stats.actions_recorded += 1
         track.keys, track.queries = [], []
+
+    def _report(self, r: _Req, outcome: PruneOutcome) -> None:
+        self.channel.report(r.req_id, outcome)
 
     def on_request_finished(self, req_id: str, kv_blocks: list[int] | None = None) -> None:
         """Runner hook: the request left the batch (finished, aborted or preempted)."""
@@ -437,11 +503,13 @@ class PrunedDecoder:
             return
         rec = {
             "req_id": r.req_id,
-            "session": r.plan.get("session"),
-            "method": r.plan["method"],
-            "num_keep": r.plan["num_keep"],
+            "session": r.plan.session,
+            "method": r.plan.method,
+            "num_keep": r.plan.num_keep,
             "kept": r.kept.tolist(),
             "had_history": r.had_history,
+            "recomputed": r.recomputed,
+            "rows": r.q_len,
         }
         with open(self._trace_path, "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -4,7 +4,8 @@ vLLM calls ``model.forward`` with flat token rows only. The runner hooks in
 ``vllm_vla_pruner.patches.runner_hooks`` publish, just before each forward, which requests
 the rows belong to (in ``query_start_loc`` order) and their pruning plans, and record the
 ``CommonAttentionMetadata`` each KV group's metadata builder was given, so the model can build
-compacted metadata for layers >= K with the backend's own builder.
+compacted metadata for layers >= K with the backend's own builder. They publish into the
+model's :class:`StepChannel`, which the model's pruned decoder owns (one per model replica).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_vla_pruner.engine.plan import PruneOutcome, PruningPlan
 
-@dataclass
+
+@dataclass(frozen=True)
 class StepRequest:
     req_id: str
-    plan: dict[str, Any] | None
+    plan: PruningPlan | None
     max_tokens: int
+    num_prompt_tokens: int  # a (re)prefill with more rows than this is a recompute
 
 
 @dataclass
@@ -29,38 +33,46 @@ class StepContext:
     common_metadata: dict[int, Any] = field(default_factory=dict)  # KV group id -> metadata
 
 
-_current: StepContext | None = None
-_last_common_metadata: dict[int, Any] = {}
+class StepChannel:
+    """Runner hooks -> pruned decoder (the step's requests) and back (their outcomes)."""
 
+    def __init__(self) -> None:
+        self.current: StepContext | None = None
+        self._common_metadata: dict[int, Any] = {}
+        self._recording = True
+        self._outcomes: dict[str, PruneOutcome] = {}
 
-def set_current(ctx: StepContext | None) -> None:
-    global _current
-    _current = ctx
+    # -- runner -> decoder
 
+    def record_common_metadata(self, group_id: int, cm: Any) -> None:
+        if self._recording:
+            self._common_metadata[group_id] = cm
 
-def current() -> StepContext | None:
-    """The step being run, or None for dummy/profile runs (which take the plain path)."""
-    return _current
+    def recorded_common_metadata(self) -> dict[int, Any]:
+        return dict(self._common_metadata)
 
+    @contextmanager
+    def not_recorded(self) -> Iterator[None]:
+        """Builds made by the pruned decoder itself are not the runner's step metadata."""
+        self._recording = False
+        try:
+            yield
+        finally:
+            self._recording = True
 
-_recording = True
+    @contextmanager
+    def step(self, ctx: StepContext) -> Iterator[None]:
+        self.current = ctx
+        try:
+            yield
+        finally:
+            self.current = None
 
+    # -- decoder -> runner (the step's output)
 
-def record_common_metadata(group_id: int, cm: Any) -> None:
-    if _recording:
-        _last_common_metadata[group_id] = cm
+    def report(self, req_id: str, outcome: PruneOutcome) -> None:
+        self._outcomes[req_id] = outcome
 
-
-@contextmanager
-def not_recorded() -> Iterator[None]:
-    """Builds made by the pruned decoder itself are not the runner's step metadata."""
-    global _recording
-    _recording = False
-    try:
-        yield
-    finally:
-        _recording = True
-
-
-def recorded_common_metadata() -> dict[int, Any]:
-    return dict(_last_common_metadata)
+    def take_outcomes(self) -> dict[str, PruneOutcome]:
+        out, self._outcomes = self._outcomes, {}
+        return out

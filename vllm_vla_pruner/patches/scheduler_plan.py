@@ -1,13 +1,21 @@
-"""Engine-core side: fix each request's pruning plan when it enters the scheduler.
+"""Engine-core side: plan each request, check the worker pruned it, return what it did.
 
 Why: the KV blocks of layers >= K must be sized before the worker decides which tokens to
 keep, and warm-up (the first ``window`` frames of a robot episode run unpruned) must be
-decided once, in one process. ``Scheduler.add_request`` sees every request before any
-allocation; the plan is written into ``sampling_params.extra_args`` so the worker reads the
-same decision. ``Scheduler._connector_finished`` returns it with the final output (as
-``kv_transfer_params``, which vLLM forwards to the client and which is otherwise unused when
-no KV connector is configured), so the API can say how many tokens were kept.
-vLLM: 0.32.x. Upstream: none (per-request model state has no scheduler API).
+decided once, in one process. Three ``Scheduler`` methods are wrapped; the state lives in one
+:class:`~vllm_vla_pruner.engine.scheduler_state.SchedulerPruning` per scheduler:
+
+* ``add_request`` fixes the request's :class:`PruningPlan` before any allocation and puts its
+  wire form in ``sampling_params.extra_args`` for the worker;
+* ``update_from_output`` takes the worker's outcomes from the step's ``ModelRunnerOutput``;
+  a request planned to be pruned whose forward did not prune (a model runner without the
+  plugin's hooks, a replayed graph) is finished with ``FINISHED_ERROR``: the client gets an
+  error, never an answer that claims pruning that did not happen; the engine keeps serving;
+* ``_free_request`` returns the plan and the outcome with the final output, merged into
+  ``kv_transfer_params`` (beside a configured KV connector's own entries, not instead of them).
+
+vLLM: 0.32.x (checked by feature, ``patches.requirements``). Upstream: none (per-request
+model state has no scheduler API).
 """
 
 from __future__ import annotations
@@ -16,51 +24,80 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from vllm_vla_pruner.engine.kv_spec import forget_request, set_pruned_slots
-from vllm_vla_pruner.engine.planner import FrameCounter, make_plan
-from vllm_vla_pruner.engine.settings import KEY_PLAN, REQUEST_KEYS, PruningSettings
+from vllm_vla_pruner.engine.plan import OUTCOMES_ATTR, PUBLIC_KEY
+from vllm_vla_pruner.engine.scheduler_state import SchedulerPruning
+from vllm_vla_pruner.engine.settings import KEY_PLAN, PruningSettings
 
 logger = init_logger(__name__)
+
+MODEL_TYPE = "openvla"
 
 
 def _is_vla(vllm_config: Any) -> bool:
     hf = getattr(vllm_config.model_config, "hf_config", None)
-    return getattr(hf, "model_type", None) == "openvla"
+    return getattr(hf, "model_type", None) == MODEL_TYPE
+
+
+def pruning_state(scheduler: Any) -> SchedulerPruning | None:
+    """The scheduler's pruning state, created on first use (None for non-VLA models)."""
+    state = getattr(scheduler, "_vla_pruning", None)
+    if state is None and _is_vla(scheduler.vllm_config):
+        from vllm_vla_pruner.engine.kv_spec import PrunedAttentionManager
+
+        state = SchedulerPruning(PruningSettings.from_vllm_config(scheduler.vllm_config))
+        for manager in scheduler.kv_cache_manager.coordinator.single_type_managers:
+            if isinstance(manager, PrunedAttentionManager):
+                manager.pruning = state
+        scheduler._vla_pruning = state
+    return state
 
 
 def plan_request(scheduler: Any, request: Any) -> None:
-    if not _is_vla(scheduler.vllm_config) or request.sampling_params is None:
-        return
-    state = getattr(scheduler, "_vla_state", None)
-    if state is None:
-        settings = PruningSettings.from_vllm_config(scheduler.vllm_config)
-        state = (settings, FrameCounter(settings.max_sessions, settings.idle_timeout_s))
-        scheduler._vla_state = state
-    settings, frames = state
-    extra = request.sampling_params.extra_args or {}
-    asked = any(k in extra for k in REQUEST_KEYS)
-    if not asked and settings.method == "none":
+    state = pruning_state(scheduler)
+    if state is None or request.sampling_params is None:
         return
     features = getattr(request, "mm_features", None) or []
-    if not features:
-        return  # text-only request: nothing visual to prune
-    place = features[0].mm_position
-    try:
-        plan = make_plan(
-            extra,
-            request.session_id,
-            place.offset,
-            place.length,
-            settings,
-            frames,
-            request_seed=request.sampling_params.seed,
+    span = (features[0].mm_position.offset, features[0].mm_position.length) if features else None
+    extra = request.sampling_params.extra_args or {}
+    plan = state.plan(
+        request.request_id, extra, request.session_id, span, request.sampling_params.seed
+    )
+    if plan is not None:
+        request.sampling_params.extra_args = {**extra, KEY_PLAN: plan.to_wire()}
+
+
+def fail_unpruned(scheduler: Any, outputs: dict[int, Any], req_ids: list[str]) -> None:
+    """Finish requests whose forward did not prune as planned with an error output."""
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+    from vllm.v1.request import RequestStatus
+
+    failed = set(req_ids)
+    for req_id in req_ids:
+        logger.error(
+            "vla_pruner: request %s was planned to be pruned but its forward did not prune "
+            "(the model runner did not run the plugin's hooks); failing the request",
+            req_id,
         )
-    except ValueError as e:  # validated in the API process; never take the engine down
-        logger.warning("request %s: ignoring invalid pruning settings: %s", request.request_id, e)
-        return
-    request.sampling_params.extra_args = {**extra, KEY_PLAN: plan}
-    if plan["prune"]:
-        set_pruned_slots(request.request_id, plan["num_visual"] - plan["num_keep"])
+    alive = [r for r in (scheduler.requests.get(i) for i in req_ids) if r is not None]
+    alive = [r for r in alive if not r.is_finished()]
+    scheduler.finish_requests([r.request_id for r in alive], RequestStatus.FINISHED_ERROR)
+    answered = set()
+    for group in outputs.values():
+        for out in group.outputs:
+            if out.request_id in failed:
+                out.new_token_ids = []
+                out.finish_reason = FinishReason.ERROR
+                answered.add(out.request_id)
+    for request in alive:
+        if request.request_id not in answered:
+            group = outputs.setdefault(request.client_index, EngineCoreOutputs())
+            group.outputs.append(
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=[],
+                    finish_reason=FinishReason.ERROR,
+                )
+            )
 
 
 def apply() -> None:
@@ -69,22 +106,35 @@ def apply() -> None:
     if getattr(Scheduler, "_vla_hooked", False):
         return
     original_add = Scheduler.add_request
-    original_finished = Scheduler._connector_finished
+    original_update = Scheduler.update_from_output
+    original_free = Scheduler._free_request
 
     def add_request(self, request):
         plan_request(self, request)
         return original_add(self, request)
 
-    def _connector_finished(self, request):
-        delay, params = original_finished(self, request)
-        forget_request(request.request_id)
-        extra = (request.sampling_params.extra_args or {}) if request.sampling_params else {}
-        plan = extra.get(KEY_PLAN)
-        if plan is not None and params is None:
-            public = {k: v for k, v in plan.items() if k != "seed"}
-            params = {"vla_pruner": public}
-        return delay, params
+    def update_from_output(self, scheduler_output, model_runner_output):
+        state = getattr(self, "_vla_pruning", None)
+        failed = []
+        if state is not None:  # before the step is processed: it may release requests
+            failed = state.take_outcomes(
+                scheduler_output.num_scheduled_tokens,
+                getattr(model_runner_output, OUTCOMES_ATTR, None),
+            )
+        outputs = original_update(self, scheduler_output, model_runner_output)
+        if failed:
+            fail_unpruned(self, outputs, failed)
+        return outputs
+
+    def _free_request(self, request, *args, **kwargs):
+        kv_params, ec_params = original_free(self, request, *args, **kwargs)
+        state = getattr(self, "_vla_pruning", None)
+        result = state.release(request.request_id) if state is not None else None
+        if result is not None:
+            kv_params = {**(kv_params or {}), PUBLIC_KEY: result.to_public()}
+        return kv_params, ec_params
 
     Scheduler.add_request = add_request
-    Scheduler._connector_finished = _connector_finished
+    Scheduler.update_from_output = update_from_output
+    Scheduler._free_request = _free_request
     Scheduler._vla_hooked = True

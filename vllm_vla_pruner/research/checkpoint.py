@@ -633,6 +633,17 @@ def count_parameters(params: Mapping[str, Any]) -> int:
     return total
 
 
+
+def build_fleet_preset(model: Any) -> Path:
+    """Build a fleet config's ``model.preset`` into its cache directory once (``model`` is a
+    ``vllm_vla_pruner.serve.config.ModelConfig``); an existing checkpoint is reused."""
+    path = model.checkpoint_dir()
+    if (path / "config.json").is_file() or model.preset is None:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(build_checkpoint(model.preset, path, model.seed) or path)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m vllm_vla_pruner.research.checkpoint --preset tiny --out DIR [--seed S]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -646,13 +657,3 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def build_fleet_preset(model: Any) -> Path:
-    """Build a fleet config's ``model.preset`` into its cache directory once (``model`` is a
-    ``vllm_vla_pruner.serve.config.ModelConfig``); an existing checkpoint is reused."""
-    path = model.checkpoint_dir()
-    if (path / "config.json").is_file() or model.preset is None:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(build_checkpoint(model.preset, path, model.seed) or path)
