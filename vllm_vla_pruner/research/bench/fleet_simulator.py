@@ -24,6 +24,7 @@ import base64
 import io
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -203,11 +204,12 @@ async def run_phase(
     skip_frames: int,
     timeout_s: float,
     tag: str,
+    headers: dict[str, str] | None = None,
 ) -> PhaseResult:
     import httpx
 
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
-    async with httpx.AsyncClient(limits=limits) as client:
+    async with httpx.AsyncClient(limits=limits, headers=headers) as client:
         rng = random.Random(n * 7919 + len(mode))
         tasks = [
             robot_loop(
@@ -347,10 +349,11 @@ async def run_sweep(
     timeout_s: float,
     tag: str,
     log: Any = print,
+    headers: dict[str, str] | None = None,
 ) -> tuple[list[PhaseResult], dict[str, Any]]:
     import httpx
 
-    async with httpx.AsyncClient() as c:
+    async with httpx.AsyncClient(headers=headers) as c:
         info = (await c.get(f"{url}/v1/actions/info", timeout=60.0)).json()
     side = int(info["image_size"])
     unnorm_key = info.get("default_unnorm_key") or sorted(info["action_dims"])[0]
@@ -372,6 +375,7 @@ async def run_sweep(
                 skip_frames=skip_frames,
                 timeout_s=timeout_s,
                 tag=tag,
+                headers=headers,
             )
             log(
                 f"  {n:3d} robots {mode:8s}: p50 {r.p50_ms} ms, p95 {r.p95_ms} ms, "
@@ -412,8 +416,13 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
         print("vla-pruner bench fleet: --robots needs positive integers, e.g. 1,2,4,8")
         return 2
     budget = args.p95_budget_ms or 1000.0 / args.hz
+    from vllm_vla_pruner.serve.auth import client_headers
+    from vllm_vla_pruner.serve.config import DEFAULT_API_KEY_ENV
+
     fleet = None
     t_start = time.perf_counter()
+    key = os.environ.get(DEFAULT_API_KEY_ENV)  # --url: the fleet's key, if it has one
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     if args.config:
         from vllm_vla_pruner.research.checkpoint import build_fleet_preset
         from vllm_vla_pruner.serve.config import load_config
@@ -422,6 +431,7 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
         over = {"replicas": args.replicas} if args.replicas else None
         cfg = load_config(args.config, over)
         build_fleet_preset(cfg.model)
+        headers = client_headers(cfg)
         print(f"starting fleet {cfg.name} from {args.config} ...", flush=True)
         fleet = start_fleet(cfg)
         url = fleet.url
@@ -442,9 +452,10 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
                 timeout_s=args.timeout,
                 tag=f"bench{int(time.time())}",
                 log=lambda s: print(s, flush=True),
+                headers=headers,
             )
         )
-        replicas = _replicas(url)
+        replicas = _replicas(url, headers)
     finally:
         if fleet is not None:
             from vllm_vla_pruner.serve.fleet import stop_fleet
@@ -495,11 +506,12 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _replicas(url: str) -> list[dict[str, Any]]:
+def _replicas(url: str, headers: dict[str, str]) -> list[dict[str, Any]]:
     import httpx
 
     try:
-        return httpx.get(f"{url}/v1/fleet/replicas", timeout=10.0).json().get("replicas", [])
+        r = httpx.get(f"{url}/v1/fleet/replicas", headers=headers, timeout=10.0)
+        return r.json().get("replicas", [])
     except (httpx.HTTPError, ValueError):
         return []
 
