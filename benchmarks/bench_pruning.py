@@ -1,4 +1,4 @@
-"""Scoring + selection cost of the pruning core alone (vllm_vla_pruner/bench/pruning_bench.py)."""
+"""The engine's pruning step alone (vllm_vla_pruner/research/bench/pruning_bench.py)."""
 
 from vllm_vla_pruner.research.bench.pruning_bench import main
 

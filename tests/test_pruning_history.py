@@ -10,7 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_vla_pruner.pruning import ActionHistory, decay_weights
+from vllm_vla_pruner.pruning import ActionHistory, debug_checks, decay_weights
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _value_checks_on():
+    """These tests exercise the value checks, which the engine's path runs only in debug."""
+    with debug_checks():
+        yield
 
 
 class FakeClock:

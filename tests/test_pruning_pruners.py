@@ -13,6 +13,7 @@ from vllm_vla_pruner.pruning import (
     PRUNERS,
     PruneInputs,
     budget_for,
+    debug_checks,
     get_pruner,
     needs_action_history,
     register_pruner,
@@ -20,6 +21,14 @@ from vllm_vla_pruner.pruning import (
     select_tokens,
 )
 from vllm_vla_pruner.pruning import pruners as pruners_mod
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _value_checks_on():
+    """These tests exercise the value checks, which the engine's path runs only in debug."""
+    with debug_checks():
+        yield
+
 
 ALL_METHODS = sorted(PRUNERS)
 HISTORY_METHODS = {"vlapruner", "score_fusion", "action_only"}
@@ -248,7 +257,7 @@ def test_clear_errors(overrides, budget, match, method):
 
 
 def test_custom_pruner_and_output_contract(monkeypatch):
-    for name in ("PRUNERS", "_RAW", "_SCORE_FNS", "_NEEDS_HISTORY"):
+    for name in ("PRUNERS", "_RAW", "_SCORE_FNS", "_NEEDS_HISTORY", "_ROWS", "_BUILTIN"):
         monkeypatch.setattr(
             pruners_mod, name, type(getattr(pruners_mod, name))(getattr(pruners_mod, name))
         )

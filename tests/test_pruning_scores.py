@@ -9,9 +9,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_vla_pruner.pruning import action_scores, attention_rows, semantic_scores
+from vllm_vla_pruner.pruning import action_scores, attention_rows, debug_checks, semantic_scores
 from vllm_vla_pruner.pruning import scores as scores_mod
-from vllm_vla_pruner.pruning.scores import all_finite
+from vllm_vla_pruner.pruning.checks import all_finite
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _value_checks_on():
+    """These tests exercise the value checks, which the engine's path runs only in debug."""
+    with debug_checks():
+        yield
 
 
 def naive_rows(q, k, q_pos, k_pos=None, scale=None):

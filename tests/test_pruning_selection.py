@@ -13,11 +13,20 @@ from hypothesis import strategies as st
 from vllm_vla_pruner.pruning import (
     combine_then_filter,
     cosine_distance_matrix,
+    debug_checks,
     greedy_maxmin,
     greedy_maxmin_batched,
     stable_topk,
     union_indices,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _value_checks_on():
+    """These tests exercise the value checks, which the engine's path runs only in debug."""
+    with debug_checks():
+        yield
+
 
 # Near-e0, e0's opposite and an orthogonal vector: the hand-computed diversity instance.
 HAND_EMB = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [-1.0, 0.0]])

@@ -34,6 +34,8 @@ __all__ = [
     "ModelDims",
     "ReplicaMetrics",
     "flops_saved",
+    "layer_flops",
+    "prefill_flops",
     "render",
     "start_metrics_server",
 ]
@@ -53,6 +55,7 @@ class ModelDims:
     num_heads: int
     num_kv_heads: int
     num_layers: int
+    head_dim: int | None = None  # None: hidden // num_heads
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelDims:
@@ -66,13 +69,37 @@ class ModelDims:
         text = get(cfg, "text_config") or cfg
         hidden = int(get(text, "hidden_size"))
         heads = int(get(text, "num_attention_heads"))
+        head_dim = get(text, "head_dim")
         return cls(
             hidden=hidden,
             intermediate=int(get(text, "intermediate_size")),
             num_heads=heads,
             num_kv_heads=int(get(text, "num_key_value_heads") or heads),
             num_layers=int(get(text, "num_hidden_layers")),
+            head_dim=int(head_dim) if head_dim else None,
         )
+
+
+def layer_flops(dims: ModelDims, tokens: int) -> float:
+    """FLOPs of one decoder layer over a ``tokens``-row causal prefill (2 per multiply-add).
+
+    Per token: q/o projections ``2*2*h*Hq*D``, k/v ``2*2*h*Hkv*D``, SwiGLU MLP ``2*3*h*I``;
+    attention: QK^T and AV over the causal triangle, ``2*2*Hq*D`` per (query, visible key)
+    pair, ``n(n+1)/2`` pairs.
+    """
+    h, n = dims.hidden, int(tokens)
+    d = dims.head_dim or h // dims.num_heads
+    q_width, kv_width = dims.num_heads * d, dims.num_kv_heads * d
+    per_token = 2 * (2 * h * q_width + 2 * h * kv_width + 3 * h * dims.intermediate)
+    return float(n * per_token + 2 * 2 * q_width * n * (n + 1) / 2)
+
+
+def prefill_flops(dims: ModelDims, tokens: int, kept_tokens: int, layer_k: int) -> float:
+    """Decoder FLOPs of one prefill: layers < K see ``tokens`` rows, layers >= K
+    ``kept_tokens`` (``tokens`` minus the pruned visual tokens)."""
+    return layer_k * layer_flops(dims, tokens) + (dims.num_layers - layer_k) * layer_flops(
+        dims, kept_tokens
+    )
 
 
 def flops_saved(
@@ -83,23 +110,13 @@ def flops_saved(
     seq_len: int | None = None,
 ) -> float:
     """Estimated prefill FLOPs not spent because ``num_visual - num_keep`` tokens skip the
-    last ``layers_after_k`` decoder layers.
-
-    Per token and layer: q/o projections ``2*2*h*h``, k/v ``2*2*h*kv``, SwiGLU MLP
-    ``2*3*h*I``, and attention against ``seq_len`` keys ``2*2*seq_len*h``. The attention
-    term of the tokens that stay also shrinks (fewer keys); both parts are counted.
-    """
+    last ``layers_after_k`` decoder layers (:func:`layer_flops`: the attention term of the
+    tokens that stay shrinks too). ``seq_len`` defaults to the visual tokens plus BOS."""
     pruned = max(0, int(num_visual) - int(num_keep))
     if pruned == 0 or layers_after_k <= 0:
         return 0.0
-    h, inter = dims.hidden, dims.intermediate
-    kv = h * dims.num_kv_heads // max(1, dims.num_heads)
-    per_token_linear = 4 * h * h + 4 * h * kv + 6 * h * inter
     total = int(seq_len) if seq_len else int(num_visual) + 1
-    kept_total = total - pruned
-    # Causal attention ~ 2*2*h per (query, key) pair, half the square.
-    attn = 2 * h * (total * total - kept_total * kept_total)
-    return float(layers_after_k * (pruned * per_token_linear + attn))
+    return layers_after_k * (layer_flops(dims, total) - layer_flops(dims, total - pruned))
 
 
 def render(registry: CollectorRegistry) -> bytes:

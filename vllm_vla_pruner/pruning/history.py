@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .scores import all_finite
+from .checks import require_finite
 
 __all__ = ["ActionHistory", "decay_weights"]
 
@@ -99,14 +99,14 @@ class ActionHistory:
     def push(self, session_id: str, scores: Tensor) -> None:
         """Append the newest frame's action scores ``[M]`` for ``session_id``.
 
-        Raises ValueError if ``scores`` is not a finite 1-D tensor, or if its length differs
-        from the frames already stored for this session (a different model or image size
-        inside one episode is a caller bug, and mixing lengths would misalign tokens).
+        Raises ValueError if ``scores`` is not a 1-D tensor (or, with debug checks on, not
+        finite), or if its length differs from the frames already stored for this session (a
+        different model or image size inside one episode is a caller bug, and mixing lengths
+        would misalign tokens). The engine pushes from inside the forward.
         """
         if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.numel() == 0:
             raise ValueError("scores must be a non-empty 1-D tensor [M]")
-        if not all_finite(scores):
-            raise ValueError("scores contains non-finite values (NaN or inf)")
+        require_finite("scores", scores)
         frame = scores.detach().to(torch.float32).clone()
         with self._lock:
             now = self._clock()

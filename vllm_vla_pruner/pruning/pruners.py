@@ -2,8 +2,12 @@
 
 Every pruner maps ``(PruneInputs, budget)`` to the kept visual-token indices: a sorted,
 unique, in-range LongTensor of exactly ``budget`` entries (all M for ``'none'``), on the
-device of ``inputs.attn``. Pruners that use the smoothed action scores (``vlapruner``,
-``score_fusion``, ``action_only``) fall back to their semantic half - top-k of S_sem with
+device of ``inputs.attn``. Each pruner also declares which attention rows (query positions)
+it reads, given the prompt's layout (:func:`needed_rows`), so the engine computes only those:
+one row for FastV or ``semantic_rows='last'``, none for divprune, random or grid.
+
+Pruners that use the smoothed action scores (``vlapruner``, ``score_fusion``,
+``action_only``) fall back to their semantic half - top-k of S_sem with
 ``inputs.semantic_rows`` - when ``action_estimate`` is None (no history yet); the engine
 normally runs warm-up frames unpruned anyway, so the fallback only matters to callers that
 prune during warm-up.
@@ -15,28 +19,43 @@ import functools
 import math
 import numbers
 import operator
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .scores import SEMANTIC_ROWS, all_finite, semantic_scores
+from . import checks
+from .checks import require_finite
+from .scores import (
+    SEMANTIC_ROWS,
+    attention_rows,
+    check_row_block,
+    semantic_row_range,
+    semantic_scores,
+    take_rows,
+)
 from .selection import (
-    cosine_distance_matrix,
-    greedy_maxmin_from_distances,
+    combine_then_filter,
+    combine_then_filter_batch,
+    diversity_filter,
     stable_topk_batched,
-    union_indices,
+    stable_topk_many,
 )
 
 __all__ = [
     "PRUNERS",
+    "PromptLayout",
     "PruneInputs",
+    "QKRequest",
     "budget_for",
     "get_pruner",
+    "needed_rows",
     "needs_action_history",
     "register_pruner",
     "select_batch",
+    "select_from_qk",
     "select_tokens",
     "validate_inputs",
 ]
@@ -44,15 +63,34 @@ __all__ = [
 PrunerFn = Callable[["PruneInputs", int], Tensor]
 
 
+@dataclass(frozen=True)
+class PromptLayout:
+    """What decides which attention rows a pruner reads: host-side facts about one request's
+    prompt, known before any attention is computed."""
+
+    num_tokens: int  # T, prompt rows (= keys)
+    visual_start: int
+    num_visual: int  # M
+    text_start: int | None = None  # first text row; default right after the visual tokens
+    semantic_rows: str = "all"
+    has_action_estimate: bool = False
+
+
+RowsFn = Callable[[PromptLayout], range]
+
+
 @dataclass
 class PruneInputs:
     """Everything a pruner may look at for one request's frame.
 
-    ``text_start`` (an addition to the engine interface, optional) is the first text row for
-    ``semantic_rows='text'`` and ``sparsevlm``; default right after the visual tokens.
+    ``attn`` holds R query rows over all T keys, at the prompt positions ``row_positions``
+    (a contiguous range that must cover the pruner's :func:`needed_rows`; the engine passes
+    exactly those); with ``row_positions=None`` it is the full square T x T matrix.
+    ``text_start`` (optional) is the first text row for ``semantic_rows='text'`` and
+    ``sparsevlm``; default right after the visual tokens.
     """
 
-    attn: Tensor  # [T, T] head-averaged layer K-1 prefill attention (causal, rows = queries)
+    attn: Tensor  # [R, T] head-averaged layer K-1 prefill attention of R query rows (causal)
     visual_start: int  # first visual row/column (1: right after BOS)
     num_visual: int  # M
     embeddings: Tensor  # [M, E] visual tokens' LLM input embeddings (projector output)
@@ -62,34 +100,82 @@ class PruneInputs:
     semantic_rows: str = "all"  # 'all' | 'last' | 'text'
     fusion_alpha: float = 0.5  # score_fusion weight on S_sem
     text_start: int | None = None
+    row_positions: range | None = None  # prompt positions of attn's rows; None = 0..T-1
+
+    @property
+    def layout(self) -> PromptLayout:
+        """The row-deciding facts of these inputs."""
+        return PromptLayout(
+            num_tokens=self.attn.shape[-1],
+            visual_start=self.visual_start,
+            num_visual=self.num_visual,
+            text_start=self.text_start,
+            semantic_rows=self.semantic_rows,
+            has_action_estimate=self.action_estimate is not None,
+        )
 
 
 # Raw pruners assume validated inputs; PRUNERS holds the validating wrappers.
 _RAW: dict[str, PrunerFn] = {}
 PRUNERS: dict[str, PrunerFn] = {}
 _NEEDS_HISTORY: set[str] = set()
+_ROWS: dict[str, RowsFn] = {}
+# Pruners whose output contract holds by construction (this module's); third-party ones get
+# their output values checked on every call, the built-ins only with debug checks on.
+_BUILTIN: set[str] = set()
 # Top-k family: method -> score function; lets select_batch stack their sorts.
 _SCORE_FNS: dict[str, Callable[[PruneInputs], Tensor]] = {}
 
 
+def _all_rows(p: PromptLayout) -> range:
+    return range(p.num_tokens)
+
+
+def _no_rows(p: PromptLayout) -> range:
+    return range(0)
+
+
+def _semantic_rows(p: PromptLayout) -> range:
+    return semantic_row_range(
+        p.semantic_rows, p.num_tokens, p.visual_start, p.num_visual, p.text_start
+    )
+
+
+def _last_row(p: PromptLayout) -> range:
+    return range(p.num_tokens - 1, p.num_tokens)
+
+
+def _semantic_rows_without_history(p: PromptLayout) -> range:
+    return _no_rows(p) if p.has_action_estimate else _semantic_rows(p)
+
+
+def _sparsevlm_rows(p: PromptLayout) -> range:
+    ts = p.visual_start + p.num_visual if p.text_start is None else p.text_start
+    return range(ts, p.num_tokens) if ts < p.num_tokens else _last_row(p)
+
+
 def register_pruner(
-    name: str, *, needs_action_history: bool = False
+    name: str, *, needs_action_history: bool = False, rows: RowsFn = _all_rows
 ) -> Callable[[PrunerFn], PrunerFn]:
     """Decorator: register ``fn(inputs, budget) -> indices`` under ``name``.
 
-    The stored entry validates the inputs and the output, so third-party pruners get the same
-    guarantees. Re-registering a name replaces it.
+    ``rows`` maps a :class:`PromptLayout` to the attention rows (query positions) ``fn``
+    reads; the default, every row, suits any pruner. The stored entry validates the inputs
+    and the output, so third-party pruners get the same guarantees. Re-registering a name
+    replaces it.
     """
 
     def deco(fn: PrunerFn) -> PrunerFn:
         @functools.wraps(fn)
         def checked(inputs: PruneInputs, budget: int) -> Tensor:
-            validate_inputs(inputs, budget)
+            validate_inputs(inputs, budget, name)
             budget = operator.index(budget)
             return _check_output(name, fn(inputs, budget), inputs, budget)
 
         _RAW[name] = fn
         PRUNERS[name] = checked
+        _ROWS[name] = rows
+        _BUILTIN.discard(name)
         _SCORE_FNS.pop(name, None)
         if needs_action_history:
             _NEEDS_HISTORY.add(name)
@@ -100,8 +186,21 @@ def register_pruner(
     return deco
 
 
+def _builtin(
+    name: str, *, rows: RowsFn, needs_action_history: bool = False
+) -> Callable[[PrunerFn], PrunerFn]:
+    """register_pruner for this module's pruners (output contract holds by construction)."""
+
+    def deco(fn: PrunerFn) -> PrunerFn:
+        register_pruner(name, needs_action_history=needs_action_history, rows=rows)(fn)
+        _BUILTIN.add(name)
+        return fn
+
+    return deco
+
+
 def _register_topk(
-    name: str, *, needs_action_history: bool = False
+    name: str, *, rows: RowsFn, needs_action_history: bool = False
 ) -> Callable[[Callable[[PruneInputs], Tensor]], Callable[[PruneInputs], Tensor]]:
     """Register a pruner defined as 'top-k of a score vector' (batchable sort)."""
 
@@ -111,7 +210,7 @@ def _register_topk(
 
         pruner.__name__ = name
         pruner.__doc__ = score_fn.__doc__
-        register_pruner(name, needs_action_history=needs_action_history)(pruner)
+        _builtin(name, rows=rows, needs_action_history=needs_action_history)(pruner)
         _SCORE_FNS[name] = score_fn
         return score_fn
 
@@ -126,6 +225,13 @@ def get_pruner(name: str) -> PrunerFn:
         raise ValueError(
             f"unknown pruner {name!r}; valid names: {', '.join(sorted(PRUNERS))}"
         ) from None
+
+
+def needed_rows(method: str, layout: PromptLayout) -> range:
+    """Prompt positions of the attention rows ``method`` reads for a prompt of this layout
+    (empty if none): the engine computes exactly these rows over all T keys."""
+    get_pruner(method)
+    return _ROWS[method](layout)
 
 
 def needs_action_history(method: str) -> bool:
@@ -157,18 +263,14 @@ def _index(v: object) -> int | None:
         return None
 
 
-def _finite(name: str, x: Tensor) -> None:
-    if not all_finite(x):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-
-
-def validate_inputs(inputs: PruneInputs, budget: int) -> None:
-    """Raise ValueError naming the offending field if ``inputs``/``budget`` are unusable."""
+def validate_inputs(inputs: PruneInputs, budget: int, method: str | None = None) -> None:
+    """Raise ValueError naming the offending field if ``inputs``/``budget`` are unusable (for
+    ``method``: its rows must be in ``attn``). Value checks (finite) only with debug checks."""
     a = inputs.attn
-    if not isinstance(a, Tensor) or a.dim() != 2 or a.shape[0] != a.shape[1]:
-        shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
-        raise ValueError(f"attn must be a square [T, T] tensor, got {shape}")
-    t = a.shape[0]
+    if not isinstance(a, Tensor):
+        raise ValueError(f"attn must be an [R, T] tensor, got {type(a).__name__}")
+    have = check_row_block(a, inputs.row_positions)
+    t = a.shape[1]
     m = inputs.num_visual
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"num_visual must be an int >= 1, got {m!r}")
@@ -188,7 +290,7 @@ def validate_inputs(inputs: PruneInputs, budget: int) -> None:
             raise ValueError(f"action_estimate must be [M={m}], got {shape}")
         if s.device != a.device:
             raise ValueError(f"action_estimate on {s.device} but attn on {a.device}")
-        _finite("action_estimate", s)
+        require_finite("action_estimate", s)
     if inputs.semantic_rows not in SEMANTIC_ROWS:
         raise ValueError(
             f"semantic_rows must be one of {SEMANTIC_ROWS}, got {inputs.semantic_rows!r}"
@@ -206,17 +308,22 @@ def validate_inputs(inputs: PruneInputs, budget: int) -> None:
     b = _index(budget)
     if b is None or not (1 <= b <= m):
         raise ValueError(f"budget={budget!r} must be an int in [1, M={m}]")
-    _finite("attn", a)
-    _finite("embeddings", e)
+    if method is not None:
+        take_rows(a, have, needed_rows(method, inputs.layout), f"pruner {method!r}")
+    require_finite("attn", a)
+    require_finite("embeddings", e)
 
 
 def _check_output(name: str, idx: Tensor, inputs: PruneInputs, budget: int) -> Tensor:
-    """Guard the contract for every pruner, including third-party ones."""
+    """Guard the contract for every pruner: the shape always; the values (sorted, unique, in
+    range: device-to-host reads) for third-party pruners, and for all with debug checks."""
     m = inputs.num_visual
     want = m if name == "none" else budget
     if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.numel() != want:
         raise RuntimeError(f"pruner {name!r} returned {getattr(idx, 'shape', idx)}, want [{want}]")
     idx = idx.to(device=inputs.attn.device, dtype=torch.long)
+    if name in _BUILTIN and not checks.enabled():
+        return idx
     increasing = want == 1 or bool((idx[1:] > idx[:-1]).all())
     if int(idx[0]) < 0 or int(idx[-1]) >= m or not increasing:
         raise RuntimeError(
@@ -237,6 +344,7 @@ def _sem(inputs: PruneInputs, rows: str | None = None) -> Tensor:
         inputs.num_visual,
         rows=inputs.semantic_rows if rows is None else rows,
         text_start=inputs.text_start,
+        row_positions=inputs.row_positions,
     )
 
 
@@ -246,10 +354,10 @@ def _action(inputs: PruneInputs) -> Tensor | None:
 
 
 def _minmax(x: Tensor) -> Tensor:
+    """Scale to [0, 1]; a constant vector maps to 0 (decided on the device, no host read)."""
     lo, hi = x.min(), x.max()
-    if float(hi - lo) <= 0.0:
-        return torch.zeros_like(x)
-    return (x - lo) / (hi - lo)
+    span = hi - lo
+    return torch.where(span > 0, (x - lo) / span, torch.zeros_like(x))
 
 
 def _grid_shape(inputs: PruneInputs) -> tuple[int, int]:
@@ -261,26 +369,26 @@ def _grid_shape(inputs: PruneInputs) -> tuple[int, int]:
 
 
 # -- top-k family ------------------------------------------------------------------------------
-@_register_topk("semantic_only")
+@_register_topk("semantic_only", rows=_semantic_rows)
 def _semantic_only(inputs: PruneInputs) -> Tensor:
     """Top-k of S_sem (rows per ``semantic_rows``): VLA-Pruner's semantic half."""
     return _sem(inputs)
 
 
-@_register_topk("fastv")
+@_register_topk("fastv", rows=_last_row)
 def _fastv(inputs: PruneInputs) -> Tensor:
     """FastV: top-k by the last prompt row's attention at layer K-1."""
     return _sem(inputs, rows="last")
 
 
-@_register_topk("action_only", needs_action_history=True)
+@_register_topk("action_only", rows=_semantic_rows_without_history, needs_action_history=True)
 def _action_only(inputs: PruneInputs) -> Tensor:
     """Top-k of S_hat: VLA-Pruner's action half; S_sem without history."""
     s = _action(inputs)
     return _sem(inputs) if s is None else s
 
 
-@_register_topk("score_fusion", needs_action_history=True)
+@_register_topk("score_fusion", rows=_semantic_rows, needs_action_history=True)
 def _score_fusion(inputs: PruneInputs) -> Tensor:
     """Ablation baseline: a*minmax(S_sem) + (1-a)*minmax(S_hat); S_sem without history."""
     sem = _sem(inputs)
@@ -291,41 +399,37 @@ def _score_fusion(inputs: PruneInputs) -> Tensor:
     return a * _minmax(sem) + (1.0 - a) * _minmax(s)
 
 
-@_register_topk("sparsevlm")
+@_register_topk("sparsevlm", rows=_sparsevlm_rows)
 def _sparsevlm(inputs: PruneInputs) -> Tensor:
     """SparseVLM, single stage: raters = text rows whose attention mass on the visual tokens
     is >= the mean over text rows; score = raters' mean attention. No text rows -> FastV."""
-    a = inputs.attn
     m, vs = inputs.num_visual, inputs.visual_start
-    ts = vs + m if inputs.text_start is None else inputs.text_start
-    if ts >= a.shape[0]:
-        return _sem(inputs, rows="last")
-    text_vis = a[ts:, vs : vs + m].to(torch.float32)  # [N, M]
+    want = _sparsevlm_rows(inputs.layout)  # the text rows, else the last row (FastV's)
+    have = check_row_block(inputs.attn, inputs.row_positions)
+    a = take_rows(inputs.attn, have, want, "sparsevlm")
+    text_vis = a[:, vs : vs + m].to(torch.float32)  # [N, M]
     relevance = text_vis.sum(dim=1)
-    raters = relevance >= relevance.mean()
-    return text_vis[raters].mean(dim=0)
+    # Masked mean over the raters (not boolean indexing, whose size the host would read).
+    w = (relevance >= relevance.mean()).to(torch.float32)
+    return (text_vis * w.unsqueeze(1)).sum(dim=0) / w.sum()
 
 
 # -- other pruners -----------------------------------------------------------------------------
-@register_pruner("vlapruner", needs_action_history=True)
+@_builtin("vlapruner", rows=_semantic_rows, needs_action_history=True)
 def _vlapruner(inputs: PruneInputs, budget: int) -> Tensor:
     """Combine-then-Filter (S_sem, S_hat); semantic top-k without history."""
-    out, jobs, _ = _plan_vlapruner([(inputs, budget)])
-    return out[0] if out[0] is not None else _batched_greedy(jobs)[0]
+    return combine_then_filter(_sem(inputs), _action(inputs), inputs.embeddings, budget)
 
 
-@register_pruner("divprune")
+@_builtin("divprune", rows=_no_rows)
 def _divprune(inputs: PruneInputs, budget: int) -> Tensor:
     """DivPrune: greedy max-min cosine diversity over all M tokens, no scores."""
-    m = inputs.num_visual
-    if budget == m:
-        return torch.arange(m, device=inputs.attn.device)
-    dist = cosine_distance_matrix(inputs.embeddings).unsqueeze(0)
-    valid = torch.ones(1, m, dtype=torch.bool, device=inputs.attn.device)
-    return greedy_maxmin_from_distances(dist, valid, [budget])[0]
+    if budget == inputs.num_visual:
+        return torch.arange(inputs.num_visual, device=inputs.attn.device)
+    return diversity_filter([(inputs.embeddings, None, inputs.num_visual, budget)])[0]
 
 
-@register_pruner("random")
+@_builtin("random", rows=_no_rows)
 def _random(inputs: PruneInputs, budget: int) -> Tensor:
     """Uniformly random subset, reproducible from ``inputs.seed`` on any device."""
     gen = torch.Generator(device="cpu").manual_seed(int(inputs.seed))
@@ -333,7 +437,7 @@ def _random(inputs: PruneInputs, budget: int) -> Tensor:
     return torch.sort(idx).values.to(inputs.attn.device)
 
 
-@register_pruner("grid")
+@_builtin("grid", rows=_no_rows)
 def _grid(inputs: PruneInputs, budget: int) -> Tensor:
     """Uniform spatial sampling: cell centres of an a x b sub-grid of the patch grid with
     a*b >= budget and aspect close to the grid's; surplus cells are dropped evenly in raster
@@ -352,83 +456,13 @@ def _grid(inputs: PruneInputs, budget: int) -> Tensor:
     return torch.tensor(sorted(pick), dtype=torch.long, device=inputs.attn.device)
 
 
-@register_pruner("none")
+@_builtin("none", rows=_no_rows)
 def _none(inputs: PruneInputs, budget: int) -> Tensor:
     """Unpruned: all M indices (budget ignored)."""
     return torch.arange(inputs.num_visual, device=inputs.attn.device)
 
 
-# -- batched machinery -------------------------------------------------------------------------
-def _batched_topk(jobs: list[tuple[Tensor, int]]) -> list[Tensor]:
-    """Stable top-k for many (scores [M], budget) jobs: one sort per (M, device) group."""
-    out: list[Tensor | None] = [None] * len(jobs)
-    groups: dict[tuple[int, torch.device], list[int]] = {}
-    for i, (s, _) in enumerate(jobs):
-        groups.setdefault((s.shape[0], s.device), []).append(i)
-    for ids in groups.values():
-        stacked = torch.stack([jobs[i][0].to(torch.float32) for i in ids])
-        kmax = max(jobs[i][1] for i in ids)
-        ranked = stable_topk_batched(stacked, kmax)
-        for row, i in enumerate(ids):
-            out[i] = ranked[row, : jobs[i][1]]
-    return out  # type: ignore[return-value]
-
-
-def _batched_greedy(jobs: list[tuple[Tensor, Tensor, int]]) -> list[Tensor]:
-    """Greedy max-min for many (embeddings [M, E], candidates [C], budget) jobs.
-
-    Each job's C x C distances are computed on its own (no FLOPs spent on padding, and the
-    result cannot depend on the batch), then padded into one [B, n, n] block per device for a
-    single greedy loop. Returns sorted indices into each job's embeddings."""
-    out: list[Tensor | None] = [None] * len(jobs)
-    groups: dict[torch.device, list[int]] = {}
-    for i, (emb, _, _) in enumerate(jobs):
-        groups.setdefault(emb.device, []).append(i)
-    for device, ids in groups.items():
-        n = max(jobs[i][1].numel() for i in ids)
-        dist = torch.zeros(len(ids), n, n, dtype=torch.float32, device=device)
-        valid = torch.zeros(len(ids), n, dtype=torch.bool, device=device)
-        for row, i in enumerate(ids):
-            e, cand, _ = jobs[i]
-            c = cand.numel()
-            dist[row, :c, :c] = cosine_distance_matrix(e if c == e.shape[0] else e[cand])
-            valid[row, :c] = True
-        picks = greedy_maxmin_from_distances(dist, valid, [jobs[i][2] for i in ids])
-        for row, i in enumerate(ids):
-            out[i] = jobs[i][1][picks[row]]
-    return out  # type: ignore[return-value]
-
-
-def _plan_vlapruner(
-    items: list[tuple[PruneInputs, int]],
-) -> tuple[list[Tensor | None], list[tuple[Tensor, Tensor, int]], list[int]]:
-    """Stacked dual top-k and union for many requests. Returns the finished results (None
-    where the union exceeds the budget) and the diversity-filter jobs still to run, so
-    select_batch can run them in one greedy loop together with divprune's."""
-    topk_jobs: list[tuple[Tensor, int]] = []
-    for inputs, budget in items:
-        topk_jobs.append((_sem(inputs), budget))
-        act = _action(inputs)
-        if act is not None:
-            topk_jobs.append((act, budget))
-    ranked = iter(_batched_topk(topk_jobs))
-    out: list[Tensor | None] = [None] * len(items)
-    greedy_jobs: list[tuple[Tensor, Tensor, int]] = []
-    greedy_owner: list[int] = []
-    for i, (inputs, budget) in enumerate(items):
-        c_sem = next(ranked)
-        if inputs.action_estimate is None:
-            out[i] = torch.sort(c_sem).values
-            continue
-        union = union_indices(c_sem, next(ranked), size=inputs.num_visual)
-        if union.numel() == budget:
-            out[i] = union
-        else:
-            greedy_jobs.append((inputs.embeddings, union, budget))
-            greedy_owner.append(i)
-    return out, greedy_jobs, greedy_owner
-
-
+# -- batched selection -------------------------------------------------------------------------
 def select_tokens(inputs: PruneInputs, method: str, budget: int) -> Tensor:
     """Kept visual indices for one request: sorted, unique, in range, exactly ``budget``
     entries (all M for ``'none'``). ValueError on bad inputs or an unknown method."""
@@ -438,14 +472,14 @@ def select_tokens(inputs: PruneInputs, method: str, budget: int) -> Tensor:
 def select_batch(items: Sequence[tuple[PruneInputs, str, int]]) -> list[Tensor]:
     """:func:`select_tokens` for many requests (mixed pruners and budgets), in item order.
 
-    Vectorised where it pays: all top-k-style selections of equal M share one stacked sort,
-    and every diversity filter (vlapruner's union filter, divprune) runs in one padded greedy
-    loop per device instead of one Python loop per request. Results equal the per-request
-    ones (each request's distances are computed on its own; only the loop is shared).
+    Vectorised where it pays: all top-k-style selections of equal M share one stacked sort;
+    vlapruner requests go through :func:`combine_then_filter_batch` together (one stacked
+    dual top-k, one greedy loop), divprune requests through one greedy loop. Results equal
+    the per-request ones (each request's distances are computed on its own).
     """
     for inputs, method, budget in items:
         get_pruner(method)
-        validate_inputs(inputs, budget)
+        validate_inputs(inputs, budget, method)
     items = [(inputs, method, operator.index(budget)) for inputs, method, budget in items]
     out: list[Tensor | None] = [None] * len(items)
     topk_ids: list[int] = []
@@ -456,35 +490,58 @@ def select_batch(items: Sequence[tuple[PruneInputs, str, int]]) -> list[Tensor]:
             topk_ids.append(i)
         elif method == "vlapruner" and _RAW.get(method) is _vlapruner:
             vla_ids.append(i)
-        elif method == "divprune" and _RAW.get(method) is _divprune:
-            if budget == inputs.num_visual:
-                out[i] = torch.arange(inputs.num_visual, device=inputs.attn.device)
-            else:
-                div_ids.append(i)
+        elif method == "divprune" and _RAW.get(method) is _divprune and budget < inputs.num_visual:
+            div_ids.append(i)
         else:
             out[i] = _RAW[method](inputs, budget)
     if topk_ids:
         jobs = [(_SCORE_FNS[items[i][1]](items[i][0]), items[i][2]) for i in topk_ids]
-        for i, idx in zip(topk_ids, _batched_topk(jobs), strict=True):
+        for i, idx in zip(topk_ids, stable_topk_many(jobs), strict=True):
             out[i] = torch.sort(idx).values
-    greedy_jobs: list[tuple[Tensor, Tensor, int]] = []
-    greedy_owner: list[int] = []
     if vla_ids:
-        res, jobs_v, owners_v = _plan_vlapruner([(items[i][0], items[i][2]) for i in vla_ids])
-        for i, idx in zip(vla_ids, res, strict=True):
-            out[i] = idx
-        greedy_jobs += jobs_v
-        greedy_owner += [vla_ids[o] for o in owners_v]
-    for i in div_ids:
-        inp = items[i][0]
-        greedy_jobs.append(
-            (inp.embeddings, torch.arange(inp.num_visual, device=inp.attn.device), items[i][2])
+        vla = [items[i][0] for i in vla_ids]
+        kept = combine_then_filter_batch(
+            [_sem(inp) for inp in vla],
+            [_action(inp) for inp in vla],
+            [inp.embeddings for inp in vla],
+            [items[i][2] for i in vla_ids],
         )
-        greedy_owner.append(i)
-    if greedy_jobs:
-        for i, idx in zip(greedy_owner, _batched_greedy(greedy_jobs), strict=True):
+        for i, idx in zip(vla_ids, kept, strict=True):
+            out[i] = idx
+    if div_ids:
+        div = [(items[i][0].embeddings, None, items[i][0].num_visual, items[i][2]) for i in div_ids]
+        for i, idx in zip(div_ids, diversity_filter(div), strict=True):
             out[i] = idx
     return [
         _check_output(items[i][1], idx, items[i][0], items[i][2])  # type: ignore[arg-type]
         for i, idx in enumerate(out)
     ]
+
+
+# -- from captured queries/keys (what the engine runs) ----------------------------------------
+class QKRequest(NamedTuple):
+    """One request's prompt at the scoring layer (K-1), before any attention is computed."""
+
+    q: Tensor  # [T, Hq, D] post-RoPE queries of the prompt, row i at position i (any dtype)
+    k: Tensor  # [T, Hkv, D] post-RoPE keys
+    method: str
+    budget: int
+    fields: Mapping[str, Any]  # the other PruneInputs fields (visual_start, num_visual, ...)
+
+
+def select_from_qk(requests: Sequence[QKRequest]) -> list[Tensor]:
+    """The engine's selection step: for each request, the attention rows its pruner reads
+    (:func:`needed_rows`, over all T keys; none for divprune/random/grid), then one
+    :func:`select_batch`. Equals selecting from the full T x T matrix, at R/T of its cost."""
+    items = []
+    for q, k, method, budget, fields in requests:
+        no_rows = k.new_empty(0, k.shape[0], dtype=torch.float32)
+        inputs = PruneInputs(attn=no_rows, row_positions=range(0), **fields)
+        rows = needed_rows(method, inputs.layout)
+        if len(rows):
+            positions = torch.arange(rows.start, rows.stop, device=k.device)
+            attn = attention_rows(q[rows.start : rows.stop], k, positions)
+        else:
+            attn = inputs.attn
+        items.append((replace(inputs, attn=attn, row_positions=rows), method, budget))
+    return select_batch(items)

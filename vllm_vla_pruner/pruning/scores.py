@@ -13,7 +13,16 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["SEMANTIC_ROWS", "action_scores", "attention_rows", "semantic_scores"]
+from . import checks
+from .checks import require_finite
+
+__all__ = [
+    "SEMANTIC_ROWS",
+    "action_scores",
+    "attention_rows",
+    "semantic_row_range",
+    "semantic_scores",
+]
 
 #: Valid ``rows`` choices for :func:`semantic_scores`.
 SEMANTIC_ROWS: tuple[str, ...] = ("all", "last", "text")
@@ -21,20 +30,6 @@ SEMANTIC_ROWS: tuple[str, ...] = ("all", "last", "text")
 # Bound on the [Hq, rows, T] float32 score block materialised at once by attention_rows
 # (elements); larger requests are processed in row chunks so a long prompt cannot spike memory.
 _MAX_BLOCK_ELEMS = 1 << 24
-
-
-def all_finite(x: Tensor) -> bool:
-    """True if no NaN/inf. One min/max reduction (both propagate NaN): ~30x cheaper than
-    ``isfinite(x).all()`` on a [256, 4096] embedding block, and validation runs per frame."""
-    if not x.is_floating_point() or x.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(x)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def _require_finite(name: str, x: Tensor) -> None:
-    if not all_finite(x):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
 def attention_rows(
@@ -62,6 +57,9 @@ def attention_rows(
     Returns:
         ``[R, T]`` float32 probabilities (each row sums to 1 over its visible keys, 0 on
         masked keys), averaged over the Hq heads.
+
+    Shapes are always checked; values (finite q/k, every row sees a key) only with debug
+    checks on, since reading them would stall a GPU forward.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [R, Hq, D], got shape {tuple(q.shape)}")
@@ -84,10 +82,10 @@ def attention_rows(
             raise ValueError(f"k_positions must be [T]=[{t}], got shape {tuple(k_positions.shape)}")
         key_pos = k_positions.to(k.device)
     q_pos = q_positions.to(k.device)
-    if bool((q_pos < key_pos.min()).any()):
+    if checks.enabled() and bool((q_pos < key_pos.min()).any()):
         raise ValueError("q_positions: some query row sees no key (position before every key)")
-    _require_finite("q", q)
-    _require_finite("k", k)
+    require_finite("q", q)
+    require_finite("k", k)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
 
@@ -112,16 +110,59 @@ def attention_rows(
     return out
 
 
-def _check_attn_and_span(attn: Tensor, visual_start: int, num_visual: int) -> None:
-    if attn.dim() != 2 or attn.shape[0] != attn.shape[1]:
-        raise ValueError(f"attn must be a square [T, T] matrix, got shape {tuple(attn.shape)}")
-    if num_visual < 1:
-        raise ValueError(f"num_visual must be >= 1, got {num_visual}")
-    if visual_start < 0 or visual_start + num_visual > attn.shape[1]:
+def semantic_row_range(
+    rows: str, num_tokens: int, visual_start: int, num_visual: int, text_start: int | None = None
+) -> range:
+    """Positions of the query rows that vote in :func:`semantic_scores` for ``rows``.
+
+    ``'all'``: every row ``0..T-1``; ``'last'``: ``T-1``; ``'text'``: ``text_start..T-1``
+    (default right after the visual span). Host arithmetic only: the engine calls it to decide
+    which attention rows to compute before computing any.
+    """
+    if rows == "all":
+        return range(num_tokens)
+    if rows == "last":
+        return range(num_tokens - 1, num_tokens)
+    if rows == "text":
+        ts = visual_start + num_visual if text_start is None else text_start
+        if ts < 0 or ts >= num_tokens:
+            raise ValueError(f"text_start={ts} leaves no text rows in a prompt of T={num_tokens}")
+        return range(ts, num_tokens)
+    raise ValueError(f"rows must be one of {SEMANTIC_ROWS}, got {rows!r}")
+
+
+def check_row_block(attn: Tensor, row_positions: range | None) -> range:
+    """The positions of ``attn``'s rows (``[R, T]``, R rows of T keys); ValueError if they do
+    not fit. ``row_positions=None`` means every row, so ``attn`` must be square."""
+    if attn.dim() != 2:
+        raise ValueError(f"attn must be an [R, T] matrix, got shape {tuple(attn.shape)}")
+    t = attn.shape[1]
+    if row_positions is None:
+        if attn.shape[0] != t:
+            raise ValueError(
+                f"attn must be a square [T, T] matrix when row_positions is not given, "
+                f"got shape {tuple(attn.shape)}"
+            )
+        return range(t)
+    if not isinstance(row_positions, range) or row_positions.step != 1:
+        raise ValueError(f"row_positions must be a range with step 1, got {row_positions!r}")
+    if len(row_positions) != attn.shape[0]:
         raise ValueError(
-            f"visual span [visual_start={visual_start}, +num_visual={num_visual}) does not fit "
-            f"in attn with T={attn.shape[1]} keys"
+            f"row_positions has {len(row_positions)} rows but attn has {attn.shape[0]}"
         )
+    if len(row_positions) and (row_positions.start < 0 or row_positions.stop > t):
+        raise ValueError(f"row_positions={row_positions!r} out of range [0, T={t})")
+    return row_positions
+
+
+def take_rows(attn: Tensor, have: range, want: range, what: str) -> Tensor:
+    """The rows of ``attn`` at positions ``want`` (a view); ValueError if some were not given."""
+    if len(want) and (want.start < have.start or want.stop > have.stop):
+        raise ValueError(
+            f"{what} needs attention rows {want.start}..{want.stop - 1}, but attn holds rows "
+            f"{have.start}..{have.stop - 1} (row_positions)"
+        )
+    return attn[want.start - have.start : want.stop - have.start]
 
 
 def semantic_scores(
@@ -130,11 +171,13 @@ def semantic_scores(
     num_visual: int,
     rows: str = "all",
     text_start: int | None = None,
+    row_positions: range | None = None,
 ) -> Tensor:
     """Semantic importance S_sem of each visual token from layer K-1 prefill attention.
 
     Args:
-        attn: ``[T, T]`` head-averaged attention probabilities (rows = queries, cols = keys).
+        attn: ``[R, T]`` head-averaged attention probabilities of R query rows over all T
+            keys of the prompt (``[T, T]`` when every row is given).
         visual_start: column of the first visual token.
         num_visual: M, the number of visual tokens (contiguous from ``visual_start``).
         rows: which query rows vote: ``'all'`` (mean over every prefill row, the paper's
@@ -142,26 +185,25 @@ def semantic_scores(
             constant factor and does not change the ranking), ``'last'`` (last prompt row,
             FastV's rule) or ``'text'`` (rows ``text_start..T-1``).
         text_start: first text row for ``rows='text'``; default right after the visual span.
+        row_positions: prompt positions of ``attn``'s rows; ``None`` = all ``0..T-1``. It
+            must cover :func:`semantic_row_range` for ``rows``; the result is the same as
+            from the full matrix (the same rows are averaged).
 
     Returns:
         ``[M]`` float32 scores in original visual-token order.
     """
-    _check_attn_and_span(attn, visual_start, num_visual)
-    vis = attn[:, visual_start : visual_start + num_visual]
-    if rows == "all":
-        sel = vis
-    elif rows == "last":
-        sel = vis[-1:]
-    elif rows == "text":
-        ts = visual_start + num_visual if text_start is None else text_start
-        if ts < 0 or ts >= attn.shape[0]:
-            raise ValueError(
-                f"text_start={ts} leaves no text rows in attn with T={attn.shape[0]} rows"
-            )
-        sel = vis[ts:]
-    else:
-        raise ValueError(f"rows must be one of {SEMANTIC_ROWS}, got {rows!r}")
-    return sel.to(torch.float32).mean(dim=0)
+    have = check_row_block(attn, row_positions)
+    t = attn.shape[1]
+    if num_visual < 1:
+        raise ValueError(f"num_visual must be >= 1, got {num_visual}")
+    if visual_start < 0 or visual_start + num_visual > t:
+        raise ValueError(
+            f"visual span [visual_start={visual_start}, +num_visual={num_visual}) does not fit "
+            f"in attn with T={t} keys"
+        )
+    want = semantic_row_range(rows, t, visual_start, num_visual, text_start)
+    sel = take_rows(attn, have, want, f"semantic_rows={rows!r}")
+    return sel[:, visual_start : visual_start + num_visual].to(torch.float32).mean(dim=0)
 
 
 def action_scores(
@@ -202,13 +244,14 @@ def action_scores(
     tk = action_rows.shape[1]
     vki = visual_key_index.to(device=action_rows.device, dtype=torch.long)
     ids = kept_visual_ids.to(device=action_rows.device, dtype=torch.long)
-    if mk and (int(vki.min()) < 0 or int(vki.max()) >= tk):
-        raise ValueError(f"visual_key_index out of range for Tk={tk} keys")
-    if mk and (int(ids.min()) < 0 or int(ids.max()) >= num_visual):
-        raise ValueError(f"kept_visual_ids out of range [0, {num_visual})")
-    if torch.unique(ids).numel() != mk:
-        raise ValueError("kept_visual_ids must be unique")
-    _require_finite("action_rows", action_rows)
+    if checks.enabled():  # value checks read device memory: debug only
+        if mk and (int(vki.min()) < 0 or int(vki.max()) >= tk):
+            raise ValueError(f"visual_key_index out of range for Tk={tk} keys")
+        if mk and (int(ids.min()) < 0 or int(ids.max()) >= num_visual):
+            raise ValueError(f"kept_visual_ids out of range [0, {num_visual})")
+        if torch.unique(ids).numel() != mk:
+            raise ValueError("kept_visual_ids must be unique")
+        require_finite("action_rows", action_rows)
     out = torch.zeros(num_visual, dtype=torch.float32, device=action_rows.device)
     if mk:
         out[ids] = action_rows.to(torch.float32)[:, vki].mean(dim=0)

@@ -18,16 +18,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .scores import all_finite
+from . import checks
+from .checks import require_finite
 
 __all__ = [
     "combine_then_filter",
+    "combine_then_filter_batch",
     "cosine_distance_matrix",
+    "diversity_filter",
     "greedy_maxmin",
     "greedy_maxmin_batched",
     "greedy_maxmin_from_distances",
     "stable_topk",
     "stable_topk_batched",
+    "stable_topk_many",
     "union_indices",
 ]
 
@@ -39,8 +43,7 @@ def _check_scores(name: str, s: Tensor, m: int | None = None) -> None:
         raise ValueError(f"{name} must be 1-D [M], got shape {tuple(s.shape)}")
     if m is not None and s.shape[0] != m:
         raise ValueError(f"{name} has {s.shape[0]} entries, expected M={m}")
-    if not all_finite(s):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    require_finite(name, s)
 
 
 def _check_budget(budget: int, m: int) -> None:
@@ -68,6 +71,21 @@ def stable_topk(scores: Tensor, budget: int) -> Tensor:
     _check_scores("scores", scores)
     _check_budget(budget, scores.shape[0])
     return torch.sort(stable_topk_batched(scores.unsqueeze(0), budget)[0]).values
+
+
+def stable_topk_many(jobs: Sequence[tuple[Tensor, int]]) -> list[Tensor]:
+    """Stable top-k for many ``(scores [M], budget)`` jobs, in rank order: one stacked sort
+    per (M, device) group instead of one per job. Same result as one sort per job."""
+    out: list[Tensor | None] = [None] * len(jobs)
+    groups: dict[tuple[int, torch.device], list[int]] = {}
+    for i, (s, _) in enumerate(jobs):
+        groups.setdefault((s.shape[0], s.device), []).append(i)
+    for ids in groups.values():
+        stacked = torch.stack([jobs[i][0].to(torch.float32) for i in ids])
+        ranked = stable_topk_batched(stacked, max(jobs[i][1] for i in ids))
+        for row, i in enumerate(ids):
+            out[i] = ranked[row, : jobs[i][1]]
+    return out  # type: ignore[return-value]
 
 
 def union_indices(*index_sets: Tensor, size: int) -> Tensor:
@@ -106,7 +124,12 @@ def greedy_maxmin_batched(
 
     Returns:
         Per set, the picked positions on the ``n`` axis, sorted ascending.
+
+    A convenience for callers holding padded sets; the clamp reads the set sizes on the host,
+    so the engine's path (:func:`diversity_filter`) does not use it.
     """
+    sizes = valid.sum(dim=1).tolist()
+    budgets = [min(int(b), int(n)) for b, n in zip(budgets, sizes, strict=True)]
     return greedy_maxmin_from_distances(cosine_distance_matrix(embeddings), valid, budgets)
 
 
@@ -119,12 +142,20 @@ def greedy_maxmin_from_distances(
     candidate with the largest min distance to the picked set; ties to the lowest position.
     Batched callers compute each set's distances on its own and pad the small ``n x n``
     matrices, so a set's picks do not depend on what it was batched with.
+
+    ``budgets[b]`` must not exceed set b's number of valid candidates (checked only with
+    debug checks on): the result sizes are then known on the host, so nothing here waits for
+    the device. Returns per set the ``budgets[b]`` picked positions, sorted ascending.
     """
     bsz, n, _ = dist.shape
     device = dist.device
-    sizes = valid.sum(dim=1)
-    kk = torch.as_tensor(list(budgets), dtype=torch.long, device=device)
-    kk = torch.minimum(kk, sizes)
+    budgets = [int(b) for b in budgets]
+    if checks.enabled():
+        for b, (k, size) in enumerate(zip(budgets, valid.sum(dim=1).tolist(), strict=True)):
+            if not 0 <= k <= size:
+                raise ValueError(f"budget {k} of set {b} not in [0, its {size} candidates]")
+    if bsz == 0:
+        return []
     # Nearest *other* valid candidate: mask self and padding columns with +inf.
     eye = torch.eye(n, dtype=torch.bool, device=device)
     col_invalid = ~valid.unsqueeze(1)  # [B, 1, n]
@@ -133,21 +164,49 @@ def greedy_maxmin_from_distances(
     first = nearest.argmax(dim=-1)  # lone candidate: nearest=+inf; ties -> lowest position
     rows = torch.arange(bsz, device=device)
     # score = min distance to the picked set, -inf where not pickable (picked or padding);
-    # min(-inf, x) keeps picked entries out without re-masking every step.
+    # min(-inf, x) keeps picked entries out without re-masking every step. A set whose
+    # budget is reached keeps picking (-inf everywhere -> position 0); those picks are cut.
     score = dist[rows, first].masked_fill(~valid, float("-inf"))
     score[rows, first] = float("-inf")
     picks = [first]
-    kmax = int(kk.max()) if bsz else 0
-    for _ in range(1, kmax):
+    for _ in range(1, max(budgets)):
         nxt = score.argmax(dim=-1)
         torch.minimum(score, dist[rows, nxt], out=score)
         score[rows, nxt] = float("-inf")
         picks.append(nxt)
     order = torch.stack(picks, dim=1)  # [B, kmax] in pick order
-    take = torch.arange(len(picks), device=device).unsqueeze(0) < kk.unsqueeze(1)
-    picked = torch.zeros(bsz, n, dtype=torch.bool, device=device)
-    picked[rows.unsqueeze(1).expand_as(order)[take], order[take]] = True
-    return [picked[b].nonzero().squeeze(1) for b in range(bsz)]
+    return [torch.sort(order[b, : budgets[b]]).values for b in range(bsz)]
+
+
+def diversity_filter(
+    jobs: Sequence[tuple[Tensor, Tensor | None, Tensor | int, int]],
+) -> list[Tensor]:
+    """Greedy max-min for many ``(embeddings [M, E], candidates, size, budget)`` jobs.
+
+    ``candidates`` is ``[n]`` token ids whose first ``size`` entries (a 0-d tensor or an
+    int) are the real candidates in ascending order, the rest padding; ``None`` means all M
+    tokens. ``budget <= size``. Each job's n x n distances are computed on its own (no result
+    depends on the batch), then padded into one ``[B, n, n]`` block per device for a single
+    greedy loop. Returns each job's ``budget`` kept ids, sorted; no device-to-host reads.
+    """
+    out: list[Tensor | None] = [None] * len(jobs)
+    groups: dict[torch.device, list[int]] = {}
+    for i, (emb, _, _, _) in enumerate(jobs):
+        groups.setdefault(emb.device, []).append(i)
+    for device, ids in groups.items():
+        lens = [jobs[i][0].shape[0] if jobs[i][1] is None else jobs[i][1].numel() for i in ids]
+        n = max(lens)
+        dist = torch.zeros(len(ids), n, n, dtype=torch.float32, device=device)
+        valid = torch.zeros(len(ids), n, dtype=torch.bool, device=device)
+        for row, (i, c) in enumerate(zip(ids, lens, strict=True)):
+            emb, cand, size, _ = jobs[i]
+            dist[row, :c, :c] = cosine_distance_matrix(emb if cand is None else emb[cand])
+            valid[row, :c] = torch.arange(c, device=device) < size
+        picks = greedy_maxmin_from_distances(dist, valid, [jobs[i][3] for i in ids])
+        for row, i in enumerate(ids):
+            cand = jobs[i][1]
+            out[i] = picks[row] if cand is None else cand[picks[row]]
+    return out  # type: ignore[return-value]
 
 
 def greedy_maxmin(embeddings: Tensor, budget: int, candidates: Tensor | None = None) -> Tensor:
@@ -163,26 +222,83 @@ def greedy_maxmin(embeddings: Tensor, budget: int, candidates: Tensor | None = N
     """
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be [M, E], got shape {tuple(embeddings.shape)}")
-    if not all_finite(embeddings):
-        raise ValueError("embeddings contains non-finite values (NaN or inf)")
+    require_finite("embeddings", embeddings)
     m = embeddings.shape[0]
-    if candidates is None:
-        cand = torch.arange(m, device=embeddings.device)
-    else:
+    cand = None
+    if candidates is not None:
         cand = torch.sort(torch.as_tensor(candidates, device=embeddings.device).long()).values
         if cand.dim() != 1 or cand.numel() == 0:
             raise ValueError("candidates must be a non-empty 1-D index tensor")
-        if int(cand[0]) < 0 or int(cand[-1]) >= m:
-            raise ValueError(f"candidates out of range [0, M={m})")
-        if bool((cand[1:] == cand[:-1]).any()):
-            raise ValueError("candidates must be unique")
-    _check_budget(budget, cand.numel())
-    if budget == cand.numel():
-        return cand
-    dist = cosine_distance_matrix(embeddings[cand]).unsqueeze(0)
-    valid = torch.ones(1, cand.numel(), dtype=torch.bool, device=embeddings.device)
-    pos = greedy_maxmin_from_distances(dist, valid, [budget])[0]
-    return cand[pos]
+        if checks.enabled():
+            if int(cand[0]) < 0 or int(cand[-1]) >= m:
+                raise ValueError(f"candidates out of range [0, M={m})")
+            if bool((cand[1:] == cand[:-1]).any()):
+                raise ValueError("candidates must be unique")
+    size = m if cand is None else cand.numel()
+    _check_budget(budget, size)
+    if budget == size:
+        return torch.arange(m, device=embeddings.device) if cand is None else cand
+    return diversity_filter([(embeddings, cand, size, budget)])[0]
+
+
+def _union_candidates(c_sem: Tensor, c_act: Tensor, m: int, n: int) -> tuple[Tensor, Tensor]:
+    """The union of two top-k sets as ``n`` candidate ids (members ascending first, then
+    padding) and its size as a 0-d tensor: fixed shapes, so no device-to-host read."""
+    mask = torch.zeros(m, dtype=torch.bool, device=c_sem.device)
+    mask[c_sem] = True
+    mask[c_act] = True
+    ids = torch.arange(m, device=c_sem.device)
+    members_first = torch.sort(torch.where(mask, ids, ids + m)).indices
+    return members_first[:n], mask.sum()
+
+
+def combine_then_filter_batch(
+    semantic_scores: Sequence[Tensor],
+    action_scores: Sequence[Tensor | None],
+    embeddings: Sequence[Tensor],
+    budgets: Sequence[int],
+) -> list[Tensor]:
+    """:func:`combine_then_filter` for many requests: one stacked sort per (M, device) for the
+    dual top-k, one greedy loop per device for the diversity filters. Each request's result
+    equals its own :func:`combine_then_filter` (distances are computed per request)."""
+    n_req = len(semantic_scores)
+    if not (len(action_scores) == len(embeddings) == len(budgets) == n_req):
+        raise ValueError("semantic_scores, action_scores, embeddings, budgets differ in length")
+    for sem, act, emb, budget in zip(semantic_scores, action_scores, embeddings, budgets):
+        _check_scores("semantic_scores", sem)
+        m = sem.shape[0]
+        if act is not None:
+            _check_scores("action_scores", act, m)
+        if emb.dim() != 2 or emb.shape[0] != m:
+            raise ValueError(f"embeddings must be [M={m}, E], got shape {tuple(emb.shape)}")
+        require_finite("embeddings", emb)
+        _check_budget(budget, m)
+    topk_jobs = [(s, b) for s, b in zip(semantic_scores, budgets, strict=True)]
+    topk_jobs += [
+        (a.to(s.device), b)
+        for s, a, b in zip(semantic_scores, action_scores, budgets, strict=True)
+        if a is not None
+    ]
+    ranked = stable_topk_many(topk_jobs)
+    c_act = iter(ranked[n_req:])
+    out: list[Tensor | None] = [None] * n_req
+    jobs: list[tuple[Tensor, Tensor | None, Tensor | int, int]] = []
+    owners: list[int] = []
+    for i, (sem, act, budget) in enumerate(zip(semantic_scores, action_scores, budgets)):
+        m = sem.shape[0]
+        if act is None:  # no action history yet: semantic top-k alone
+            out[i] = torch.sort(ranked[i]).values
+            continue
+        cand, size = _union_candidates(ranked[i], next(c_act), m, min(m, 2 * budget))
+        if budget == m:
+            out[i] = cand  # the union is every token
+            continue
+        # |union| is in [budget, 2*budget]; the greedy picks all of it when |union| == budget.
+        jobs.append((embeddings[i].to(sem.device), cand, size, budget))
+        owners.append(i)
+    for i, idx in zip(owners, diversity_filter(jobs), strict=True):
+        out[i] = idx
+    return out  # type: ignore[return-value]
 
 
 def combine_then_filter(
@@ -198,20 +314,4 @@ def combine_then_filter(
     union's embeddings (scores are not used in that step). ``action_scores=None`` (no action
     history yet) -> semantic top-k alone.
     """
-    _check_scores("semantic_scores", semantic_scores)
-    m = semantic_scores.shape[0]
-    if action_scores is not None:
-        _check_scores("action_scores", action_scores, m)
-    if embeddings.dim() != 2 or embeddings.shape[0] != m:
-        raise ValueError(f"embeddings must be [M={m}, E], got shape {tuple(embeddings.shape)}")
-    if not all_finite(embeddings):
-        raise ValueError("embeddings contains non-finite values (NaN or inf)")
-    _check_budget(budget, m)
-    c_sem = stable_topk_batched(semantic_scores.unsqueeze(0), budget)[0]
-    if action_scores is None:
-        return torch.sort(c_sem).values
-    c_act = stable_topk_batched(action_scores.to(semantic_scores.device).unsqueeze(0), budget)[0]
-    union = union_indices(c_sem, c_act, size=m)
-    if union.numel() == budget:
-        return union
-    return greedy_maxmin(embeddings.to(semantic_scores.device), budget, union)
+    return combine_then_filter_batch([semantic_scores], [action_scores], [embeddings], [budget])[0]

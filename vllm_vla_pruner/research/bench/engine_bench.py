@@ -21,23 +21,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from vllm_vla_pruner.config import load_config_json, num_visual_tokens
+from vllm_vla_pruner.metrics import ModelDims, prefill_flops
 
 PROMPT = "In: What action should the robot take to put the red block in the drawer?\nOut:"
-
-
-def llm_prefill_flops(cfg: dict[str, Any], tokens: int, kept_tokens: int, layer_k: int) -> float:
-    """Decoder FLOPs of one prefill: layers < K see ``tokens`` rows, layers >= K ``kept_tokens``."""
-    t = cfg["text_config"]
-    h, inter, n_layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
-    hq = t["num_attention_heads"]
-    hkv = t.get("num_key_value_heads", hq)
-    d = t.get("head_dim") or h // hq
-    per_token = 2 * (h * hq * d + 2 * h * hkv * d + hq * d * h + 3 * h * inter)
-
-    def layer(n: int) -> float:
-        return n * per_token + 2 * 2 * hq * d * n * (n + 1) / 2  # causal QK^T and AV
-
-    return layer_k * layer(tokens) + (n_layers - layer_k) * layer(kept_tokens)
 
 
 def _images(n: int, side: int, seed: int) -> list[Image.Image]:
@@ -63,6 +49,7 @@ def run(
     from vllm_vla_pruner.engine.local import decoder_report, kv_layout, make_llm
 
     cfg = load_config_json(model_dir)
+    dims = ModelDims.from_config(cfg)
     m = num_visual_tokens(cfg)
     side = cfg["image_sizes"][0]
     decoder = ActionDecoder.from_pretrained(model_dir)
@@ -128,8 +115,8 @@ def run(
             method, ratio = c
             med = {k: statistics.median(v) for k, v in samples[c].items()}
             kept = m if method == "none" else max(1, round(m * ratio))
-            ideal = llm_prefill_flops(cfg, prompt_len, prompt_len, layer_k) / llm_prefill_flops(
-                cfg, prompt_len, prompt_len - (m - kept), layer_k
+            ideal = prefill_flops(dims, prompt_len, prompt_len, layer_k) / prefill_flops(
+                dims, prompt_len, prompt_len - (m - kept), layer_k
             )
             speed = base["prefill"] / med["prefill"]
             results.append(

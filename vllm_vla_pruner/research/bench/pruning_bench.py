@@ -1,18 +1,21 @@
-"""Benchmark of the pruning core: scoring + selection for M=256 visual tokens.
+"""Benchmark of the pruning step the engine runs, alone: scoring + selection for M=256.
 
-Measures, per pruner, keep ratio and batch size, the host-side cost of what the engine calls
-once per frame: ``attention_rows`` on captured post-RoPE q/k plus ``semantic_scores`` (only
-the rows the pruner needs: all T rows for vlapruner, the last row for fastv, none for
-divprune), vlapruner's per-frame action bookkeeping (7 action rows -> ``action_scores`` ->
-``ActionHistory.push``/``estimate``), and ``select_batch``. Shapes follow OpenVLA-7B's
-``bench`` preset: T=290 prompt (BOS + 256 visual + 33 text), Hq=Hkv=8 heads of D=64, and
-projector-output embeddings of E=512 (the bench preset's hidden size) and E=4096 (OpenVLA-7B).
-Selection is timed per E; scoring does not depend on E and is timed once.
+Times, per model shape, pruner, keep ratio and batch size, exactly what the engine calls once
+per pruned frame at layer K-1: ``ActionHistory.estimate`` and
+:func:`~vllm_vla_pruner.pruning.select_from_qk` on the captured post-RoPE q/k of each
+request's prompt - which computes only the attention rows the pruner reads (all T rows for
+``semantic_rows='all'``, one for FastV and ``'last'``, none for divprune) and runs
+``select_batch`` - plus, for vlapruner, the per-frame action bookkeeping of
+``_finish_track`` (7 action rows over the kept keys -> ``action_scores`` ->
+``ActionHistory.push``). The part spent computing attention rows is timed on its own too.
 
-Run: ``vla-pruner bench pruning`` (writes benchmarks/results/pruning.json). CPU,
-one torch thread by default. The dominant CPU cost at E=4096 is the C x C cosine Gram (C =
-the diversity candidates); on a GPU that matmul is cheap and the greedy loop's per-step
-kernel launches are expected to dominate instead (not measured here).
+Shapes: ``bench`` is the checkpoint ``vla-pruner bench engine`` builds (T=278 prompt rows:
+BOS + 256 visual + 21 text; Hq=Hkv=8 heads of D=64; E=512); ``openvla-7b`` has OpenVLA-7B's
+32 heads of D=128 and E=4096 at the same prompt length.
+
+Run: ``vla-pruner bench pruning`` (writes benchmarks/results/pruning.json). CPU, one torch
+thread by default. On a GPU the same calls do not read device memory back to the host (see
+``vllm_vla_pruner.pruning.checks``); this benchmark does not measure a GPU.
 """
 
 from __future__ import annotations
@@ -23,27 +26,51 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vllm_vla_pruner.pruning import (
     ActionHistory,
-    PruneInputs,
+    PromptLayout,
+    QKRequest,
     action_scores,
     attention_rows,
     budget_for,
-    select_batch,
-    semantic_scores,
+    needed_rows,
+    select_from_qk,
 )
 
-T, M, VISUAL_START, HQ, HKV, D, A = 290, 256, 1, 8, 8, 64, 7
-METHODS = ("vlapruner", "fastv", "divprune")
+
+@dataclass(frozen=True)
+class Shape:
+    """The tensor shapes of one model at the scoring layer."""
+
+    name: str
+    tokens: int  # T, prompt rows
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    embed_dim: int  # E, projector output = LLM hidden size
+
+
+SHAPES = {
+    "bench": Shape("bench", 278, 8, 8, 64, 512),
+    "openvla-7b": Shape("openvla-7b", 278, 32, 32, 128, 4096),
+}
+M, VISUAL_START, A = 256, 1, 7  # visual tokens, their first row, action queries per frame
+#: (pruner, semantic_rows): vlapruner with the paper's rows and with the embedded
+#: checkpoint's ('last'); FastV reads the last row whatever the setting; divprune none.
+CONFIGS = (("vlapruner", "all"), ("vlapruner", "last"), ("fastv", "last"), ("divprune", "all"))
 KEEPS = (0.5, 0.25, 0.125)
-BATCHES = (1, 32)
+BATCHES = (1, 8)
 
 
-def timed(fn, budget_s: float = 0.5, max_reps: int = 15) -> tuple[float, float]:
+def timed(
+    fn: Callable[[], object], budget_s: float = 0.5, max_reps: int = 15
+) -> tuple[float, float]:
     """(median, min) wall time in ms: one warm-up, then repeats until ~budget_s (at least 3).
     The min is the better estimate of the uncontended cost on a shared machine."""
     fn()
@@ -59,41 +86,139 @@ def timed(fn, budget_s: float = 0.5, max_reps: int = 15) -> tuple[float, float]:
     return 1000.0 * statistics.median(samples), 1000.0 * min(samples)
 
 
-def make_request(seed: int) -> dict:
+@dataclass
+class Frame:
+    """One robot's captured tensors for a frame."""
+
+    q: torch.Tensor  # [T, Hq, D] layer K-1 queries
+    k: torch.Tensor  # [T, Hkv, D] layer K-1 keys
+    embeddings: torch.Tensor  # [M, E]
+    act_q: torch.Tensor  # [A, Hq, D] action-layer queries
+    act_k: torch.Tensor  # [T + A, Hkv, D] action-layer keys
+    session: str
+
+
+def make_frame(shape: Shape, seed: int) -> Frame:
     g = torch.Generator().manual_seed(seed)
-    return {
-        "q": torch.randn(T, HQ, D, generator=g),
-        "k": torch.randn(T + A, HKV, D, generator=g),
-        "act_q": torch.randn(A, HQ, D, generator=g),
-        "session": f"robot-{seed}",
-    }
-
-
-def semantic_scoring(req: dict, method: str) -> torch.Tensor:
-    """Scores the engine would compute at layer K-1 for this method."""
-    k = req["k"][:T]
-    if method == "fastv":
-        rows = attention_rows(req["q"][-1:], k, torch.tensor([T - 1]))
-        attn = torch.zeros(T, T)
-        attn[-1] = rows[0]
-        return attn
-    attn = attention_rows(req["q"], k, torch.arange(T))
-    semantic_scores(attn, VISUAL_START, M)
-    return attn
-
-
-def action_bookkeeping(req: dict, history: ActionHistory, kept: torch.Tensor) -> None:
-    """Per frame: the A action queries over the pruned key set -> S_act -> history."""
-    vis_pos = VISUAL_START + kept
-    key_pos = torch.cat(
-        [torch.arange(VISUAL_START), vis_pos, torch.arange(VISUAL_START + M, T + A)]
+    t, hq, hkv, d = shape.tokens, shape.num_heads, shape.num_kv_heads, shape.head_dim
+    return Frame(
+        q=torch.randn(t, hq, d, generator=g),
+        k=torch.randn(t, hkv, d, generator=g),
+        embeddings=torch.randn(M, shape.embed_dim, generator=g),
+        act_q=torch.randn(A, hq, d, generator=g),
+        act_k=torch.randn(t + A, hkv, d, generator=g),
+        session=f"robot-{seed}",
     )
-    keys = req["k"][key_pos]
-    rows = attention_rows(req["act_q"], keys, torch.arange(T, T + A), k_positions=key_pos)
+
+
+def engine_select(
+    frames: list[Frame], history: ActionHistory, method: str, semantic_rows: str, budget: int
+) -> list[torch.Tensor]:
+    """What ``PrunedDecoder._select`` does for these requests at layer K-1."""
+    requests = []
+    for f in frames:
+        estimate = history.estimate(f.session) if method == "vlapruner" else None
+        fields = dict(
+            visual_start=VISUAL_START,
+            num_visual=M,
+            embeddings=f.embeddings,
+            action_estimate=estimate,
+            semantic_rows=semantic_rows,
+            text_start=VISUAL_START + M,
+        )
+        requests.append(QKRequest(f.q, f.k, method, budget, fields))
+    return select_from_qk(requests)
+
+
+def attention_part(frames: list[Frame], method: str, semantic_rows: str) -> None:
+    """The attention rows select_from_qk computes (its scoring part), alone."""
+    for f in frames:
+        layout = PromptLayout(f.k.shape[0], VISUAL_START, M, VISUAL_START + M, semantic_rows, True)
+        rows = needed_rows(method, layout)
+        if len(rows):
+            attention_rows(f.q[rows.start : rows.stop], f.k, torch.arange(rows.start, rows.stop))
+
+
+def action_bookkeeping(f: Frame, history: ActionHistory, kept: torch.Tensor) -> None:
+    """What ``_finish_track`` does per frame: the A action queries over the pruned key set ->
+    S_act -> history."""
+    t = f.q.shape[0]
+    key_pos = torch.cat(
+        [torch.arange(VISUAL_START), VISUAL_START + kept, torch.arange(VISUAL_START + M, t + A)]
+    )
+    rows = attention_rows(f.act_q, f.act_k[key_pos], torch.arange(t, t + A), k_positions=key_pos)
     vki = torch.arange(VISUAL_START, VISUAL_START + kept.numel())
-    s_act = action_scores(rows, vki, kept, M)
-    history.push(req["session"], s_act)
-    history.estimate(req["session"])
+    history.push(f.session, action_scores(rows, vki, kept, M))
+
+
+def run_shape(shape: Shape, history: ActionHistory) -> list[dict]:
+    frames = [make_frame(shape, i) for i in range(max(BATCHES))]
+    for f in frames:  # warm history so vlapruner runs its full path
+        for _ in range(history.window):
+            history.push(f.session, torch.rand(M))
+    results = []
+    for method, semantic_rows in CONFIGS:
+        layout = PromptLayout(shape.tokens, VISUAL_START, M, VISUAL_START + M, semantic_rows, True)
+        n_rows = len(needed_rows(method, layout))
+        for bsz in BATCHES:
+            batch = frames[:bsz]
+            attn_ms = timed(lambda b=batch, m=method, s=semantic_rows: attention_part(b, m, s))
+            for keep in KEEPS:
+                budget = budget_for(M, keep)
+                select_ms = timed(
+                    lambda b=batch, m=method, s=semantic_rows, k=budget: engine_select(
+                        b, history, m, s, k
+                    )
+                )
+                history_ms = (0.0, 0.0)
+                if method == "vlapruner":
+                    kept = engine_select(batch[:1], history, method, semantic_rows, budget)[0]
+                    history_ms = timed(
+                        lambda b=batch, k=kept: [action_bookkeeping(f, history, k) for f in b]
+                    )
+                total = select_ms[0] + history_ms[0]
+                total_min = select_ms[1] + history_ms[1]
+                results.append(
+                    {
+                        "shape": shape.name,
+                        "method": method,
+                        "semantic_rows": semantic_rows if method == "vlapruner" else None,
+                        "attention_rows": n_rows,
+                        "keep_ratio": keep,
+                        "budget": budget,
+                        "batch": bsz,
+                        "attention_ms": round(attn_ms[0], 3),
+                        "select_ms": round(select_ms[0], 3),
+                        "action_history_ms": round(history_ms[0], 3),
+                        "total_ms": round(total, 3),
+                        "total_per_request_ms": round(total / bsz, 3),
+                        "total_min_per_request_ms": round(total_min / bsz, 3),
+                    }
+                )
+                print(
+                    f"  {shape.name:10s} {method:9s} rows={n_rows:<3} keep={keep:<5} "
+                    f"batch={bsz:<2} total={total:8.2f} ms",
+                    flush=True,
+                )
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| shape | method | semantic rows | attention rows | keep | budget | batch "
+        "| of which attention ms | select_from_qk ms | action+history ms | total ms "
+        "| per request ms | per request ms (min) |",
+        "|" + "---|" * 13,
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['shape']} | {r['method']} | {r['semantic_rows'] or '-'} "
+            f"| {r['attention_rows']} | {r['keep_ratio']} | {r['budget']} | {r['batch']} "
+            f"| {r['attention_ms']:.2f} | {r['select_ms']:.2f} | {r['action_history_ms']:.2f} "
+            f"| {r['total_ms']:.2f} | {r['total_per_request_ms']:.2f} "
+            f"| {r['total_min_per_request_ms']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,115 +232,35 @@ def main(argv: list[str] | None = None) -> None:
         "oversubscribed OpenMP threads make multi-thread timings meaningless; 0 = torch default)",
     )
     ap.add_argument(
-        "--embed-dims",
-        default="512,4096",
-        help="comma-separated E values (the bench preset's hidden size 512; OpenVLA-7B 4096)",
+        "--shapes",
+        default=",".join(SHAPES),
+        help=f"comma-separated model shapes among {', '.join(SHAPES)}",
     )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    embed_dims = [int(x) for x in args.embed_dims.split(",")]
+    shapes = [SHAPES[s] for s in args.shapes.split(",")]
     started = time.perf_counter()
-    reqs = [make_request(i) for i in range(max(BATCHES))]
-    history = ActionHistory()
-    for r in reqs:  # warm history so vlapruner runs its full path
-        for _ in range(3):
-            history.push(r["session"], torch.rand(M))
-
-    # Scoring does not depend on E or the budget: time it once per (method, batch).
-    attn_cache = {m: [semantic_scoring(r, m) for r in reqs] for m in ("vlapruner", "fastv")}
-    scoring: dict[tuple[str, int], tuple[float, float]] = {}
-    for method in METHODS:
-        for bsz in BATCHES:
-            scoring[method, bsz] = (
-                (0.0, 0.0)
-                if method == "divprune"
-                else timed(lambda b=reqs[:bsz], m=method: [semantic_scoring(r, m) for r in b])
-            )
     results = []
-    for e_dim in embed_dims:
-        g = torch.Generator().manual_seed(e_dim)
-        embs = [torch.randn(M, e_dim, generator=g) for _ in reqs]
-        for method in METHODS:
-            attn_src = attn_cache["fastv" if method == "fastv" else "vlapruner"]
-            for keep in KEEPS:
-                budget = budget_for(M, keep)
-                for bsz in BATCHES:
-                    items = [
-                        (
-                            PruneInputs(
-                                attn=attn_src[i],
-                                visual_start=VISUAL_START,
-                                num_visual=M,
-                                embeddings=embs[i],
-                                action_estimate=history.estimate(reqs[i]["session"])
-                                if method == "vlapruner"
-                                else None,
-                                semantic_rows="last" if method == "fastv" else "all",
-                            ),
-                            method,
-                            budget,
-                        )
-                        for i in range(bsz)
-                    ]
-                    select_ms = timed(lambda it=items: select_batch(it))
-                    history_ms = (0.0, 0.0)
-                    if method == "vlapruner":
-                        kept = select_batch(items[:1])[0]
-                        history_ms = timed(
-                            lambda b=reqs[:bsz], k=kept: [
-                                action_bookkeeping(r, history, k) for r in b
-                            ]
-                        )
-                    scoring_ms = scoring[method, bsz]
-                    total = scoring_ms[0] + select_ms[0] + history_ms[0]
-                    total_min = scoring_ms[1] + select_ms[1] + history_ms[1]
-                    results.append(
-                        {
-                            "E": e_dim,
-                            "method": method,
-                            "keep_ratio": keep,
-                            "budget": budget,
-                            "batch": bsz,
-                            "scoring_ms": round(scoring_ms[0], 3),
-                            "selection_ms": round(select_ms[0], 3),
-                            "action_history_ms": round(history_ms[0], 3),
-                            "total_ms": round(total, 3),
-                            "total_per_request_ms": round(total / bsz, 3),
-                            "total_min_ms": round(total_min, 3),
-                            "total_min_per_request_ms": round(total_min / bsz, 3),
-                        }
-                    )
-                    print(
-                        f"  E={e_dim:<5} {method:10s} keep={keep:<5} batch={bsz:<2} "
-                        f"total={total:8.2f} ms",
-                        flush=True,
-                    )
-
-    header = (
-        "| E | method | keep | budget | batch | scoring ms | selection ms | action+history ms "
-        "| total ms | per request ms | per request ms (min) |"
-    )
-    lines = [header, "|" + "---|" * 11]
-    for r in results:
-        lines.append(
-            f"| {r['E']} | {r['method']} | {r['keep_ratio']} | {r['budget']} | {r['batch']} "
-            f"| {r['scoring_ms']:.2f} | {r['selection_ms']:.2f} | {r['action_history_ms']:.2f} "
-            f"| {r['total_ms']:.2f} | {r['total_per_request_ms']:.2f} "
-            f"| {r['total_min_per_request_ms']:.2f} |"
-        )
-    table = "\n".join(lines)
+    for shape in shapes:
+        results += run_shape(shape, ActionHistory())
+    table = markdown(results)
     print(table)
     meta = {
         "shapes": {
-            "T": T,
-            "M": M,
-            "Hq": HQ,
-            "Hkv": HKV,
-            "D": D,
-            "E": embed_dims,
-            "action_queries": A,
+            s.name: {
+                "T": s.tokens,
+                "M": M,
+                "Hq": s.num_heads,
+                "Hkv": s.num_kv_heads,
+                "D": s.head_dim,
+                "E": s.embed_dim,
+                "action_queries": A,
+            }
+            for s in shapes
         },
+        "timed": "ActionHistory.estimate + select_from_qk per request batch (the engine's "
+        "_select); action+history = _finish_track's work per frame",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": "cpu",
