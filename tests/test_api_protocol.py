@@ -16,14 +16,12 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
+from tests.tiny_config import vision_config
 from vllm_vla_pruner.api.endpoint import STATE_KEY, ActionEndpointPlugin
-from vllm_vla_pruner.api.protocol import ApiError, parse_action_request
-from vllm_vla_pruner.api.service import (
-    ActionService,
-    ServiceLimits,
-    decode_image,
-    engine_extra_args,
-)
+from vllm_vla_pruner.api.images import decode_image
+from vllm_vla_pruner.api.protocol import ApiError, ServiceLimits, parse_action_request
+from vllm_vla_pruner.api.request_builder import pruning_extra_args
+from vllm_vla_pruner.api.service import ActionService
 
 PRUNERS = ["fastv", "none", "vlapruner"]
 KEYS = ["bridge", "libero"]
@@ -143,9 +141,19 @@ def test_instruction_is_stripped():
     assert parse(body(instruction="  open the drawer \n")).instruction == "open the drawer"
 
 
-def test_without_context_names_are_not_checked():
-    r = parse_action_request(body(unnorm_key="anything", pruning={"method": "future"}))
-    assert r.unnorm_key == "anything" and r.pruning.method == "future"
+def test_without_context_only_checkpoint_names_are_not_checked():
+    """``unnorm_key`` depends on the served checkpoint; the pruner registry does not, so an
+    ingress without the context refuses unknown pruners as the engine would."""
+    r = parse_action_request(body(unnorm_key="anything", pruning={"method": "fastv"}))
+    assert r.unnorm_key == "anything" and r.pruning.method == "fastv"
+    with pytest.raises(ApiError) as ei:
+        parse_action_request(body(pruning={"method": "future"}))
+    assert ei.value.field == "pruning.method" and "vlapruner" in ei.value.message
+
+
+def test_context_can_narrow_the_pruners():
+    err = refused(body(pruning={"method": "random"}))  # in the registry, not in PRUNERS here
+    assert err.field == "pruning.method" and "fastv" in err.message
 
 
 def test_error_json_shape():
@@ -276,34 +284,18 @@ class FakeEngine:
         self.aborted.append(request_id)
 
 
-TINY_CONFIG = {
-    "vision_towers": [
-        {
-            "family": "siglip",
-            "width": 16,
-            "depth": 2,
-            "num_heads": 2,
-            "patch_size": 8,
-            "mlp_hidden": 32,
-        }
-    ],
-    "use_fused_vision_backbone": False,
-    "image_sizes": [32],
-    "norm_stats": {"bridge": {}, "libero": {}},
-}
+TINY_CONFIG = {**vision_config(32), "norm_stats": {"bridge": {}, "libero": {}}}
 
 
 def make_service(engine: FakeEngine | None = None, **kw: Any) -> ActionService:
-    return ActionService(
-        engine or FakeEngine(),
-        "/models/tiny",
+    defaults = dict(
         served_model_names=["tiny"],
         decoder=FakeDecoder(),
         tokenizer=object(),
         hf_config=TINY_CONFIG,
         max_model_len=64,
-        **kw,
     )
+    return ActionService(engine or FakeEngine(), "/models/tiny", **{**defaults, **kw})
 
 
 def run(coro):
@@ -327,8 +319,8 @@ def test_service_predict_builds_engine_request():
     assert (resp.model, resp.unnorm_key, resp.session_id) == ("tiny", "libero", "r1")
     call = engine.calls[0]
     params = call["params"]
-    assert params.temperature == 0.0 and params.max_tokens == 4 and params.ignore_eos
-    assert params.detokenize is False
+    assert params.temperature == 0.0 and params.max_tokens == params.min_tokens == 4
+    assert params.ignore_eos and params.detokenize is False
     assert params.extra_args == {
         "vla_pruner": "fastv",
         "vla_keep_ratio": 0.5,
@@ -382,16 +374,8 @@ def test_service_wrong_model_is_404():
     assert ei.value.status == 404 and ei.value.field == "model" and "gpt-9" in ei.value.message
 
 
-def test_service_unknown_pruner_without_context():
-    req = parse_action_request(body(unnorm_key="bridge", pruning={"method": "nope"}))
-    with pytest.raises(ApiError) as ei:
-        run(make_service().predict(req))
-    assert ei.value.field == "pruning.method"
-
-
 def test_service_prompt_too_long():
-    svc = make_service()
-    svc.max_model_len = 20
+    svc = make_service(max_model_len=20)
     with pytest.raises(ApiError) as ei:
         run(svc.predict(parse(body(unnorm_key="bridge"))))
     assert ei.value.field == "instruction" and "max_model_len" in ei.value.message
@@ -458,9 +442,8 @@ def test_service_wrapped_value_error_is_client_error():
     assert ei.value.status == 422 and ei.value.field == "pruning.method"
 
 
-def test_engine_extra_args_only_given_settings():
-    r = parse(body(pruning={"keep_ratio": 1}))
-    assert engine_extra_args(r, None) == {"vla_new_episode": False, "vla_keep_ratio": 1.0}
+def test_extra_args_only_given_settings():
+    assert pruning_extra_args(keep_ratio=1) == {"vla_new_episode": False, "vla_keep_ratio": 1.0}
 
 
 def test_info():

@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_config import vision_config
 from vllm_vla_pruner import cli
 from vllm_vla_pruner.server_defaults import (
+    PREFILL_PROMPTS,
+    batched_tokens,
     cpu_safe_engine_args,
     cpu_safe_env,
+    engine_defaults,
     flag_value,
     has_flag,
 )
@@ -21,18 +25,7 @@ def write_config(tmp_path: Path, dtype: str = "float32", n_visual_side: int = 4)
     cfg = {
         "model_type": "openvla",
         "torch_dtype": dtype,
-        "vision_towers": [
-            {
-                "family": "siglip",
-                "width": 16,
-                "depth": 2,
-                "num_heads": 2,
-                "patch_size": 8,
-                "mlp_hidden": 32,
-            }
-        ],
-        "use_fused_vision_backbone": False,
-        "image_sizes": [8 * n_visual_side],
+        **vision_config(8 * n_visual_side),
         "text_config": {"vocab_size": 1000, "max_position_embeddings": 2048},
         "norm_stats": {"a": {"action": {"q01": [0.0] * 7}}, "b": {"action": {"q01": [0.0] * 3}}},
     }
@@ -57,7 +50,7 @@ def test_defaults_for_float32_checkpoint(tmp_path: Path):
     assert ns.enforce_eager is True
     assert ns.enable_prefix_caching is False
     assert ns.enable_chunked_prefill is False
-    assert ns.max_num_batched_tokens >= ns.max_model_len
+    assert ns.max_num_batched_tokens == PREFILL_PROMPTS * 384
     assert ns.block_size == 32
     assert ns.limit_mm_per_prompt == {"image": 1}
 
@@ -89,10 +82,53 @@ def test_user_flag_wins(tmp_path: Path, user: list[str], attr: str, value):
     assert getattr(ns, attr) == value
 
 
-def test_batched_tokens_follow_user_max_len(tmp_path: Path):
+def test_batched_tokens_follow_user_max_len_and_seqs(tmp_path: Path):
     d = write_config(tmp_path)
     ns = vllm_parse([str(d), *cpu_safe_engine_args(d, ["--max-model-len", "8192"])])
-    assert ns.max_num_batched_tokens >= 8192
+    assert ns.max_num_batched_tokens == PREFILL_PROMPTS * 8192
+    ns = vllm_parse([str(d), *cpu_safe_engine_args(d, ["--max-num-seqs=2"])])
+    assert ns.max_num_batched_tokens == 2 * 384  # never more than max_num_seqs prompts
+
+
+def test_batched_tokens_rule():
+    assert batched_tokens(384) == PREFILL_PROMPTS * 384
+    assert batched_tokens(384, max_num_seqs=1) == 384
+    assert batched_tokens(16, max_num_seqs=256) == 256  # vLLM: at least max_num_seqs
+    assert batched_tokens(384, given=999) == 999  # the user's value wins...
+    assert batched_tokens(384, given=100) == 384  # ...down to one whole prompt per step
+
+
+def test_cli_and_llm_forms_are_one_table(tmp_path: Path):
+    """``vla-pruner serve``'s flags and the in-process engine's keywords set the same values."""
+    from vllm_vla_pruner.engine.local import engine_kwargs
+
+    d = write_config(tmp_path)
+    ns = vllm_parse([str(d), *cpu_safe_engine_args(d, ["--max-num-seqs", "4"])])
+    kwargs = engine_kwargs(d, max_num_seqs=4)
+    rows = engine_defaults(json.loads((d / "config.json").read_text()), max_num_seqs=4)
+    assert {r.name for r in rows} >= {"max_model_len", "max_num_batched_tokens", "dtype"}
+    for row in rows:
+        assert getattr(ns, row.name) == kwargs[row.name] == row.value, row.name
+        assert row.why
+
+
+def test_openvla_hook_applies_the_same_rule(tiny_ckpt: Path):
+    """Plain ``vllm serve`` of an OpenVLA checkpoint gets the batched-token value the other
+    launchers set, and the features pruning cannot live with switched off."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_vla_pruner.engine.local import engine_kwargs
+    from vllm_vla_pruner.patches.engine_args import constrain
+
+    kwargs = engine_kwargs(tiny_ckpt)
+    args = EngineArgs(model=str(tiny_ckpt), max_model_len=kwargs["max_model_len"])
+    constrain(args)
+    assert args.max_num_batched_tokens == kwargs["max_num_batched_tokens"]
+    assert args.enable_prefix_caching is False and args.enable_chunked_prefill is False
+    user = EngineArgs(model=str(tiny_ckpt), max_model_len=512, max_num_batched_tokens=600)
+    changed = constrain(user)
+    assert user.max_num_batched_tokens == 600  # a user value that fits is kept
+    assert not any("max_num_batched_tokens" in c for c in changed)
 
 
 def test_no_config_still_safe(tmp_path: Path):

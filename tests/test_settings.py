@@ -57,3 +57,60 @@ def test_benchmark_runs_the_layers_a_deployment_would() -> None:
         pruning_layers_for(cfg(4), action_layer=4)
     with pytest.raises(ValueError, match="unknown vla_pruner settings"):
         pruning_layers_for(cfg(4, {"layers": 2}))
+
+
+BAD_REQUEST_VALUES = [
+    ("vla_pruner", "magic", "pruning", {"method": "magic"}),
+    ("vla_pruner", "", "pruning", {"method": ""}),
+    ("vla_keep_ratio", 0, "pruning", {"keep_ratio": 0}),
+    ("vla_keep_ratio", 1.5, "pruning", {"keep_ratio": 1.5}),
+    ("vla_keep_ratio", float("nan"), "pruning", {"keep_ratio": float("nan")}),
+    ("vla_keep_ratio", "0.5", "pruning", {"keep_ratio": "0.5"}),
+    ("vla_keep_ratio", True, "pruning", {"keep_ratio": True}),
+    ("vla_new_episode", 1, "new_episode", 1),
+    ("vla_new_episode", "yes", "new_episode", "yes"),
+    ("vla_session_id", "", "session_id", ""),
+    ("vla_session_id", "x" * 257, "session_id", "x" * 257),
+    ("vla_session_id", "a\nb", "session_id", "a\nb"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "field", "body_value"), BAD_REQUEST_VALUES)
+def test_every_route_refuses_the_same_values(key, value, field, body_value) -> None:
+    """The /v1/actions body and the extra_args of vLLM's own routes share one set of checks:
+    what one refuses, the other refuses too, each naming its own field."""
+    from vllm_vla_pruner.api.protocol import ApiError, parse_action_request
+    from vllm_vla_pruner.engine.settings import InvalidPruningSetting, validate_request_args
+
+    with pytest.raises(InvalidPruningSetting) as engine_err:
+        validate_request_args({key: value})
+    assert engine_err.value.field == key
+    body = {"image": "aGVsbG8=", "instruction": "go", field: body_value}
+    with pytest.raises(ApiError) as api_err:
+        parse_action_request(body)
+    assert api_err.value.field.startswith(field)
+    assert engine_err.value.reason in api_err.value.message
+
+
+def test_good_values_pass_everywhere() -> None:
+    from vllm_vla_pruner.api.protocol import parse_action_request
+    from vllm_vla_pruner.engine.settings import validate_request_args
+
+    validate_request_args(
+        {
+            "vla_pruner": "vlapruner",
+            "vla_keep_ratio": 1,
+            "vla_new_episode": True,
+            "vla_session_id": "robot-7",
+        }
+    )
+    req = parse_action_request(
+        {
+            "image": "aGVsbG8=",
+            "instruction": "go",
+            "session_id": "robot-7",
+            "new_episode": True,
+            "pruning": {"method": "vlapruner", "keep_ratio": 1},
+        }
+    )
+    assert req.pruning.keep_ratio == 1.0 and req.new_episode is True

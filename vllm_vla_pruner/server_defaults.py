@@ -1,22 +1,17 @@
 """Engine arguments and environment that make a VLA checkpoint start and prune on a CPU box.
 
-One place for them, so ``vla-pruner serve``, the tests, the benchmarks and the Ray replicas
-launch identically configured engines. Every default yields to the same flag given by the
-user (``--flag``, ``--flag=value``, ``--no-flag`` or the underscore spelling).
+The defaults are one typed table, :func:`engine_defaults` (engine argument, value, why),
+computed from the checkpoint's config.json. Every launcher derives its form from it:
+``vla-pruner serve`` the CLI flags (:func:`cpu_safe_engine_args`), the in-process engine of
+the tests, benchmarks, closed-loop evaluation and Ray replicas the ``vllm.LLM`` keywords
+(``engine/local.py``), and the ``EngineArgs`` hook for OpenVLA checkpoints
+(``patches/engine_args.py``) the rows pruning cannot run without plus the one
+``max_num_batched_tokens`` rule (:func:`batched_tokens`). Every default yields to the same
+setting given by the user (``--flag``, ``--flag=value``, ``--no-flag``, the underscore
+spelling, or a keyword), except the ``REQUIRED_FOR_PRUNING`` rows under an OpenVLA checkpoint.
 
-Why each default:
-- ``--dtype float32`` only when the checkpoint says float32 (vLLM's ``auto`` would pick
-  bfloat16/float16 for some configs; the tiny test checkpoints are float32 on purpose).
-- ``--max-model-len``: just enough for BOS + visual tokens + a long instruction + the action;
-  the default (the Llama's 2k-4k context) wastes KV memory on a CPU.
-- ``--enforce-eager``: the pruned decoder loop is Python between layers; no graph capture.
-- no prefix caching, no chunked prefill, and ``--max-num-batched-tokens >= max-model-len``:
-  pruning scores need the whole image and prompt in one prefill step, and pruned KV blocks
-  are request specific (not shareable).
-- ``--block-size 32``: the CPU default of 128 hides per-request KV savings on short prompts.
-- ``--limit-mm-per-prompt {"image": 1}``: one camera frame per request (OpenVLA's format).
-- ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB): the CPU backend otherwise reserves a large fraction of
-  RAM, and start-up fails on a shared machine.
+``VLLM_CPU_KVCACHE_SPACE=1`` (GiB, :func:`cpu_safe_env`): the CPU backend otherwise reserves a
+large fraction of RAM, and start-up fails on a shared machine.
 """
 
 from __future__ import annotations
@@ -24,15 +19,20 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "PLUGIN_NAME",
-    "cpu_safe_engine_args",
+    "REQUIRED_FOR_PRUNING",
+    "EngineDefault",
+    "batched_tokens",
     "checkpoint_dtype",
+    "cpu_safe_engine_args",
     "cpu_safe_env",
     "default_max_model_len",
+    "engine_defaults",
     "flag_value",
     "has_flag",
     "prompt_budget",
@@ -42,6 +42,8 @@ PLUGIN_NAME = "vla_pruner"
 BLOCK_SIZE = 32
 #: Token room reserved for the instruction text (OpenVLA prompts are ~20-40 tokens).
 TEXT_TOKENS = 256
+#: Whole prompts one prefill step holds: a burst of robot frames is one forward pass.
+PREFILL_PROMPTS = 8
 
 
 def _norm(flag: str) -> str:
@@ -132,34 +134,137 @@ def checkpoint_dtype(config: Mapping[str, Any]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class EngineDefault:
+    """One engine argument the plugin sets unless the user did, and why."""
+
+    name: str  # EngineArgs field = vllm.LLM keyword; the CLI flag is --name-with-dashes
+    value: Any
+    why: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def argv(self) -> list[str]:
+        """The CLI form: ``--flag``/``--no-flag`` for booleans, JSON for mappings."""
+        if isinstance(self.value, bool):
+            return [self.flag if self.value else "--no-" + self.flag[2:]]
+        value = json.dumps(self.value) if isinstance(self.value, Mapping) else str(self.value)
+        return [self.flag, value]
+
+
+#: The rows pruning cannot run without: forced for OpenVLA checkpoints even under plain
+#: ``vllm serve`` (patches/engine_args.py), with a log line.
+REQUIRED_FOR_PRUNING = (
+    EngineDefault(
+        "enable_prefix_caching",
+        False,
+        "a pruned request's KV blocks for layers >= K hold its own compacted layout, which "
+        "no other request may share",
+    ),
+    EngineDefault(
+        "enable_chunked_prefill",
+        False,
+        "the scores at layer K-1 need the whole image and prompt in one prefill step",
+    ),
+)
+
+
+def batched_tokens(
+    max_model_len: int, max_num_seqs: int | None = None, given: int | None = None
+) -> int:
+    """The one ``max_num_batched_tokens`` rule.
+
+    Not given: room for ``PREFILL_PROMPTS`` whole prompts (fewer if ``max_num_seqs`` is
+    smaller; never below ``max_num_seqs``, which vLLM requires), so a burst of robot frames
+    prefills in one step. Given: the user's value, raised to ``max_model_len`` if below it,
+    since without chunked prefill a prompt must fit one step.
+    """
+    if given is not None:
+        return max(given, max_model_len)
+    prompts = (
+        PREFILL_PROMPTS if max_num_seqs is None else max(1, min(PREFILL_PROMPTS, max_num_seqs))
+    )
+    return max(max_model_len * prompts, max_num_seqs or 0)
+
+
+def engine_defaults(
+    config: Mapping[str, Any] | None,
+    max_model_len: int | None = None,
+    max_num_seqs: int | None = None,
+) -> list[EngineDefault]:
+    """The plugin's engine defaults for a checkpoint (``config`` None: not readable).
+
+    ``max_model_len`` / ``max_num_seqs``: the user's values, which the batched-token rule
+    follows; the max_model_len row then carries the user's value (callers drop rows the user
+    set, so it is never applied twice).
+    """
+    rows: list[EngineDefault] = []
+    if config is not None and checkpoint_dtype(config) == "float32":
+        rows.append(
+            EngineDefault(
+                "dtype",
+                "float32",
+                "the checkpoint is float32; vLLM's auto may pick half precision for it",
+            )
+        )
+    if max_model_len is None and config is not None:
+        max_model_len = default_max_model_len(config)
+    if max_model_len is not None:
+        rows.append(
+            EngineDefault(
+                "max_model_len",
+                max_model_len,
+                "BOS + visual tokens + a long instruction + the action; the Llama's 2k-4k "
+                "context wastes KV memory on a CPU",
+            )
+        )
+    rows.append(
+        EngineDefault(
+            "enforce_eager", True, "the pruned decoder loop is Python between layers: no graphs"
+        )
+    )
+    rows.extend(REQUIRED_FOR_PRUNING)
+    if max_model_len is not None:
+        rows.append(
+            EngineDefault(
+                "max_num_batched_tokens",
+                batched_tokens(max_model_len, max_num_seqs),
+                f"{PREFILL_PROMPTS} whole prompts per prefill step (batched_tokens)",
+            )
+        )
+    rows.append(
+        EngineDefault(
+            "block_size",
+            BLOCK_SIZE,
+            "the CPU default of 128 hides per-request KV savings on short prompts",
+        )
+    )
+    rows.append(
+        EngineDefault(
+            "limit_mm_per_prompt", {"image": 1}, "one camera frame per request (OpenVLA's format)"
+        )
+    )
+    return rows
+
+
+def _parse_int(value: str | None) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
 def cpu_safe_engine_args(model_dir: str | Path, user_args: Sequence[str] = ()) -> list[str]:
-    """``user_args`` plus the CPU-safe defaults the user did not set (defaults first)."""
+    """``user_args`` plus the CLI form of the defaults the user did not set (defaults first)."""
     user = list(user_args)
-    config = _read_config(model_dir)
-    out: list[str] = []
-
-    if config is not None and not has_flag(user, "--dtype"):
-        if checkpoint_dtype(config) == "float32":
-            out += ["--dtype", "float32"]
-
-    max_len = _parse_tokens(flag_value(user, "--max-model-len"))
-    if max_len is None and config is not None:
-        max_len = default_max_model_len(config)
-        if max_len is not None:
-            out += ["--max-model-len", str(max_len)]
-
-    if not has_flag(user, "--enforce-eager"):
-        out.append("--enforce-eager")
-    if not has_flag(user, "--enable-prefix-caching"):
-        out.append("--no-enable-prefix-caching")
-    if not has_flag(user, "--enable-chunked-prefill"):
-        out.append("--no-enable-chunked-prefill")
-    if not has_flag(user, "--max-num-batched-tokens"):
-        out += ["--max-num-batched-tokens", str(max(max_len or 0, 2048))]
-    if not has_flag(user, "--block-size"):
-        out += ["--block-size", str(BLOCK_SIZE)]
-    if not has_flag(user, "--limit-mm-per-prompt"):
-        out += ["--limit-mm-per-prompt", json.dumps({"image": 1})]
+    rows = engine_defaults(
+        _read_config(model_dir),
+        max_model_len=_parse_tokens(flag_value(user, "--max-model-len")),
+        max_num_seqs=_parse_int(flag_value(user, "--max-num-seqs")),
+    )
+    out = [arg for row in rows if not has_flag(user, row.flag) for arg in row.argv()]
     return out + user
 
 

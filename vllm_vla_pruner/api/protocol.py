@@ -2,26 +2,38 @@
 
 The models are strict on purpose: a robot client that sends ``"keep_ratio": "0.5"`` or an
 ``instructions`` typo should hear about it at once (HTTP 422 naming the field) instead of
-silently running with server defaults. Checks that depend on the served checkpoint or on the
-pruning registry (pruner names, ``unnorm_key``) read the allowed values from the pydantic
-validation context, so the same models validate in the API server, in a Ray Serve ingress
-and in unit tests without an engine.
+silently running with server defaults. The per-request pruning fields are checked by the
+engine's own validators (``engine/settings.py``), the same ones that guard ``extra_args`` on
+every vLLM route, so a value is accepted or refused alike everywhere. Checks that depend on
+the served checkpoint (``unnorm_key``, a narrower pruner list) read the allowed values from
+the pydantic validation context, so the same models validate in the API server, in a Ray Serve
+ingress and in unit tests without an engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import os
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StrictBool,
     StrictStr,
     ValidationError,
     ValidationInfo,
     field_validator,
+)
+
+from vllm_vla_pruner.engine.settings import (
+    MAX_SESSION_ID_CHARS,
+    InvalidPruningSetting,
+    validate_keep_ratio,
+    validate_method,
+    validate_new_episode,
+    validate_session_id,
 )
 
 __all__ = [
@@ -34,7 +46,9 @@ __all__ = [
     "InfoResponse",
     "PruningReport",
     "PruningSettings",
+    "ServiceLimits",
     "Timing",
+    "check_session_id",
     "parse_action_request",
     "validation_error_to_api_error",
 ]
@@ -42,11 +56,30 @@ __all__ = [
 #: Header that carries the robot episode id when the body has no ``session_id`` (vLLM's name).
 SESSION_ID_HEADER = "X-Session-ID"
 MAX_INSTRUCTION_CHARS = 2000
-MAX_SESSION_ID_CHARS = 256
+MiB = 1 << 20
 
 # Keys of the pydantic validation context (see parse_action_request).
 CTX_PRUNERS = "pruners"
 CTX_UNNORM_KEYS = "unnorm_keys"
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Request limits; the body limit is enforced by the HTTP layer, the rest by the service."""
+
+    max_body_bytes: int = 8 * MiB
+    max_image_bytes: int = 6 * MiB  # decoded; base64 of 6 MiB is exactly 8 MiB
+    max_image_pixels: int = 4096 * 4096  # guards against decompression bombs
+    timeout_s: float = field(
+        default_factory=lambda: _env_float("VLA_PRUNER_REQUEST_TIMEOUT_S", 120.0)
+    )
 
 
 class ApiError(Exception):
@@ -86,6 +119,15 @@ def _context_set(info: ValidationInfo, key: str) -> Collection[str] | None:
     return None
 
 
+def _checked(check: Callable[..., Any], value: Any, **kwargs: Any) -> Any:
+    """Run an engine validator; its reason becomes the ValueError pydantic reports under the
+    field's own path (``pruning.keep_ratio``), not the engine's key (``vla_keep_ratio``)."""
+    try:
+        return check(value, **kwargs)
+    except InvalidPruningSetting as exc:
+        raise ValueError(exc.reason) from None
+
+
 class PruningSettings(BaseModel):
     """Per-request pruning knobs; omitted ones fall back to the server's engine flags."""
 
@@ -103,22 +145,12 @@ class PruningSettings(BaseModel):
     def _known_method(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
-        if not v:
-            raise ValueError("must be a non-empty pruner name")
-        return _one_of(v, _context_set(info, CTX_PRUNERS), "pruning method")
+        return _checked(validate_method, v, allowed=_context_set(info, CTX_PRUNERS))
 
     @field_validator("keep_ratio", mode="before")
     @classmethod
     def _ratio_range(cls, v: Any) -> float | None:
-        if v is None:
-            return v
-        # JSON numbers only: "0.5" and true are client bugs, not ratios.
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"must be a number, got {type(v).__name__}")
-        v = float(v)
-        if not (0.0 < v <= 1.0):  # also rejects NaN
-            raise ValueError(f"must satisfy 0 < keep_ratio <= 1, got {v}")
-        return v
+        return None if v is None else _checked(validate_keep_ratio, v)
 
 
 class ActionRequest(BaseModel):
@@ -137,7 +169,7 @@ class ActionRequest(BaseModel):
     session_id: StrictStr | None = Field(
         default=None, description="Robot episode id (also the X-Session-ID header)."
     )
-    new_episode: StrictBool = Field(
+    new_episode: bool = Field(
         default=False, description="Reset this session's temporal pruning history first."
     )
     pruning: PruningSettings | None = None
@@ -169,18 +201,17 @@ class ActionRequest(BaseModel):
     @field_validator("session_id")
     @classmethod
     def _session_text(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        return check_session_id(v)
+        return None if v is None else check_session_id(v)
+
+    @field_validator("new_episode", mode="before")
+    @classmethod
+    def _episode_flag(cls, v: Any) -> bool:
+        return _checked(validate_new_episode, v)
 
 
-def check_session_id(v: str) -> str:
-    """Session ids end up in logs, metrics labels and routing hashes: keep them printable."""
-    if not v or len(v) > MAX_SESSION_ID_CHARS:
-        raise ValueError(f"must be 1..{MAX_SESSION_ID_CHARS} characters")
-    if not v.isprintable():
-        raise ValueError("must contain printable characters only")
-    return v
+def check_session_id(v: Any) -> str:
+    """A session id (body or ``X-Session-ID`` header); ValueError with the bare reason."""
+    return _checked(validate_session_id, v)
 
 
 class PruningReport(BaseModel):

@@ -10,19 +10,13 @@ the engine, so a caller never hangs and the engine never keeps working for nobod
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import logging
-import os
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from vllm_vla_pruner.api.images import decode_image
 from vllm_vla_pruner.api.protocol import (
     SESSION_ID_HEADER,
     ActionRequest,
@@ -30,161 +24,22 @@ from vllm_vla_pruner.api.protocol import (
     ApiError,
     InfoResponse,
     PruningReport,
+    ServiceLimits,
     Timing,
     check_session_id,
 )
+from vllm_vla_pruner.api.request_builder import EXTRA_ARG_FIELDS, EngineRequest, RequestBuilder
 
-__all__ = [
-    "ActionService",
-    "ServiceLimits",
-    "available_pruners",
-    "decode_image",
-    "engine_extra_args",
-]
+__all__ = ["ActionService", "ServiceLimits", "available_pruners"]
 
 logger = logging.getLogger(__name__)
 
-MiB = 1 << 20
-#: PNG and JPEG only: what robot cameras send, and what the spec promises.
-ACCEPTED_IMAGE_FORMATS = ("PNG", "JPEG")
-
-# Per-request pruning settings travel to the engine in SamplingParams.extra_args under these
-# keys (shared with the engine side, vllm_vla_pruner.engine).
-XARG_METHOD = "vla_pruner"
-XARG_KEEP_RATIO = "vla_keep_ratio"
-XARG_NEW_EPISODE = "vla_new_episode"
-XARG_SESSION_ID = "vla_session_id"
-# Engine-side validation errors name these parameters; report them as the request's fields.
-_XARG_FIELDS = {
-    XARG_METHOD: "pruning.method",
-    XARG_KEEP_RATIO: "pruning.keep_ratio",
-    XARG_NEW_EPISODE: "new_episode",
-    XARG_SESSION_ID: "session_id",
-}
-
-
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """Request limits; the body limit is enforced by the HTTP layer, the rest here."""
-
-    max_body_bytes: int = 8 * MiB
-    max_image_bytes: int = 6 * MiB  # decoded; base64 of 6 MiB is exactly 8 MiB
-    max_image_pixels: int = 4096 * 4096  # guards against decompression bombs
-    timeout_s: float = field(
-        default_factory=lambda: _env_float("VLA_PRUNER_REQUEST_TIMEOUT_S", 120.0)
-    )
-
-
-# ----------------------------------------------------------------------------- images
-
-
-def _b64_payload(data: str) -> tuple[str, str | None]:
-    """Split a data: URL into (base64 payload, declared media type); plain base64 passes."""
-    s = data.strip()
-    if not s.startswith("data:"):
-        return s, None
-    head, sep, payload = s.partition(",")
-    if not sep:
-        raise ApiError(422, "image: data: URL has no ',' before its payload", field="image")
-    params = head[len("data:") :].split(";")
-    if "base64" not in params[1:]:
-        raise ApiError(422, "image: data: URL must be base64-encoded (';base64,')", field="image")
-    media = params[0].lower() or None
-    if media is not None and media not in ("image/png", "image/jpeg", "image/jpg"):
-        raise ApiError(
-            422,
-            f"image: media type {media!r} not accepted; send image/png or image/jpeg",
-            field="image",
-        )
-    return payload, media
-
-
-def decode_image(data: str, limits: ServiceLimits | None = None) -> Image.Image:
-    """Base64 PNG/JPEG (or a data: URL) -> fully decoded RGB PIL image, or ApiError('image').
-
-    The whole image is decoded here, not lazily in the engine, so a truncated file is the
-    client's 422 instead of an engine-side failure.
-    """
-    limits = limits or ServiceLimits()
-    payload, _ = _b64_payload(data)
-    payload = "".join(payload.split())  # tolerate line-wrapped base64
-    if len(payload) > (limits.max_image_bytes * 4) // 3 + 4:
-        raise ApiError(
-            413,
-            f"image: larger than {limits.max_image_bytes} bytes decoded",
-            field="image",
-            type="payload_too_large",
-        )
-    if payload.startswith(("http://", "https://")):
-        raise ApiError(422, "image: URLs are not fetched; send base64 bytes", field="image")
-    try:
-        padded = payload + "=" * (-len(payload) % 4)
-        # Standard or URL-safe alphabet, strictly: junk characters are an error, not skipped.
-        alt = b"-_" if ("-" in payload or "_" in payload) else None
-        raw = base64.b64decode(padded, altchars=alt, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(422, "image: not valid base64", field="image") from None
-    if not raw:
-        raise ApiError(422, "image: empty after base64 decoding", field="image")
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
-            fmt = img.format
-            if fmt not in ACCEPTED_IMAGE_FORMATS:
-                raise ApiError(
-                    422, f"image: format {fmt} not accepted; send PNG or JPEG", field="image"
-                )
-            w, h = img.size
-            if w < 1 or h < 1 or w * h > limits.max_image_pixels:
-                raise ApiError(
-                    422,
-                    f"image: {w}x{h} pixels outside 1..{limits.max_image_pixels}",
-                    field="image",
-                )
-            img.load()
-            rgb = img.convert("RGB")
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise ApiError(422, "image: not a decodable PNG or JPEG image", field="image") from None
-    return rgb
-
-
-# ----------------------------------------------------------------------------- pruning
-
 
 def available_pruners() -> list[str]:
-    """Names of the pruning registry; empty if the pruning core cannot be imported."""
-    try:
-        from vllm_vla_pruner.pruning import PRUNERS
-    except ImportError:  # pragma: no cover - the pruning core ships with the package
-        return []
+    """Names of the pruning registry (what ``/v1/actions/info`` lists)."""
+    from vllm_vla_pruner.pruning import PRUNERS
+
     return sorted(PRUNERS)
-
-
-def engine_extra_args(
-    req: ActionRequest, session_id: str | None, defaults: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """The request's pruning settings as ``SamplingParams.extra_args``.
-
-    Settings the client did not give are left out, so the engine applies its own server-wide
-    defaults (engine flags) instead of this process guessing them.
-    """
-    xargs: dict[str, Any] = {XARG_NEW_EPISODE: bool(req.new_episode)}
-    if session_id is not None:
-        xargs[XARG_SESSION_ID] = session_id
-    pruning = req.pruning
-    if pruning is not None and pruning.method is not None:
-        xargs[XARG_METHOD] = pruning.method
-    if pruning is not None and pruning.keep_ratio is not None:
-        xargs[XARG_KEEP_RATIO] = float(pruning.keep_ratio)
-    return xargs
 
 
 def _budget(num_visual: int, keep_ratio: float) -> int:
@@ -268,6 +123,7 @@ class ActionService:
                 decoder = ActionDecoder.from_config(self.config)
         self.decoder = decoder
         self._tokenizer = tokenizer
+        self._builder: RequestBuilder | None = None
         self.num_visual = num_visual_tokens(self.config)
         self.image_side = image_size(self.config)
         self.max_model_len = max_model_len or getattr(model_config, "max_model_len", None)
@@ -320,6 +176,15 @@ class ActionService:
         return self._tokenizer
 
     @property
+    def builder(self) -> RequestBuilder:
+        """The request builder the benchmarks share (built once the tokenizer is known)."""
+        if self._builder is None:
+            self._builder = RequestBuilder(
+                self.decoder, self.tokenizer, self.num_visual, self.max_model_len
+            )
+        return self._builder
+
+    @property
     def default_unnorm_key(self) -> str | None:
         return self.decoder.default_unnorm_key
 
@@ -365,50 +230,25 @@ class ActionService:
         except ValueError as exc:
             raise ApiError(422, f"{SESSION_ID_HEADER} header: {exc}", field="session_id") from None
 
-    def check_pruning(self, req: ActionRequest) -> None:
-        """Registry check here too: a Ray ingress may have validated without the context."""
-        method = req.pruning.method if req.pruning else None
-        if method is not None and self.pruners and method not in self.pruners:
-            raise ApiError(
-                422,
-                f"pruning.method: unknown pruning method {method!r}; expected one of "
-                f"{self.pruners}",
-                field="pruning.method",
-            )
-
     def validation_context(self) -> dict[str, Collection[str] | None]:
         """Allowed values for :func:`parse_action_request` (pruners, unnorm_key)."""
         return {"pruners": self.pruners or None, "unnorm_keys": self.unnorm_keys or None}
 
     # -- the call
 
-    def _prompt(self, instruction: str, image: Image.Image, action_dim: int) -> dict[str, Any]:
-        ids = [int(t) for t in self.decoder.prompt_token_ids(self.tokenizer, instruction)]
-        if self.max_model_len is not None:
-            need = len(ids) + self.num_visual + action_dim
-            if need > self.max_model_len:
-                raise ApiError(
-                    422,
-                    f"instruction: too long, the prompt needs {need} tokens with the image and "
-                    f"action, max_model_len is {self.max_model_len}",
-                    field="instruction",
-                )
-        return {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}
-
-    def _sampling_params(self, action_dim: int, extra_args: dict[str, Any]) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        # Greedy, exactly action_dim tokens (OpenVLA: EOS is not an action), ids only.
-        return SamplingParams(
-            temperature=0.0,
-            max_tokens=action_dim,
-            min_tokens=action_dim,
-            ignore_eos=True,
-            detokenize=False,
-            skip_special_tokens=False,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-            extra_args=extra_args,
+    def build_request(
+        self, req: ActionRequest, image: Any, unnorm_key: str, sid: str | None
+    ) -> EngineRequest:
+        """The engine request for a validated body (the benchmarks build theirs alike)."""
+        pruning = req.pruning
+        return self.builder.build(
+            req.instruction,
+            image,
+            self.action_dims[unnorm_key],
+            method=pruning.method if pruning else None,
+            keep_ratio=pruning.keep_ratio if pruning else None,
+            session_id=sid,
+            new_episode=req.new_episode,
         )
 
     async def _engine_input(self, prompt: dict[str, Any]) -> Any:
@@ -433,15 +273,13 @@ class ActionService:
         t0 = time.perf_counter()
         model = self.check_model(req.model)
         key = self.resolve_unnorm_key(req.unnorm_key)
-        self.check_pruning(req)
         sid = self.resolve_session(req, session_header)
         action_dim = self.action_dims[key]
         image = await asyncio.to_thread(decode_image, req.image, self.limits)
-        prompt = self._prompt(req.instruction, image, action_dim)
-        params = self._sampling_params(action_dim, engine_extra_args(req, sid))
+        request = self.build_request(req, image, key, sid)
         request_id = f"vla-{uuid.uuid4().hex}"
         try:
-            engine_input = await self._engine_input(prompt)
+            engine_input = await self._engine_input(request.prompt)
         except ApiError:
             raise
         except Exception as exc:  # noqa: BLE001 - the processor refusing the image or prompt
@@ -449,7 +287,8 @@ class ActionService:
         t_pre = time.perf_counter()
         try:
             out = await asyncio.wait_for(
-                self._run(engine_input, params, request_id, sid), self.limits.timeout_s
+                self._run(engine_input, request.params, request_id, request.session_id),
+                self.limits.timeout_s,
             )
         except asyncio.TimeoutError:
             await self._abort(request_id)
@@ -569,7 +408,7 @@ class ActionService:
             return ApiError(503, "engine is dead; the server must be restarted", type="engine_dead")
         if isinstance(exc, VLLMValidationError):
             param = getattr(exc, "parameter", None)
-            fld = _XARG_FIELDS.get(str(param), param)
+            fld = EXTRA_ARG_FIELDS.get(str(param), param)
             msg = str(exc.args[0]) if exc.args else str(exc)
             return ApiError(422, f"{fld}: {msg}" if fld else msg, field=fld)
         if isinstance(exc, (ValueError, TypeError)):
@@ -577,7 +416,7 @@ class ActionService:
             # requests with ValueError before they are queued; the message names the key.
             msg = str(exc)
             key = msg.split(":", 1)[0].strip()
-            fld = _XARG_FIELDS.get(key)
+            fld = EXTRA_ARG_FIELDS.get(key)
             return ApiError(422 if fld else 400, f"request refused: {msg}", field=fld)
         if isinstance(exc, VLLMClientError):
             return ApiError(400, f"request refused by the engine: {exc}", field=None)

@@ -1,7 +1,8 @@
 """An in-process vLLM engine (``vllm.LLM``) with the plugin and CPU-safe defaults.
 
-Tests, benchmarks and the closed-loop evaluation drive the real engine through this, with the
-same settings ``vla-pruner serve`` uses (see ``server_defaults``).
+Tests, benchmarks, the closed-loop evaluation and the Ray replicas drive the real engine
+through this, with the defaults ``vla-pruner serve`` uses: both are forms of one table,
+``server_defaults.engine_defaults``.
 """
 
 from __future__ import annotations
@@ -10,34 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from vllm_vla_pruner.config import load_config_json
-from vllm_vla_pruner.server_defaults import (
-    BLOCK_SIZE,
-    checkpoint_dtype,
-    cpu_safe_env,
-    default_max_model_len,
-)
+from vllm_vla_pruner.server_defaults import cpu_safe_env, engine_defaults
 
 
 def engine_kwargs(model_dir: str | Path, **overrides: Any) -> dict[str, Any]:
-    """``vla-pruner serve``'s CPU-safe defaults as ``vllm.LLM`` keyword arguments."""
-    cfg = load_config_json(model_dir)
-    dtype = checkpoint_dtype(cfg) or "auto"
-    max_len = default_max_model_len(cfg)
-    kwargs: dict[str, Any] = dict(
-        model=str(model_dir),
-        dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "auto",
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        enable_chunked_prefill=False,
-        max_num_batched_tokens=max((max_len or 0) * 8, 2048),
-        block_size=BLOCK_SIZE,
-        limit_mm_per_prompt={"image": 1},
-        disable_log_stats=True,
-        seed=0,
-    )
-    if max_len is not None:
-        kwargs["max_model_len"] = max_len
+    """The engine defaults as ``vllm.LLM`` / ``EngineArgs`` keywords; ``overrides`` win.
+
+    ``pruning``: the operator's pruning settings (``--additional-config``'s ``vla_pruner``).
+    Stats logging is off and the seed fixed: runs in turn must be comparable.
+    """
     pruning = overrides.pop("pruning", None)
+    rows = engine_defaults(
+        load_config_json(model_dir),
+        max_model_len=overrides.get("max_model_len"),
+        max_num_seqs=overrides.get("max_num_seqs"),
+    )
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        **{row.name: row.value for row in rows},
+        "disable_log_stats": True,
+        "seed": 0,
+    }
     if pruning is not None:
         kwargs["additional_config"] = {"vla_pruner": dict(pruning)}
     kwargs.update(overrides)

@@ -10,6 +10,7 @@ per-request ``session_id``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -22,6 +23,8 @@ KEY_NEW_EPISODE = "vla_new_episode"
 KEY_SESSION = "vla_session_id"  # fallback when the client cannot set vLLM's session_id
 KEY_PLAN = "vla_plan"  # written by the scheduler hook, read by the worker; never by clients
 REQUEST_KEYS = (KEY_METHOD, KEY_KEEP_RATIO, KEY_NEW_EPISODE, KEY_SESSION)
+#: Longest accepted session id (``vla_session_id``, the body's ``session_id``, X-Session-ID).
+MAX_SESSION_ID_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -82,25 +85,61 @@ class PruningSettings:
 
 
 class InvalidPruningSetting(ValueError):
-    """A pruning setting a client or operator got wrong; ``field`` names it."""
+    """A pruning setting a client or operator got wrong; ``field`` names it, ``reason`` says
+    what is wrong without the name (for callers that report the field their own way)."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
         self.field = field
+        self.reason = reason
 
 
-def validate_method(method: Any, field: str = KEY_METHOD) -> str:
-    if not isinstance(method, str) or method not in PRUNERS:
-        raise InvalidPruningSetting(
-            field, f"unknown pruning method {method!r}; valid: {sorted(PRUNERS)}"
-        )
+# The one set of checks for per-request settings: the /v1/actions body (api/protocol.py), the
+# extra_args of every route (patches/api_validation.py) and the operator's settings use these.
+
+
+def validate_method(
+    method: Any, field: str = KEY_METHOD, allowed: Collection[str] | None = None
+) -> str:
+    """A pruner of the registry (and of ``allowed``, when a caller offers fewer)."""
+    valid = sorted(PRUNERS if allowed is None else set(allowed) & set(PRUNERS))
+    if not isinstance(method, str) or method not in valid:
+        raise InvalidPruningSetting(field, f"unknown pruning method {method!r}; valid: {valid}")
     return method
 
 
 def validate_keep_ratio(ratio: Any, field: str = KEY_KEEP_RATIO) -> float:
+    """A JSON number in (0, 1]: ``"0.5"`` and ``true`` are client bugs, NaN is refused."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise InvalidPruningSetting(field, f"keep_ratio must be a number in (0, 1], got {ratio!r}")
     return float(ratio)
+
+
+def validate_new_episode(value: Any, field: str = KEY_NEW_EPISODE) -> bool:
+    """A boolean, strictly: ``"yes"`` or ``1`` would silently keep or reset a robot's history."""
+    if not isinstance(value, bool):
+        raise InvalidPruningSetting(field, f"must be a boolean, got {value!r}")
+    return value
+
+
+def validate_session_id(value: Any, field: str = KEY_SESSION) -> str:
+    """Session ids end up in logs, metrics labels and routing hashes: short and printable."""
+    if not isinstance(value, str):
+        raise InvalidPruningSetting(field, f"must be a string, got {type(value).__name__}")
+    if not value or len(value) > MAX_SESSION_ID_CHARS:
+        raise InvalidPruningSetting(field, f"must be 1..{MAX_SESSION_ID_CHARS} characters")
+    if not value.isprintable():
+        raise InvalidPruningSetting(field, "must contain printable characters only")
+    return value
+
+
+#: Each per-request key and its check.
+REQUEST_VALIDATORS: dict[str, Callable[[Any], Any]] = {
+    KEY_METHOD: validate_method,
+    KEY_KEEP_RATIO: validate_keep_ratio,
+    KEY_NEW_EPISODE: validate_new_episode,
+    KEY_SESSION: validate_session_id,
+}
 
 
 def validate_request_args(extra_args: dict[str, Any] | None) -> None:
@@ -109,11 +148,6 @@ def validate_request_args(extra_args: dict[str, Any] | None) -> None:
         return
     if KEY_PLAN in extra_args:
         raise InvalidPruningSetting(KEY_PLAN, "is set by the engine, not by clients")
-    if KEY_METHOD in extra_args:
-        validate_method(extra_args[KEY_METHOD])
-    if KEY_KEEP_RATIO in extra_args:
-        validate_keep_ratio(extra_args[KEY_KEEP_RATIO])
-    if KEY_NEW_EPISODE in extra_args and not isinstance(extra_args[KEY_NEW_EPISODE], bool):
-        raise InvalidPruningSetting(KEY_NEW_EPISODE, "must be a boolean")
-    if KEY_SESSION in extra_args and not isinstance(extra_args[KEY_SESSION], str):
-        raise InvalidPruningSetting(KEY_SESSION, "must be a string")
+    for key, check in REQUEST_VALIDATORS.items():
+        if key in extra_args:
+            check(extra_args[key])

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from vllm_vla_pruner.config import load_config_json, num_visual_tokens
 from vllm_vla_pruner.metrics import ModelDims, prefill_flops
 
-PROMPT = "In: What action should the robot take to put the red block in the drawer?\nOut:"
+#: The instruction of every timed request (OpenVLA wraps it in its prompt).
+INSTRUCTION = "put the red block in the drawer"
 
 
 def _images(n: int, side: int, seed: int) -> list[Image.Image]:
@@ -42,24 +43,20 @@ def run(
     repeats: int = 3,
     action_tokens: int | None = None,
 ) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams
-
-    from vllm_vla_pruner.actions import ActionDecoder
+    from vllm_vla_pruner.api.request_builder import RequestBuilder
     from vllm_vla_pruner.engine.local import decoder_report, kv_layout, make_llm
 
     cfg = load_config_json(model_dir)
     dims = ModelDims.from_config(cfg)
     m = num_visual_tokens(cfg)
     side = cfg["image_sizes"][0]
-    decoder = ActionDecoder.from_pretrained(model_dir)
+    # The request a robot sends to /v1/actions; the prefill is timed as a one-token action.
+    builder = RequestBuilder.from_pretrained(model_dir)
+    decoder = builder.decoder
     n_act = action_tokens or decoder.action_dim(
         decoder.default_unnorm_key or decoder.unnorm_keys[0]
     )
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = decoder.prompt_token_ids(
-        tok, PROMPT[len("In: What action should the robot take to ") : -len("?\nOut:")]
-    )
+    ids = builder.prompt_token_ids(INSTRUCTION)
     layer_k = 3
     llm = make_llm(model_dir, max_num_seqs=max(batch_sizes))
     layout = kv_layout(llm)
@@ -67,22 +64,18 @@ def run(
     configs = [("none", 1.0)] + [(meth, r) for meth in methods for r in keep_ratios if r < 1.0]
     session_seq = iter(range(10**9))
 
-    def requests(batch: int, method: str, ratio: float, sessions: list[str], seed: int):
-        imgs = _images(batch, side, seed)
-        prompts = [{"prompt_token_ids": ids, "multi_modal_data": {"image": im}} for im in imgs]
-        xargs = [
-            {"vla_pruner": method, "vla_keep_ratio": ratio, "vla_session_id": s} for s in sessions
-        ]
-        return prompts, xargs
-
     def timed(
         batch: int, method: str, ratio: float, sessions: list[str], max_tokens: int, seed: int
     ):
-        prompts, xargs = requests(batch, method, ratio, sessions, seed)
-        params = [SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=x) for x in xargs]
+        reqs = [
+            builder.build(
+                INSTRUCTION, im, max_tokens, method=method, keep_ratio=ratio, session_id=s
+            )
+            for im, s in zip(_images(batch, side, seed), sessions)
+        ]
         before = decoder_report(llm)["stats"]["select_seconds"]
         t0 = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
+        llm.generate([r.prompt for r in reqs], [r.params for r in reqs], use_tqdm=False)
         wall = time.perf_counter() - t0
         select = decoder_report(llm)["stats"]["select_seconds"] - before
         return wall, select

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
+    from vllm_vla_pruner.api.request_builder import EngineRequest
     from vllm_vla_pruner.engine.settings import PruningSettings
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "metaworld-vla"
@@ -51,22 +52,36 @@ class RunRecord:
 
 
 class EnginePolicy:
-    """Batched closed-loop policy backed by the vLLM engine (``vllm.LLM``) with pruning."""
+    """Batched closed-loop policy backed by the vLLM engine (``vllm.LLM``) with pruning.
+
+    Each frame is the request a robot sends to ``/v1/actions`` (``api/request_builder.py``).
+    """
 
     def __init__(self, llm: Any, model_dir: Path, method: str, keep_ratio: float, tag: str):
-        from transformers import AutoTokenizer
-
-        from vllm_vla_pruner.actions import ActionDecoder
+        from vllm_vla_pruner.api.request_builder import RequestBuilder
 
         self.llm = llm
-        self.decoder = ActionDecoder.from_pretrained(model_dir)
+        self.builder = RequestBuilder.from_pretrained(model_dir)
+        self.decoder = self.builder.decoder
         self.unnorm_key = self.decoder.default_unnorm_key or self.decoder.unnorm_keys[0]
         self.dim = self.decoder.action_dim(self.unnorm_key)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.method, self.keep_ratio, self.tag = method, keep_ratio, tag
-        self._prompt_ids: dict[str, list[int]] = {}
         self.seconds = 0.0
         self.calls = 0
+
+    def request(
+        self, image: np.ndarray, instruction: str, episode: int, new: bool
+    ) -> EngineRequest:
+        """One episode's frame: the request ``/v1/actions`` would send for it."""
+        return self.builder.build(
+            instruction,
+            image,
+            self.dim,
+            method=self.method,
+            keep_ratio=None if self.method == "none" else self.keep_ratio,
+            session_id=f"{self.tag}/{episode}",
+            new_episode=bool(new),
+        )
 
     def __call__(
         self,
@@ -75,26 +90,9 @@ class EnginePolicy:
         episodes: Sequence[int],
         first: Sequence[bool],
     ) -> tuple[np.ndarray, list[list[int]], list[str]]:
-        from vllm import SamplingParams
-
-        prompts, params = [], []
-        for img, ins, ep, new in zip(images, instructions, episodes, first):
-            ids = self._prompt_ids.get(ins)
-            if ids is None:
-                ids = self._prompt_ids[ins] = self.decoder.prompt_token_ids(self.tokenizer, ins)
-            prompts.append(
-                {"prompt_token_ids": ids, "multi_modal_data": {"image": Image.fromarray(img)}}
-            )
-            extra = {
-                "vla_pruner": self.method,
-                "vla_session_id": f"{self.tag}/{ep}",
-                "vla_new_episode": bool(new),
-            }
-            if self.method != "none":
-                extra["vla_keep_ratio"] = self.keep_ratio
-            params.append(SamplingParams(temperature=0, max_tokens=self.dim, extra_args=extra))
+        reqs = [self.request(*frame) for frame in zip(images, instructions, episodes, first)]
         t0 = time.perf_counter()
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        outs = self.llm.generate([r.prompt for r in reqs], [r.params for r in reqs], use_tqdm=False)
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         tokens = [list(o.outputs[0].token_ids) for o in outs]
