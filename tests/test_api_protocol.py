@@ -332,7 +332,8 @@ def test_service_predict_builds_engine_request():
     assert prompt["prompt_token_ids"] == [1, 14, 12, 13, 15]
     assert prompt["multi_modal_data"]["image"].mode == "RGB"
     assert resp.pruning.visual_tokens_total == 16
-    assert resp.pruning.visual_tokens_kept == 8 and resp.pruning.source == "requested"
+    # The fake engine reports nothing: no kept count is claimed from the request alone.
+    assert resp.pruning.visual_tokens_kept is None and resp.pruning.source == "requested"
     assert resp.timing.queue_ms == pytest.approx(1.0, abs=1e-6)
     assert resp.timing.prefill_ms == pytest.approx(2.0, abs=1e-6)
     assert resp.timing.total_ms >= 0
@@ -347,7 +348,8 @@ def test_service_session_header_and_defaults():
         "vla_new_episode": False,
         "vla_session_id": "cam-2",
     }
-    assert resp.pruning.method == "vlapruner" and resp.pruning.visual_tokens_kept == 4
+    assert resp.pruning.method == "vlapruner" and resp.pruning.keep_ratio == 0.25
+    assert resp.pruning.visual_tokens_kept is None  # not reported by an engine
     # body wins over header; no session at all -> none sent
     resp = run(svc.predict(parse(body(unnorm_key="bridge", session_id="b")), "h"))
     assert resp.session_id == "b"
@@ -407,24 +409,41 @@ def test_service_engine_errors_mapped():
     assert ei.value.status == 500 and "boom" in ei.value.message
 
 
-def test_service_reports_engine_plan():
-    plan = {
-        "method": "vlapruner",
-        "keep_ratio": 0.25,
-        "num_visual": 16,
-        "num_keep": 16,
-        "prune": False,
-        "warmup": True,
-    }
-    svc = make_service(FakeEngine(kv_params={"vla_pruner": plan}))
+def test_service_reports_what_the_worker_did_not_the_plan():
+    from vllm_vla_pruner.engine.plan import PruneOutcome, PruningResult
+
+    outcome = PruneOutcome(True, 16, 4, used_history=False, history_missing=True)
+    result = PruningResult("vlapruner", 0.25, warmup=False, planned_keep=4, outcome=outcome)
+    svc = make_service(FakeEngine(kv_params={"vla_pruner": result.to_public()}))
     p = run(svc.predict(parse(body(unnorm_key="bridge", session_id="s")))).pruning
-    assert p.source == "engine" and p.warmup is True
+    assert p.source == "worker" and p.warmup is False and p.history_evicted is True
     assert (p.method, p.keep_ratio, p.visual_tokens_total, p.visual_tokens_kept) == (
         "vlapruner",
         0.25,
         16,
-        16,
+        4,
     )
+    # A request that never reached its forward reports no kept count, whatever was planned.
+    result = PruningResult("vlapruner", 0.25, warmup=False, planned_keep=4, outcome=None)
+    svc = make_service(FakeEngine(kv_params={"vla_pruner": result.to_public()}))
+    p = run(svc.predict(parse(body(unnorm_key="bridge")))).pruning
+    assert p.visual_tokens_kept is None and p.source == "worker"
+    # Without an engine report only the request's settings are known: no kept count claimed.
+    p = run(make_service(FakeEngine()).predict(parse(body(unnorm_key="bridge")))).pruning
+    assert p.source == "requested" and p.visual_tokens_kept is None
+
+
+def test_service_answers_500_when_the_engine_failed_the_planned_pruning():
+    class FailedPruning(FakeEngine):
+        async def generate(self, *a, **k):
+            async for out in super().generate(*a, **k):
+                out.outputs[0].token_ids = []
+                out.outputs[0].finish_reason = "error"
+                yield out
+
+    with pytest.raises(ApiError) as ei:
+        run(make_service(FailedPruning()).predict(parse(body(unnorm_key="bridge"))))
+    assert ei.value.status == 500 and "pruning did not run" in ei.value.message
 
 
 def test_service_wrapped_value_error_is_client_error():

@@ -376,3 +376,24 @@ def test_metrics_render_and_worker_deltas() -> None:
     assert 'vla_visual_tokens_kept_total{method="vlapruner"} 80.0' in text
     assert "vla_warmup_frames_total 1.0" in text
     assert "vla_worker_sessions 2.0" in text
+
+
+def test_metrics_count_the_worker_reported_pruning_of_a_response() -> None:
+    from vllm_vla_pruner.api.protocol import PruningReport
+
+    rep = ReplicaMetrics(replica="abc")
+    report = PruningReport(
+        method="vlapruner",
+        keep_ratio=0.25,
+        visual_tokens_total=64,
+        visual_tokens_kept=16,
+        warmup=False,
+        history_evicted=True,
+        source="worker",
+    )
+    rep.observe_report(report, ModelDims(128, 256, 4, 2, 6), 3)
+    text = render(rep.registry).decode()
+    assert 'vla_visual_tokens_kept_total{method="vlapruner"} 16.0' in text
+    assert (
+        "vla_history_evicted_frames_total 1.0" in text and "vla_pruned_requests_total 1.0" in text
+    )

@@ -93,4 +93,5 @@ def test_engine_args_constraints_for_openvla(tiny_ckpt):
     )
     changed = constrain(args)
     assert args.enable_prefix_caching is False and args.enable_chunked_prefill is False
-    assert args.max_num_batched_tokens == 512 and len(changed) == 3
+    assert args.enforce_eager is True  # a CUDA graph would replay an unpruned forward
+    assert args.max_num_batched_tokens == 512 and len(changed) == 4

@@ -54,3 +54,12 @@ def test_a_request_that_never_ran_reports_no_outcome():
     state.plan("p", FASTV, None, (1, 64), None)
     result = state.release("p")  # aborted before its prefill
     assert result.outcome is None and result.to_public()["outcome"] is None
+
+
+def test_invalid_settings_that_skipped_the_api_fail_the_request_not_the_engine():
+    state = _state()
+    bad = {"vla_pruner": "fastv", "vla_keep_ratio": 7.0}  # e.g. a prebuilt EngineCoreRequest
+    assert state.plan("bad", bad, None, (1, 64), None) is None
+    assert state.pruned_slots("bad") == 0
+    assert state.take_outcomes(["bad"], None) == ["bad"]
+    assert state.release("bad") is None

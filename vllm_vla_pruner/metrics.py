@@ -201,6 +201,8 @@ class ReplicaMetrics:
         "steps_pruned": "Engine steps that pruned at least one request.",
         "requests_pruned": "Requests whose visual tokens were pruned (worker count).",
         "warmup_frames": "Frames run unpruned to fill a session's temporal history.",
+        "history_missing": "Pruned frames whose expected action history was gone (worker).",
+        "recomputed": "Re-prefills after preemption; their action attention is not recorded.",
         "visual_tokens_total": "Visual tokens entering pruned requests (worker count).",
         "visual_tokens_kept": "Visual tokens kept for layers >= K (worker count).",
         "select_seconds": "Time spent scoring and selecting visual tokens in the worker.",
@@ -261,6 +263,12 @@ class ReplicaMetrics:
         self.pruned = Counter(
             f"{prefix}_pruned_requests", "Served requests that were pruned.", registry=r
         )
+        self.history_evicted = Counter(
+            f"{prefix}_history_evicted_frames",
+            "Pruned frames whose robot's action history should have been warm but was gone "
+            "(session limit, idle timeout, worker restart): pruned by the semantic half alone.",
+            registry=r,
+        )
         self.forced_resets = Counter(
             f"{prefix}_session_history_resets",
             "Sessions whose temporal history was restarted because frames went elsewhere.",
@@ -301,9 +309,13 @@ class ReplicaMetrics:
         dims: ModelDims | None,
         layers_after_k: int | None,
         seq_len: int | None = None,
+        history_evicted: bool | None = None,
     ) -> float:
-        """Count one served frame's pruning; returns the FLOPs it saved (estimate)."""
+        """Count one served frame's pruning (the worker-reported counts of the response);
+        returns the FLOPs it saved (estimate)."""
         label = method or "default"
+        if history_evicted:
+            self.history_evicted.inc()
         if num_visual:
             self.visual_total.labels(label).inc(num_visual)
             self.visual_kept.labels(label).inc(num_visual if num_keep is None else num_keep)
@@ -316,6 +328,20 @@ class ReplicaMetrics:
                 saved = flops_saved(num_visual, num_keep, dims, layers_after_k, seq_len)
                 self.flops_saved.inc(saved)
         return saved
+
+    def observe_report(
+        self, pruning: Any, dims: ModelDims | None = None, layers_after_k: int | None = None
+    ) -> float:
+        """One response's ``PruningReport`` (counts the worker's forward reported)."""
+        return self.observe_pruning(
+            pruning.method,
+            pruning.visual_tokens_total,
+            pruning.visual_tokens_kept,
+            pruning.warmup,
+            dims,
+            layers_after_k,
+            history_evicted=pruning.history_evicted,
+        )
 
     def observe_worker_report(self, report: Mapping[str, Any]) -> None:
         """One ``vla_pruner_report`` snapshot (cumulative) -> counter increments."""

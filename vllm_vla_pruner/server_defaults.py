@@ -168,6 +168,12 @@ REQUIRED_FOR_PRUNING = (
         False,
         "the scores at layer K-1 need the whole image and prompt in one prefill step",
     ),
+    EngineDefault(
+        "enforce_eager",
+        True,
+        "the pruned decoder loop is Python between layers: a captured CUDA graph would replay "
+        "an unpruned forward",
+    ),
 )
 
 
@@ -220,11 +226,6 @@ def engine_defaults(
                 "context wastes KV memory on a CPU",
             )
         )
-    rows.append(
-        EngineDefault(
-            "enforce_eager", True, "the pruned decoder loop is Python between layers: no graphs"
-        )
-    )
     rows.extend(REQUIRED_FOR_PRUNING)
     if max_model_len is not None:
         rows.append(

@@ -226,10 +226,7 @@ def _observe(raw_request: Request, response: Any, seconds: float) -> None:
     metrics.observe_request(status, seconds, err_type)
     resp = getattr(response, "vla_response", None)
     if resp is not None and resp.pruning is not None:
-        p = resp.pruning
-        metrics.observe_pruning(
-            p.method, p.visual_tokens_total, p.visual_tokens_kept, p.warmup, None, None
-        )
+        metrics.observe_report(resp.pruning)
     engine = getattr(raw_request.app.state, "engine_client", None)
     now = time.monotonic()
     if engine is not None and now - getattr(metrics, "_vla_polled", 0.0) > 5.0:

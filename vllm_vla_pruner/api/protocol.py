@@ -226,8 +226,15 @@ class PruningReport(BaseModel):
     warmup: bool | None = Field(
         default=None, description="True: the frame ran unpruned to fill history; null: unknown."
     )
-    source: Literal["engine", "requested"] = Field(
-        description="'engine': counts reported by the engine; 'requested': the budget asked for."
+    history_evicted: bool | None = Field(
+        default=None,
+        description="True: the robot's action history should have been warm but was gone "
+        "(session limit, idle timeout or a worker restart); the frame was pruned by the "
+        "method's semantic half alone. Null: unknown.",
+    )
+    source: Literal["worker", "requested"] = Field(
+        description="'worker': counts reported by the engine's forward; 'requested': the "
+        "engine reported nothing, only the request's settings are known."
     )
 
 

@@ -29,6 +29,7 @@ from vllm_vla_pruner.api.protocol import (
     check_session_id,
 )
 from vllm_vla_pruner.api.request_builder import EXTRA_ARG_FIELDS, EngineRequest, RequestBuilder
+from vllm_vla_pruner.engine.plan import PruningResult
 
 __all__ = ["ActionService", "ServiceLimits", "available_pruners"]
 
@@ -42,32 +43,16 @@ def available_pruners() -> list[str]:
     return sorted(PRUNERS)
 
 
-def _budget(num_visual: int, keep_ratio: float) -> int:
-    try:
-        from vllm_vla_pruner.pruning import budget_for
-    except ImportError:  # pragma: no cover
-        return max(1, int(num_visual * keep_ratio + 0.5))
-    return int(budget_for(num_visual, keep_ratio))
-
-
-def _engine_pruning_info(out: Any) -> dict[str, Any] | None:
-    """What the engine says it did for this request, if it says anything.
-
-    The scheduler hook (``patches/scheduler_plan.py``) returns the request's pruning plan in
-    the final output's ``kv_transfer_params["vla_pruner"]`` (unused without a KV connector):
-    ``method``, ``keep_ratio``, ``num_visual``, ``num_keep``, ``prune``, ``warmup``.
-    """
-    params = getattr(out, "kv_transfer_params", None)
-    plan = params.get("vla_pruner") if isinstance(params, Mapping) else None
-    if not isinstance(plan, Mapping) or "num_keep" not in plan:
-        return None
-    return {
-        "method": plan.get("method"),
-        "keep_ratio": plan.get("keep_ratio"),
-        "visual_tokens_total": plan.get("num_visual"),
-        "visual_tokens_kept": plan.get("num_keep"),
-        "warmup": plan.get("warmup"),
-    }
+def _check_pruned_as_planned(out: Any) -> None:
+    """A request the engine failed because its forward did not prune as planned: an error,
+    never an action (``patches.scheduler_plan`` finishes it with ``FINISHED_ERROR``)."""
+    if any(getattr(o, "finish_reason", None) == "error" for o in out.outputs):
+        raise ApiError(
+            500,
+            "the engine could not run this request as planned (pruning did not run in its "
+            "forward; see the server log); no action was produced",
+            type="engine_error",
+        )
 
 
 # ----------------------------------------------------------------------------- service
@@ -306,6 +291,7 @@ class ActionService:
             raise self._client_or_server_error(exc, request_id, "engine") from exc
         if out is None or not getattr(out, "outputs", None):
             raise ApiError(500, "engine returned no output", type="engine_error")
+        _check_pruned_as_planned(out)
         token_ids = [int(t) for t in out.outputs[0].token_ids]
         if len(token_ids) != action_dim:
             raise ApiError(
@@ -334,6 +320,22 @@ class ActionService:
     # -- response parts
 
     def _pruning_report(self, req: ActionRequest, out: Any) -> PruningReport:
+        """Counts from what the worker's forward did (``PruningResult``), never from the plan;
+        without an engine report only what was asked is known."""
+        result = PruningResult.from_public(getattr(out, "kv_transfer_params", None))
+        if result is not None:
+            outcome = result.outcome
+            return PruningReport(
+                method=result.method,
+                keep_ratio=result.keep_ratio,
+                visual_tokens_total=self.num_visual
+                if outcome is None
+                else outcome.visual_tokens_total,
+                visual_tokens_kept=None if outcome is None else outcome.visual_tokens_kept,
+                warmup=result.warmup,
+                history_evicted=None if outcome is None else outcome.history_missing,
+                source="worker",
+            )
         asked = req.pruning
         method = asked.method if asked and asked.method else self.pruning_defaults.get("method")
         ratio = (
@@ -341,28 +343,11 @@ class ActionService:
             if asked and asked.keep_ratio is not None
             else self.pruning_defaults.get("keep_ratio")
         )
-        info = _engine_pruning_info(out)
-        if info is not None:
-            kept = info.get("visual_tokens_kept")
-            total = info.get("visual_tokens_total")
-            warmup = info.get("warmup")
-            return PruningReport(
-                method=info.get("method") or method,
-                keep_ratio=info.get("keep_ratio", ratio),
-                visual_tokens_total=self.num_visual if total is None else int(total),
-                visual_tokens_kept=None if kept is None else int(kept),
-                warmup=None if warmup is None else bool(warmup),
-                source="engine",
-            )
-        if method == "none" or ratio is None:
-            kept = self.num_visual if method == "none" or ratio == 1.0 else None
-        else:
-            kept = _budget(self.num_visual, float(ratio))
         return PruningReport(
             method=method,
             keep_ratio=None if ratio is None else float(ratio),
             visual_tokens_total=self.num_visual,
-            visual_tokens_kept=kept,
+            visual_tokens_kept=self.num_visual if method == "none" else None,
             warmup=None,
             source="requested",
         )

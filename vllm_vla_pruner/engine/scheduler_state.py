@@ -16,14 +16,19 @@ from typing import Any
 
 from vllm_vla_pruner.engine.plan import PruneOutcome, PruningPlan, PruningResult
 from vllm_vla_pruner.engine.planner import FrameCounter, make_plan
-from vllm_vla_pruner.engine.settings import REQUEST_KEYS, PruningSettings
+from vllm_vla_pruner.engine.settings import (
+    REQUEST_KEYS,
+    InvalidPruningSetting,
+    PruningSettings,
+    validate_request_args,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class _Entry:
-    plan: PruningPlan
+    plan: PruningPlan | None  # None: the request's settings were invalid (it will be failed)
     outcome: PruneOutcome | None = None
 
 
@@ -53,6 +58,12 @@ class SchedulerPruning:
         asked = any(k in extra for k in REQUEST_KEYS)
         if visual_span is None or (not asked and self.settings.method == "none"):
             return None
+        try:  # validated in the API process; a request that skipped it must not crash here
+            validate_request_args({k: v for k, v in extra.items() if k in REQUEST_KEYS})
+        except InvalidPruningSetting as exc:
+            logger.error("vla_pruner: request %s refused: %s", request_id, exc)
+            self._entries[request_id] = _Entry(None)
+            return None
         start, length = visual_span
         plan = make_plan(extra, session_id, start, length, self.settings, self.frames, request_seed)
         self._entries[request_id] = _Entry(plan)
@@ -61,7 +72,7 @@ class SchedulerPruning:
     def pruned_slots(self, request_id: str) -> int:
         """P for the pruned KV group's manager (0 for requests that are not pruned)."""
         entry = self._entries.get(request_id)
-        return entry.plan.pruned_slots if entry is not None else 0
+        return entry.plan.pruned_slots if entry is not None and entry.plan is not None else 0
 
     # ------------------------------------------------------------------ step outputs
 
@@ -78,9 +89,11 @@ class SchedulerPruning:
         failed = []
         for req_id in scheduled:
             entry = self._entries.get(req_id)
-            if entry is None or not entry.plan.prune:
+            if entry is None:
                 continue
-            if entry.outcome is None or not entry.outcome.pruned:
+            if entry.plan is None:  # invalid settings: failed, never run as if asked
+                failed.append(req_id)
+            elif entry.plan.prune and (entry.outcome is None or not entry.outcome.pruned):
                 failed.append(req_id)
         return failed
 
@@ -89,7 +102,7 @@ class SchedulerPruning:
     def release(self, request_id: str) -> PruningResult | None:
         """Forget the request; return what the client is told about it."""
         entry = self._entries.pop(request_id, None)
-        if entry is None:
+        if entry is None or entry.plan is None:
             return None
         plan = entry.plan
         return PruningResult(

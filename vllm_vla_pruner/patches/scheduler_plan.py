@@ -74,8 +74,8 @@ def fail_unpruned(scheduler: Any, outputs: dict[int, Any], req_ids: list[str]) -
     failed = set(req_ids)
     for req_id in req_ids:
         logger.error(
-            "vla_pruner: request %s was planned to be pruned but its forward did not prune "
-            "(the model runner did not run the plugin's hooks); failing the request",
+            "vla_pruner: request %s did not run as planned (invalid settings, or a forward "
+            "that did not prune: the model runner did not run the plugin's hooks); failing it",
             req_id,
         )
     alive = [r for r in (scheduler.requests.get(i) for i in req_ids) if r is not None]

@@ -633,7 +633,6 @@ def count_parameters(params: Mapping[str, Any]) -> int:
     return total
 
 
-
 def build_fleet_preset(model: Any) -> Path:
     """Build a fleet config's ``model.preset`` into its cache directory once (``model`` is a
     ``vllm_vla_pruner.serve.config.ModelConfig``); an existing checkpoint is reused."""
