@@ -132,3 +132,126 @@ def load_config_json(model_dir: str | Path) -> dict[str, Any]:
 
 def spec_to_dict(spec: VisionTowerSpec) -> dict[str, Any]:
     return asdict(spec)
+
+
+# ----------------------------------------------------------------------------- OpenVLA-OFT
+
+#: OFT's per-platform constants (``prismatic/vla/constants.py``): chunk length, action and
+#: proprio dims, normalisation. OFT picks the platform from its command line; we pick it from
+#: the dataset key of ``dataset_statistics.json`` (LIBERO when the key names no platform, as
+#: OFT defaults to LIBERO).
+OFT_PLATFORMS: dict[str, dict[str, Any]] = {
+    "libero": {"chunk": 8, "action_dim": 7, "proprio_dim": 8, "normalization": "bounds_q99"},
+    "aloha": {"chunk": 25, "action_dim": 14, "proprio_dim": 14, "normalization": "bounds"},
+    "bridge": {"chunk": 5, "action_dim": 7, "proprio_dim": 7, "normalization": "bounds_q99"},
+}
+OFT_NORMALIZATIONS = ("bounds_q99", "bounds")
+OFT_STOP_TOKEN_ID = 2  # "</s>": OFT appends it after the placeholders (seen at train time)
+OFT_ACTION_HEAD = "action_head"
+OFT_PROPRIO_PROJECTOR = "proprio_projector"
+OFT_STATISTICS = "dataset_statistics.json"
+
+
+@dataclass(frozen=True)
+class OftSpec:
+    """What an OpenVLA-OFT checkpoint directory says about its parallel-decoding contract.
+
+    Published OFT checkpoints keep the OpenVLA config.json unchanged; chunk length, number of
+    camera views and normalisation live in OFT's code, not in the files. They are read from
+    an optional ``oft`` section of config.json (our extension, like ``vision_towers``), else
+    from the platform the dataset key names; action and proprio dims are checked against the
+    head and projector files by the loaders.
+    """
+
+    num_images: int
+    chunk: int
+    action_dim: int
+    proprio_dim: int  # 0: the checkpoint has no proprio projector
+    normalization: str  # "bounds_q99" (q01/q99) or "bounds" (min/max)
+    unnorm_key: str
+    action_head_file: str
+    proprio_projector_file: str | None
+
+    def __post_init__(self) -> None:
+        if self.normalization not in OFT_NORMALIZATIONS:
+            raise ValueError(f"OFT normalization must be one of {OFT_NORMALIZATIONS}")
+        if min(self.num_images, self.chunk, self.action_dim) < 1 or self.proprio_dim < 0:
+            raise ValueError(f"invalid OFT shape: {self}")
+
+    @property
+    def num_placeholders(self) -> int:
+        """ACTION_DIM x CHUNK rows with zeroed input embeddings (the stop token comes after)."""
+        return self.action_dim * self.chunk
+
+    @property
+    def num_action_rows(self) -> int:
+        """Rows appended after the prompt: the placeholders and the stop token."""
+        return self.num_placeholders + 1
+
+    @property
+    def bound_keys(self) -> tuple[str, str]:
+        return ("q01", "q99") if self.normalization == "bounds_q99" else ("min", "max")
+
+
+def _component_file(model_dir: Path, component: str) -> str | None:
+    found = sorted(model_dir.glob(f"{component}--*_checkpoint.pt"))
+    if len(found) > 1:
+        raise ValueError(f"{model_dir} holds several {component} checkpoints: {found}")
+    return found[0].name if found else None
+
+
+def is_oft_checkpoint(model_dir: str | Path) -> bool:
+    """An OFT checkpoint is the OpenVLA files plus an ``action_head--<step>_checkpoint.pt``."""
+    return _component_file(Path(model_dir), OFT_ACTION_HEAD) is not None
+
+
+def load_oft_statistics(model_dir: str | Path) -> dict[str, Any]:
+    with open(Path(model_dir) / OFT_STATISTICS) as f:
+        return json.load(f)
+
+
+def oft_spec(model_dir: str | Path, unnorm_key: str | None = None) -> OftSpec:
+    """The OFT contract of a checkpoint directory (raises if it is not an OFT checkpoint)."""
+    model_dir = Path(model_dir)
+    head = _component_file(model_dir, OFT_ACTION_HEAD)
+    if head is None:
+        raise ValueError(f"{model_dir} has no {OFT_ACTION_HEAD}--<step>_checkpoint.pt")
+    stats = load_oft_statistics(model_dir)
+    if unnorm_key is None:
+        if len(stats) != 1:
+            raise ValueError(f"{OFT_STATISTICS} has keys {sorted(stats)}: name the unnorm_key")
+        unnorm_key = next(iter(stats))
+    if unnorm_key not in stats:
+        raise ValueError(f"unnorm_key {unnorm_key!r} not in {OFT_STATISTICS} ({sorted(stats)})")
+    platform = next((p for p in OFT_PLATFORMS if p in unnorm_key.lower()), "libero")
+    declared = load_config_json(model_dir).get("oft") or {}
+    base = {**OFT_PLATFORMS[platform], "num_images": 2 if platform == "libero" else 3}
+    proprio = _component_file(model_dir, OFT_PROPRIO_PROJECTOR)
+    entry = stats[unnorm_key]
+    action_dim = len(entry["action"]["q01"])
+    proprio_dim = len(entry["proprio"]["q01"]) if proprio and "proprio" in entry else 0
+    return OftSpec(
+        num_images=int(declared.get("num_images_in_input", base["num_images"])),
+        chunk=int(declared.get("num_actions_chunk", base["chunk"])),
+        action_dim=action_dim,
+        proprio_dim=proprio_dim,
+        normalization=str(declared.get("normalization", base["normalization"])),
+        unnorm_key=unnorm_key,
+        action_head_file=head,
+        proprio_projector_file=proprio,
+    )
+
+
+def strip_ddp_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A component state dict saved from a DDP-wrapped module names keys ``module.*``."""
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def oft_bounds(spec: OftSpec, stats: Mapping[str, Any], kind: str) -> tuple[list, list, list]:
+    """(low, high, mask) of ``kind`` ("action" or "proprio") under the spec's normalisation;
+    mask defaults to all True (OFT: ``norm_stats.get("mask", ones)``)."""
+    entry = stats[spec.unnorm_key][kind]
+    lo_key, hi_key = spec.bound_keys
+    low, high = list(entry[lo_key]), list(entry[hi_key])
+    mask = list(entry.get("mask", [True] * len(low)))
+    return low, high, mask

@@ -32,6 +32,7 @@ __all__ = [
     "SPIECE_UNDERLINE",
     "build_checkpoint",
     "build_config",
+    "build_oft_weights",
     "build_tokenizer",
     "build_weights",
     "chat_template",
@@ -112,6 +113,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# OpenVLA-OFT presets: the same towers and Llama as above plus OFT's files beside them
+# (action head, proprio projector, dataset_statistics.json) in the published layout.
+_OFT_LIBERO = {
+    "num_images_in_input": 2,  # third-person + wrist camera
+    "num_actions_chunk": 8,
+    "action_dim": 7,
+    "proprio_dim": 8,
+    "normalization": "bounds_q99",
+    "unnorm_key": "libero_spatial_no_noops",
+    "step": 150000,
+    "ddp_prefix": True,  # published heads were saved from DDP-wrapped modules
+}
+PRESETS["tiny-oft"] = {
+    **copy.deepcopy(PRESETS["tiny"]),
+    "oft": {**_OFT_LIBERO, "num_actions_chunk": 3},
+}
+# OFT's LIBERO token layout: 2 cameras x 256 visual tokens, a proprio token, 8 x 7 placeholders
+# and the stop token, 32 layers, at bench's width.
+PRESETS["bench-oft"] = {**copy.deepcopy(PRESETS["bench"]), "oft": dict(_OFT_LIBERO)}
+
 # Keys every preset may override, with their defaults when a preset leaves them out.
 _COMMON_DEFAULTS: dict[str, Any] = {
     "patch_size": None,  # overrides every tower's patch size
@@ -125,6 +146,7 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "embed_std": 0.3,  # token embedding table
     "head_gain": 2.0,  # lm_head action rows (other rows get half)
     "siglip_attn_pool": True,  # timm SigLIP towers carry an (unused) attention-pool head
+    "oft": None,  # OpenVLA-OFT files to write beside the OpenVLA ones (see _OFT_LIBERO)
 }
 
 
@@ -172,8 +194,15 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
         raise ValueError(f"tokenizer_vocab_size {vocab} too small for the action tokens")
     if params["dtype"] not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
+    if params["oft"] is not None:
+        oft = params["oft"] = {**_OFT_LIBERO, **dict(params["oft"])}
+        if oft["normalization"] not in ("bounds_q99", "bounds"):
+            raise ValueError("oft normalization must be 'bounds_q99' or 'bounds'")
+        params["action_dims"] = {oft["unnorm_key"]: int(oft["action_dim"])}
     if params["norm_stats"] is None:
         params["norm_stats"] = default_norm_stats(params["action_dims"])
+        if params["oft"] is not None:
+            _add_proprio_stats(params["norm_stats"], int(params["oft"]["proprio_dim"]))
     params["num_visual_tokens"] = (params["image_size"] // params["patch_size"]) ** 2
     return params
 
@@ -227,6 +256,21 @@ def default_norm_stats(action_dims: Mapping[str, int]) -> dict[str, Any]:
             "num_trajectories": 10 * (k + 1),
         }
     return stats
+
+
+def _add_proprio_stats(stats: dict[str, Any], proprio_dim: int) -> None:
+    """Non-degenerate proprio statistics (OFT normalises the robot state with them)."""
+    for k, entry in enumerate(stats.values()):
+        low = [round(-0.3 - 0.05 * i - 0.1 * k, 6) for i in range(proprio_dim)]
+        high = [round(0.2 + 0.07 * i, 6) for i in range(proprio_dim)]
+        entry["proprio"] = {
+            "mean": [round((a + b) / 2, 6) for a, b in zip(low, high)],
+            "std": [round((b - a) / 4, 6) for a, b in zip(low, high)],
+            "max": [round(b * 1.5, 6) for b in high],
+            "min": [round(a * 1.5, 6) for a in low],
+            "q01": low,
+            "q99": high,
+        }
 
 
 # --------------------------------------------------------------------------------------
@@ -437,6 +481,15 @@ def build_config(params: Mapping[str, Any]) -> dict[str, Any]:
         "output_projector_states": False,
         "torch_dtype": dtype,
     }
+    if params.get("oft") is not None:
+        # Our extension: OFT keeps these in its code; published configs lack the section and
+        # the loader then takes them from the dataset key's platform.
+        oft = params["oft"]
+        config["oft"] = {
+            "num_images_in_input": int(oft["num_images_in_input"]),
+            "num_actions_chunk": int(oft["num_actions_chunk"]),
+            "normalization": oft["normalization"],
+        }
     tower_specs(config)  # the shared parser must accept what we write
     return config
 
@@ -569,6 +622,48 @@ def build_weights(params: Mapping[str, Any], seed: int = 0) -> dict[str, torch.T
     return out
 
 
+def build_oft_weights(
+    params: Mapping[str, Any], seed: int = 0
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """OFT's action head (``L1RegressionActionHead``: an MLPResNet with 2 blocks reading
+    ACTION_DIM hidden states per chunk step) and proprio projector (Linear, GELU, Linear),
+    under OFT's module names, without a DDP prefix."""
+    oft = params["oft"]
+    init = _Init(seed + 1, float(params["init_gain"]))
+    hid, a, p = int(params["hidden_size"]), int(oft["action_dim"]), int(oft["proprio_dim"])
+    head: dict[str, torch.Tensor] = {}
+
+    def layer_norm(prefix: str, n: int) -> None:
+        head[prefix + ".weight"], head[prefix + ".bias"] = init.norm(n), init.bias(n)
+
+    layer_norm("model.layer_norm1", hid * a)
+    head["model.fc1.weight"], head["model.fc1.bias"] = init.linear(hid, hid * a), init.bias(hid)
+    for b in range(2):
+        layer_norm(f"model.mlp_resnet_blocks.{b}.ffn.0", hid)
+        head[f"model.mlp_resnet_blocks.{b}.ffn.1.weight"] = init.linear(hid, hid)
+        head[f"model.mlp_resnet_blocks.{b}.ffn.1.bias"] = init.bias(hid)
+    layer_norm("model.layer_norm2", hid)
+    # Normalised actions of a trained head sit in about [-1, 1]: a smaller output gain.
+    head["model.fc2.weight"], head["model.fc2.bias"] = init.linear(a, hid, 0.5), init.bias(a)
+    proprio = {
+        "fc1.weight": init.linear(hid, p),
+        "fc1.bias": init.bias(hid),
+        "fc2.weight": init.linear(hid, hid),
+        "fc2.bias": init.bias(hid),
+    }
+    return head, proprio
+
+
+def _write_oft_files(params: Mapping[str, Any], out: Path, seed: int) -> None:
+    oft = params["oft"]
+    head, proprio = build_oft_weights(params, seed)
+    prefix = "module." if oft["ddp_prefix"] else ""
+    for name, state in (("action_head", head), ("proprio_projector", proprio)):
+        state = {prefix + k: v.contiguous() for k, v in state.items()}
+        torch.save(state, out / f"{name}--{int(oft['step'])}_checkpoint.pt")
+    _write_json(out / "dataset_statistics.json", params["norm_stats"])
+
+
 # --------------------------------------------------------------------------------------
 # Directory
 # --------------------------------------------------------------------------------------
@@ -578,8 +673,9 @@ def build_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, **override
     """Write a random-initialised checkpoint directory; returns its path.
 
     Files: config.json, generation_config.json, model.safetensors, tokenizer.json,
-    tokenizer_config.json, special_tokens_map.json. Same preset, overrides and seed give
-    byte-identical files.
+    tokenizer_config.json, special_tokens_map.json; OFT presets add OFT's
+    ``action_head--<step>_checkpoint.pt``, ``proprio_projector--<step>_checkpoint.pt`` and
+    ``dataset_statistics.json``. Same preset, overrides and seed give identical tensors.
     """
     params = preset_config(preset, **overrides)
     out = Path(out_dir)
@@ -600,6 +696,8 @@ def build_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, **override
             (out / name).write_text(content)
         else:
             _write_json(out / name, content)
+    if params["oft"] is not None:
+        _write_oft_files(params, out, seed)
     return out
 
 
