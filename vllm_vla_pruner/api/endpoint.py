@@ -184,7 +184,11 @@ class ActionEndpointPlugin:
         self.limits = limits
 
     def attach_router(self, app: FastAPI) -> None:
+        from vllm_vla_pruner.api.openpi.server import build_openpi_router
+
         app.include_router(build_router())
+        # openpi's WebSocket policy protocol (/, /openpi) and GET /healthz on the same server.
+        app.include_router(build_openpi_router())
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
         if engine_client is None:  # defensive: required_tasks already excludes render
@@ -199,6 +203,9 @@ class ActionEndpointPlugin:
         )
         setattr(state, STATE_KEY, service)
         setattr(state, METRICS_KEY, _server_metrics())
+        from vllm_vla_pruner.api.openpi.server import init_openpi_state
+
+        init_openpi_state(state, service, engine_client, args)
         logger.info(
             "vla_pruner: /v1/actions ready (model %s, action dims %s, %d visual tokens)",
             service.served_model_names[0],

@@ -24,6 +24,7 @@ from vllm_vla_pruner.api.protocol import (
     ApiError,
     InfoResponse,
     PruningReport,
+    PruningSettings,
     ServiceLimits,
     Timing,
     check_session_id,
@@ -225,15 +226,25 @@ class ActionService:
         self, req: ActionRequest, image: Any, unnorm_key: str, sid: str | None
     ) -> EngineRequest:
         """The engine request for a validated body (the benchmarks build theirs alike)."""
-        pruning = req.pruning
+        return self._build(req.instruction, image, unnorm_key, req.pruning, sid, req.new_episode)
+
+    def _build(
+        self,
+        instruction: str,
+        image: Any,
+        unnorm_key: str,
+        pruning: PruningSettings | None,
+        sid: str | None,
+        new_episode: bool,
+    ) -> EngineRequest:
         return self.builder.build(
-            req.instruction,
+            instruction,
             image,
             self.action_dims[unnorm_key],
             method=pruning.method if pruning else None,
             keep_ratio=pruning.keep_ratio if pruning else None,
             session_id=sid,
-            new_episode=req.new_episode,
+            new_episode=new_episode,
         )
 
     async def _engine_input(self, prompt: dict[str, Any]) -> Any:
@@ -259,9 +270,43 @@ class ActionService:
         model = self.check_model(req.model)
         key = self.resolve_unnorm_key(req.unnorm_key)
         sid = self.resolve_session(req, session_header)
-        action_dim = self.action_dims[key]
         image = await asyncio.to_thread(decode_image, req.image, self.limits)
-        request = self.build_request(req, image, key, sid)
+        return await self.predict_image(
+            image,
+            req.instruction,
+            unnorm_key=key,
+            pruning=req.pruning,
+            session_id=sid,
+            new_episode=req.new_episode,
+            model=model,
+            started=t0,
+        )
+
+    async def predict_image(
+        self,
+        image: Any,
+        instruction: str,
+        *,
+        unnorm_key: str | None = None,
+        pruning: PruningSettings | None = None,
+        session_id: str | None = None,
+        new_episode: bool = False,
+        model: str | None = None,
+        started: float | None = None,
+    ) -> ActionResponse:
+        """An already-decoded RGB frame + instruction -> one action (no base64 round trip).
+
+        The openpi WebSocket route calls this with its decoded arrays; ``predict`` with the
+        HTTP body's image. Same request builder, same engine call, same errors. The
+        instruction and pruning settings must already be validated (``parse_action_request``
+        or ``api/openpi/observations.py``).
+        """
+        t0 = time.perf_counter() if started is None else started
+        model = self.check_model(model)
+        key = self.resolve_unnorm_key(unnorm_key)
+        action_dim = self.action_dims[key]
+        request = self._build(instruction, image, key, pruning, session_id, new_episode)
+        sid = request.session_id
         request_id = f"vla-{uuid.uuid4().hex}"
         try:
             engine_input = await self._engine_input(request.prompt)
@@ -313,13 +358,13 @@ class ActionService:
             action_token_ids=token_ids,
             unnorm_key=key,
             session_id=sid,
-            pruning=self._pruning_report(req, out),
+            pruning=self._pruning_report(pruning, out),
             timing=self._timing(out, t0, t_pre, t_end),
         )
 
     # -- response parts
 
-    def _pruning_report(self, req: ActionRequest, out: Any) -> PruningReport:
+    def _pruning_report(self, asked: PruningSettings | None, out: Any) -> PruningReport:
         """Counts from what the worker's forward did (``PruningResult``), never from the plan;
         without an engine report only what was asked is known."""
         result = PruningResult.from_public(getattr(out, "kv_transfer_params", None))
@@ -336,7 +381,6 @@ class ActionService:
                 history_evicted=None if outcome is None else outcome.history_missing,
                 source="worker",
             )
-        asked = req.pruning
         method = asked.method if asked and asked.method else self.pruning_defaults.get("method")
         ratio = (
             asked.keep_ratio
