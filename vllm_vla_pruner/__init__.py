@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 #: one of them (``patches.runner_choice``) and refuses to start otherwise.
 SUPPORTED_RUNNERS: tuple[str, ...] = ("v1",)
 MODEL_ARCH = "OpenVLAForActionPrediction"
+OFT_ARCH = "OpenVLAOFTForActionPrediction"
 _registered = False
 
 
@@ -24,6 +25,8 @@ def register() -> None:
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(MODEL_ARCH, "vllm_vla_pruner.openvla:OpenVLAForActionPrediction")
+    # OpenVLA-OFT (published configs name MODEL_ARCH: select it with hf_overrides).
+    ModelRegistry.register_model(OFT_ARCH, "vllm_vla_pruner.oft:OpenVLAOFTForActionPrediction")
     from vllm_vla_pruner.patches import apply_all
 
     apply_all()

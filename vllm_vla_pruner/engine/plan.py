@@ -116,3 +116,56 @@ class PruningResult:
             planned_keep=int(item["planned_keep"]),
             outcome=None if outcome is None else PruneOutcome(**outcome),
         )
+
+
+# ----------------------------------------------------------------------------- action chunks
+
+#: Attribute of a ``ModelRunnerOutput`` that carries the step's action chunks.
+CHUNKS_ATTR = "vla_pruner_chunks"
+#: Key of the chunk in the final output's ``kv_transfer_params`` (scheduler -> client).
+ACTIONS_KEY = "vla_actions"
+#: Per-request robot state (proprio) in ``SamplingParams.extra_args``, raw (un-normalised).
+KEY_STATE = "vla_state"
+
+
+@dataclass(frozen=True)
+class ActionChunk:
+    """A parallel-decoding model's continuous action chunk, computed by the request's
+    forward (worker-reported, un-normalised), row-major ``chunk`` x ``action_dim``.
+
+    ``error`` is set (and ``values`` empty) when the forward could not compute it, e.g. a
+    missing or wrong-length state that skipped the API's validation."""
+
+    chunk: int
+    action_dim: int
+    values: tuple[float, ...]
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.error is None and len(self.values) != self.chunk * self.action_dim:
+            raise ValueError(
+                f"{len(self.values)} values for a {self.chunk} x {self.action_dim} chunk"
+            )
+
+    def rows(self) -> list[list[float]]:
+        d = self.action_dim
+        return [list(self.values[i * d : (i + 1) * d]) for i in range(self.chunk)]
+
+    def to_public(self) -> dict[str, Any]:
+        return {
+            "chunk": self.chunk,
+            "action_dim": self.action_dim,
+            "actions": self.rows(),
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_public(cls, raw: Any) -> ActionChunk | None:
+        """The chunk in a final output's ``kv_transfer_params``, or None if it has none."""
+        if not isinstance(raw, Mapping):
+            return None
+        item = raw.get(ACTIONS_KEY)
+        if not isinstance(item, Mapping):
+            return None
+        values = tuple(float(x) for row in item["actions"] for x in row)
+        return cls(int(item["chunk"]), int(item["action_dim"]), values, item.get("error"))

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from vllm_vla_pruner.config import grid_shape
+from vllm_vla_pruner.engine.action_block import ActionBlock, layer_with_blocks
 from vllm_vla_pruner.engine.plan import PruneOutcome, PruningPlan
 from vllm_vla_pruner.engine.settings import PruningSettings
 from vllm_vla_pruner.engine.step import StepChannel, StepContext
@@ -157,12 +158,35 @@ class PrunedDecoder:
 
     # ------------------------------------------------------------------ entry point
 
-    def run(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def run(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        blocks: list[ActionBlock] | None = None,
+    ) -> torch.Tensor:
+        """The decoder stack; ``blocks``: rows that attend bidirectionally (parallel-decoding
+        models' action rows, in the runner's row order)."""
         lm = self.model.language_model.model
         ctx = self.channel.current
         if ctx is None or not any(r.plan for r in ctx.requests):
+            if blocks:
+                return self._plain_blocks(lm, embeds, positions, blocks)
             return self._plain(lm, embeds, positions)
+        if blocks:
+            # The scheduler refuses pruning plans for parallel-decoding models until the
+            # pruned loop handles action blocks: reaching this is a bug, never a silent answer.
+            raise RuntimeError("pruning plans reached a forward with bidirectional action rows")
         return self._pruned(lm, ctx, embeds, positions)
+
+    @staticmethod
+    def _plain_blocks(
+        lm: Any, hidden: torch.Tensor, positions: torch.Tensor, blocks: list[ActionBlock]
+    ) -> torch.Tensor:
+        residual = None
+        for layer in lm.layers:
+            hidden, residual, _, _ = layer_with_blocks(layer, positions, hidden, residual, blocks)
+        hidden, _ = lm.norm(hidden, residual)
+        return hidden
 
     @staticmethod
     def _plain(lm: Any, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_vla_pruner.engine.plan import PruneOutcome, PruningPlan, PruningResult
+from vllm_vla_pruner.engine.plan import ActionChunk, PruneOutcome, PruningPlan, PruningResult
 from vllm_vla_pruner.engine.planner import FrameCounter, make_plan
 from vllm_vla_pruner.engine.settings import (
     REQUEST_KEYS,
@@ -39,6 +39,7 @@ class SchedulerPruning:
     settings: PruningSettings
     frames: FrameCounter = field(init=False)
     _entries: dict[str, _Entry] = field(default_factory=dict, init=False)
+    _chunks: dict[str, ActionChunk] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.frames = FrameCounter(self.settings.max_sessions, self.settings.idle_timeout_s)
@@ -69,6 +70,11 @@ class SchedulerPruning:
         self._entries[request_id] = _Entry(plan)
         return plan
 
+    def refuse(self, request_id: str, reason: str) -> None:
+        """Fail the request at its first step, unpruned (its KV is sized in full)."""
+        logger.error("vla_pruner: request %s refused: %s", request_id, reason)
+        self._entries[request_id] = _Entry(None)
+
     def pruned_slots(self, request_id: str) -> int:
         """P for the pruned KV group's manager (0 for requests that are not pruned)."""
         entry = self._entries.get(request_id)
@@ -96,6 +102,13 @@ class SchedulerPruning:
             elif entry.plan.prune and (entry.outcome is None or not entry.outcome.pruned):
                 failed.append(req_id)
         return failed
+
+    def take_chunks(self, chunks: Mapping[str, ActionChunk] | None) -> None:
+        """Keep the step's action chunks until their requests are released."""
+        self._chunks.update(chunks or {})
+
+    def release_chunk(self, request_id: str) -> ActionChunk | None:
+        return self._chunks.pop(request_id, None)
 
     # ------------------------------------------------------------------ release
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_vla_pruner.engine.plan import PruneOutcome, PruningPlan
+from vllm_vla_pruner.engine.plan import ActionChunk, PruneOutcome, PruningPlan
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class StepRequest:
     plan: PruningPlan | None
     max_tokens: int
     num_prompt_tokens: int  # a (re)prefill with more rows than this is a recompute
+    state: tuple[float, ...] | None = None  # robot state for parallel-decoding models (OFT)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class StepChannel:
         self._common_metadata: dict[int, Any] = {}
         self._recording = True
         self._outcomes: dict[str, PruneOutcome] = {}
+        self._chunks: dict[str, ActionChunk] = {}
 
     # -- runner -> decoder
 
@@ -75,4 +77,11 @@ class StepChannel:
 
     def take_outcomes(self) -> dict[str, PruneOutcome]:
         out, self._outcomes = self._outcomes, {}
+        return out
+
+    def report_chunk(self, req_id: str, chunk: ActionChunk) -> None:
+        self._chunks[req_id] = chunk
+
+    def take_chunks(self) -> dict[str, ActionChunk]:
+        out, self._chunks = self._chunks, {}
         return out

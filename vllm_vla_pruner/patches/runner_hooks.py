@@ -7,7 +7,8 @@ exists; the V1 ``GPUModelRunner._model_forward`` is documented as the override p
 execution and the CPU runner inherits it. ``_on_request_state_removed`` is the runner's own
 hook for request-scoped side caches (used to commit a robot's action scores).
 ``sample_tokens`` builds the step's ``ModelRunnerOutput``: the forward's per-request outcomes
-are attached to it (attribute ``OUTCOMES_ATTR``), so the scheduler learns what was pruned.
+are attached to it (attribute ``OUTCOMES_ATTR``), so the scheduler learns what was pruned;
+so are the action chunks of parallel-decoding models (``CHUNKS_ATTR``).
 
 Only the V1 runner is hooked (``SUPPORTED_RUNNERS``). ``Worker.load_model`` is wrapped to
 refuse to start when the runner the worker built is not a hooked one, so a model runner the
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_vla_pruner.engine.plan import OUTCOMES_ATTR, PruningPlan
+from vllm_vla_pruner.engine.plan import CHUNKS_ATTR, KEY_STATE, OUTCOMES_ATTR, PruningPlan
 from vllm_vla_pruner.engine.settings import KEY_PLAN
 from vllm_vla_pruner.engine.step import StepChannel, StepContext, StepRequest
 
@@ -68,15 +69,28 @@ def _step_requests(runner: Any) -> list[StepRequest]:
                 plan=None if wire is None else PruningPlan.from_wire(wire),
                 max_tokens=(params.max_tokens or 0) if params is not None else 0,
                 num_prompt_tokens=getattr(state, "num_prompt_tokens", 0) or 0,
+                state=_robot_state(extra.get(KEY_STATE)),
             )
         )
     return out
 
 
+def _robot_state(raw: Any) -> tuple[float, ...] | None:
+    """The request's robot state as floats; None when absent or not a flat number list
+    (the model then reports the chunk as failed: the API validates states first)."""
+    if not isinstance(raw, (list, tuple)):
+        return None
+    try:
+        return tuple(float(x) for x in raw)
+    except (TypeError, ValueError):
+        return None
+
+
 def attach_outcomes(result: Any, channel: StepChannel) -> Any:
     """Put the step's outcomes on the ``ModelRunnerOutput`` the scheduler will read."""
     outcomes = channel.take_outcomes()
-    if not outcomes:
+    chunks = channel.take_chunks()
+    if not outcomes and not chunks:
         return result
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
@@ -87,7 +101,10 @@ def attach_outcomes(result: Any, channel: StepChannel) -> Any:
     if not isinstance(target, ModelRunnerOutput) or target is EMPTY_MODEL_RUNNER_OUTPUT:
         # Without a carrier the scheduler fails the pruned requests: loud, never silent.
         return result
-    setattr(target, OUTCOMES_ATTR, outcomes)
+    if outcomes:
+        setattr(target, OUTCOMES_ATTR, outcomes)
+    if chunks:
+        setattr(target, CHUNKS_ATTR, chunks)
     return result
 
 

@@ -12,7 +12,8 @@ decided once, in one process. Three ``Scheduler`` methods are wrapped; the state
   plugin's hooks, a replayed graph) is finished with ``FINISHED_ERROR``: the client gets an
   error, never an answer that claims pruning that did not happen; the engine keeps serving;
 * ``_free_request`` returns the plan and the outcome with the final output, merged into
-  ``kv_transfer_params`` (beside a configured KV connector's own entries, not instead of them).
+  ``kv_transfer_params`` (beside a configured KV connector's own entries, not instead of them),
+  and so the action chunk of a parallel-decoding model (OFT), under ``ACTIONS_KEY``.
 
 vLLM: 0.32.x (checked by feature, ``patches.requirements``). Upstream: none (per-request
 model state has no scheduler API).
@@ -24,13 +25,19 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from vllm_vla_pruner.engine.plan import OUTCOMES_ATTR, PUBLIC_KEY
+from vllm_vla_pruner.engine.plan import ACTIONS_KEY, CHUNKS_ATTR, OUTCOMES_ATTR, PUBLIC_KEY
 from vllm_vla_pruner.engine.scheduler_state import SchedulerPruning
-from vllm_vla_pruner.engine.settings import KEY_PLAN, PruningSettings
+from vllm_vla_pruner.engine.settings import KEY_PLAN, REQUEST_KEYS, PruningSettings
 
 logger = init_logger(__name__)
 
 MODEL_TYPE = "openvla"
+OFT_ARCH = "OpenVLAOFTForActionPrediction"
+
+
+def _is_oft(vllm_config: Any) -> bool:
+    hf = getattr(vllm_config.model_config, "hf_config", None)
+    return OFT_ARCH in (getattr(hf, "architectures", None) or [])
 
 
 def _is_vla(vllm_config: Any) -> bool:
@@ -59,6 +66,13 @@ def plan_request(scheduler: Any, request: Any) -> None:
     features = getattr(request, "mm_features", None) or []
     span = (features[0].mm_position.offset, features[0].mm_position.length) if features else None
     extra = request.sampling_params.extra_args or {}
+    if _is_oft(scheduler.vllm_config) and (
+        any(k in extra for k in REQUEST_KEYS) or state.settings.method != "none"
+    ):
+        # The OFT forward does not prune yet: failing the request keeps its KV full-size and
+        # the answer honest (never an unpruned chunk reported as pruned).
+        state.refuse(request.request_id, "visual token pruning is not available for OFT yet")
+        return
     plan = state.plan(
         request.request_id, extra, request.session_id, span, request.sampling_params.seed
     )
@@ -121,6 +135,7 @@ def apply() -> None:
                 scheduler_output.num_scheduled_tokens,
                 getattr(model_runner_output, OUTCOMES_ATTR, None),
             )
+            state.take_chunks(getattr(model_runner_output, CHUNKS_ATTR, None))
         outputs = original_update(self, scheduler_output, model_runner_output)
         if failed:
             fail_unpruned(self, outputs, failed)
@@ -132,6 +147,9 @@ def apply() -> None:
         result = state.release(request.request_id) if state is not None else None
         if result is not None:
             kv_params = {**(kv_params or {}), PUBLIC_KEY: result.to_public()}
+        chunk = state.release_chunk(request.request_id) if state is not None else None
+        if chunk is not None:
+            kv_params = {**(kv_params or {}), ACTIONS_KEY: chunk.to_public()}
         return kv_params, ec_params
 
     Scheduler.add_request = add_request

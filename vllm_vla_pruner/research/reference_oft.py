@@ -45,7 +45,10 @@ from vllm_vla_pruner.research.reference import ReferenceOpenVLA
 
 __all__ = ["OftInputs", "OftOutput", "ReferenceOFT", "MLPResNet", "ProprioProjector"]
 
-ATTENTION_MODES = ("prefix_causal", "bidirectional")
+#: "prefix_causal": the issue's contract; "bidirectional": OFT's fork at inference (every row
+#: sees every row); "causal": plain causal attention (an ablation, and a sensitivity check
+#: for tests: an engine that dropped the action block would match it).
+ATTENTION_MODES = ("prefix_causal", "bidirectional", "causal")
 
 
 class ProprioProjector(nn.Module):
@@ -272,6 +275,8 @@ class ReferenceOFT(nn.Module):
                 h, pos = h[sel], pos[sel]
             if attention == "bidirectional":
                 visible = torch.ones(len(pos), len(pos), dtype=torch.bool)
+            elif attention == "causal":
+                visible = pos[None, :] <= pos[:, None]
             else:  # causal, except that action rows see every action row
                 visible = (pos[None, :] <= pos[:, None]) | (
                     (pos[:, None] >= a0) & (pos[None, :] >= a0)
