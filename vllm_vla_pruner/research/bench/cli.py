@@ -27,6 +27,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "vllm_vla_pruner.research.bench.fleet_simulator:main",
         "simulated robot fleet on Ray Serve",
     ),
+    "openpi": (
+        "vllm_vla_pruner.research.bench.openpi_bench:main",
+        "N openpi-client robots, batched engine vs one request at a time",
+    ),
 }
 
 
