@@ -396,3 +396,94 @@ def test_model_with_several_unnorm_keys(route):
 def test_healthz(route):
     r = route.client.get("/healthz")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+# ----------------------------------------------------------------------------- fleet backend
+
+
+class FakeForwarder:
+    """``serve.forward.ReplicaForwarder.predict``: records the body, answers like a replica."""
+
+    def __init__(self, status: int = 200, body: dict[str, Any] | None = None) -> None:
+        self.calls: list[tuple[dict[str, Any], str | None, int | None]] = []
+        self.status, self.body = status, body
+
+    async def predict(self, data, header, sid, seq):
+        from vllm_vla_pruner.serve.forward import Forwarded
+
+        self.calls.append((data, sid, seq))
+        body = self.body or {
+            "id": "r",
+            "model": "tiny",
+            "action": [0.5] * 7,
+            "action_token_ids": [1000] * 7,
+            "unnorm_key": data.get("unnorm_key") or "tiny_robot",
+            "session_id": sid,
+            "pruning": {
+                "method": "none",
+                "keep_ratio": 1.0,
+                "visual_tokens_total": 16,
+                "visual_tokens_kept": 16,
+                "source": "worker",
+            },
+            "timing": {"total_ms": 1.0},
+        }
+        return Forwarded({"status": self.status, "body": body, "replica": "rep-a"}, None, 1)
+
+
+def _fleet_backend(forwarder: FakeForwarder):
+    from vllm_vla_pruner.serve.openpi import FleetBackend
+    from vllm_vla_pruner.serve.sessions import SessionTable
+
+    info = {
+        "served_model_names": ["tiny"],
+        "action_dims": {"tiny_robot": 7, "other_robot": 3},
+        "default_unnorm_key": None,
+        "pruners": ["none", "vlapruner"],
+        "image_size": 32,
+        "defaults": {"method": "none"},
+    }
+    return FleetBackend(info, forwarder, SessionTable(60.0))
+
+
+def test_fleet_backend_sends_the_http_body_to_the_sessions_replica():
+    import asyncio
+    import base64
+    import io
+
+    from PIL import Image
+
+    from vllm_vla_pruner.api.protocol import ApiError, PruningSettings, parse_action_request
+
+    fwd = FakeForwarder()
+    backend = _fleet_backend(fwd)
+    assert backend.resolve_unnorm_key("tiny_robot") == "tiny_robot"
+    with pytest.raises(ApiError, match="unnorm_key: required"):
+        backend.resolve_unnorm_key(None)
+    frame = np.random.default_rng(3).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    for new_episode in (True, False):
+        resp = asyncio.run(
+            backend.predict_image(
+                Image.fromarray(frame),
+                "go",
+                unnorm_key="tiny_robot",
+                pruning=PruningSettings(keep_ratio=0.5),
+                session_id="arm-1",
+                new_episode=new_episode,
+            )
+        )
+        assert resp.action == [0.5] * 7 and resp.session_id == "arm-1"
+    (first, sid, seq1), (_, _, seq2) = fwd.calls
+    assert (sid, seq1, seq2) == ("arm-1", 1, 2)  # frames numbered as HTTP ones are
+    req = parse_action_request(first)  # the body is a valid /v1/actions request
+    assert req.new_episode is True and req.pruning.keep_ratio == 0.5 and req.pruning.method is None
+    png = Image.open(io.BytesIO(base64.b64decode(req.image)))
+    assert np.array_equal(np.asarray(png), frame)  # lossless
+    assert backend.sessions.sessions["arm-1"].replica == "rep-a"
+
+    refused = FakeForwarder(
+        422, {"error": {"field": "instruction", "message": "instruction: too long", "type": "x"}}
+    )
+    with pytest.raises(ApiError, match="instruction: too long") as info:
+        asyncio.run(_fleet_backend(refused).predict_image(Image.fromarray(frame), "go"))
+    assert info.value.status == 422

@@ -47,7 +47,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Routes that answer without a key (vLLM guards /v1 and leaves /health and /metrics open).
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/healthz", "/metrics"})
 
 
 def is_loopback(host: str) -> bool:

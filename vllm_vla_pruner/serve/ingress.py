@@ -5,12 +5,14 @@
   body's ``session_id`` or the ``X-Session-ID`` header; ``serve.forward``: retry on the
   session's next replica if one dies, within the request's time bound). Every response,
   errors included, names who answered in ``X-VLA-Replica``.
-- ``GET /health``, ``GET /v1/actions/info``, ``GET /metrics`` (the ingress's Prometheus
-  metrics), ``GET /v1/fleet/replicas`` (replica ids, actor names, per-replica metrics URLs),
-  ``GET /v1/fleet/metrics_targets`` (the same as Prometheus HTTP service discovery) and
-  ``GET /v1/fleet/sessions`` (which replica each robot lives on).
+- WebSocket ``/`` and ``/openpi``: openpi's policy protocol (``serve.openpi``), each
+  connection one robot episode kept on its session's replica like HTTP requests.
+- ``GET /health`` (also ``/healthz``), ``GET /v1/actions/info``, ``GET /metrics`` (the
+  ingress's Prometheus metrics), ``GET /v1/fleet/replicas`` (replica ids, actor names,
+  per-replica metrics URLs), ``GET /v1/fleet/metrics_targets`` (the same as Prometheus
+  HTTP service discovery) and ``GET /v1/fleet/sessions`` (which replica each robot lives on).
 
-With an API key (``serve.auth``) every route but ``/health`` and ``/metrics`` needs it. The
+With an API key (``serve.auth``) every route but ``/health(z)`` and ``/metrics`` needs it. The
 FastAPI app is built per ingress replica (Serve's ``__serve_build_asgi_app__``) so that the
 key's digest and the routes are plain attributes of this object, not module state.
 """
@@ -21,7 +23,7 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
@@ -38,12 +40,14 @@ from vllm_vla_pruner.serve.auth import ApiKeyMiddleware
 from vllm_vla_pruner.serve.forward import ReplicaForwarder
 from vllm_vla_pruner.serve.sessions import SessionTable
 
-__all__ = ["ATTEMPTS_HEADER", "REPLICA_HEADER", "FleetIngress"]
+__all__ = ["ATTEMPTS_HEADER", "OPENPI_PATHS", "REPLICA_HEADER", "FleetIngress"]
 
 REPLICA_HEADER = "X-VLA-Replica"
 ATTEMPTS_HEADER = "X-VLA-Attempts"
 #: What ``X-VLA-Replica`` says when the ingress answered by itself (no engine involved).
 INGRESS = "ingress"
+#: Where robots running openpi-client connect (``WebsocketClientPolicy(host, port)``: ``/``).
+OPENPI_PATHS = ("/", "/openpi")
 
 
 def _error(err: ApiError, attempts: int = 0) -> JSONResponse:
@@ -77,12 +81,17 @@ class FleetIngress:
         self.api_key_sha256: str | None = s.get("api_key_sha256")
         self.limits = ServiceLimits()
         self.pruners = available_pruners() or None
+        self._openpi: Any = None  # the openpi WebSocket server, built on first connection
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this on the replica after ``__init__``: the app and its routes."""
         app = FastAPI(title="vla-pruner fleet", docs_url=None, redoc_url=None, openapi_url=None)
         for path, endpoint, method in self._routes():
             app.add_api_route(path, endpoint, methods=[method])
+        # openpi's WebSocket policy protocol at the root path (openpi-client's default) and a
+        # named one; the key is checked by the protocol (openpi-client sends 'Api-Key <key>').
+        for path in OPENPI_PATHS:
+            app.add_api_websocket_route(path, self.openpi)
         if self.api_key_sha256:
             app.add_middleware(
                 ApiKeyMiddleware,
@@ -96,6 +105,7 @@ class FleetIngress:
         return [
             ("/v1/actions", self.actions, "POST"),
             ("/health", self.health, "GET"),
+            ("/healthz", self.health, "GET"),  # openpi's health route
             ("/v1/actions/info", self.info, "GET"),
             ("/metrics", self.prometheus, "GET"),
             ("/v1/fleet/replicas", self.replicas, "GET"),
@@ -167,6 +177,22 @@ class FleetIngress:
         finally:
             self.metrics.in_flight.dec()
             self.metrics.active_sessions.set(self.sessions.active())
+
+    async def openpi(self, websocket: WebSocket) -> None:
+        """One robot speaking openpi: the single-server loop over :class:`FleetBackend`."""
+        if self._openpi is None:
+            from vllm_vla_pruner.api.openpi.server import OpenpiServer
+            from vllm_vla_pruner.serve.openpi import FleetBackend
+
+            try:
+                out = await self.forwarder.call("info")
+            except Exception:  # noqa: BLE001 - no replica yet: refuse, the robot retries
+                await websocket.close(code=1013, reason="no engine replica is ready")
+                return
+            tokens = [bytes.fromhex(self.api_key_sha256)] if self.api_key_sha256 else []
+            backend = FleetBackend(out["info"], self.forwarder, self.sessions)
+            self._openpi = OpenpiServer(backend, tokens=tokens)
+        await self._openpi.serve(websocket)
 
     async def health(self) -> Response:
         self.metrics.requests.labels("/health", "200").inc()
