@@ -122,11 +122,3 @@ def test_bad_state_fails_only_its_request(llm, ref):
     for out in outs[1:]:
         chunk = _chunk(out)
         assert chunk.values == () and "state must be 8 numbers" in chunk.error
-
-
-def test_pruning_on_oft_is_refused_not_faked(llm, ref):
-    prompt, params = _request(ref, 7, "pick up the red block", STATE, vla_pruner="fastv")
-    good = _request(ref, 8, "open the drawer", STATE)
-    outs = llm.generate([prompt, good[0]], [params, good[1]], use_tqdm=False)
-    assert outs[0].outputs[0].finish_reason == "error"
-    _check(ref, outs[1], 8, "open the drawer", STATE)

@@ -78,3 +78,12 @@ def test_robot_state_from_extra_args():
     assert _robot_state(None) is None
     assert _robot_state("1,2") is None
     assert _robot_state([1, "x"]) is None
+
+
+def test_visual_span_covers_every_view_once():
+    from vllm_vla_pruner.patches.scheduler_plan import visual_span
+
+    assert visual_span([]) is None
+    assert visual_span([(1, 64)]) == (1, 64)  # AR OpenVLA: one image after BOS
+    assert visual_span([(65, 64), (1, 64)]) == (1, 128)  # OFT: views back to back
+    assert visual_span([(1, 64), (70, 64)]) is False  # a gap: not one candidate set

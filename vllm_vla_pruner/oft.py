@@ -154,6 +154,9 @@ class OpenVLAOFTForActionPrediction(OpenVLAForActionPrediction):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.model_dir = vllm_config.model_config.model
         self.oft = _spec(self.model_dir)
+        # One budget over all views: the spatial pruners see the views stacked vertically.
+        rows, cols = self.pruned_decoder.grid
+        self.pruned_decoder.grid = (rows * self.oft.num_images, cols)
         stats = load_oft_statistics(self.model_dir)
         hidden = self.config.text_config.hidden_size
         self.proprio_projector = (

@@ -68,6 +68,7 @@ class _ActionTrack:
     queries: list[torch.Tensor] = field(default_factory=list)  # [n, Hq, D] action queries
     positions: list[int] = field(default_factory=list)  # key-axis position of each query
     visual_ids: torch.Tensor | None = None  # original ids of the visual keys in that layout
+    block: int = 0  # parallel decoding: rows of the action block (placeholders + stop)
     num_keys: int = 0
     rows: int = 0
     done: bool = False
@@ -90,6 +91,7 @@ class _Req:
     had_history: bool = False  # the selection used the robot's smoothed action scores
     recomputed: bool = False  # preempted and re-prefilled with its generated tokens
     prompt_len: int = 0  # rows of this step that are the prompt (prefills)
+    block: int = 0  # parallel decoding: the prefill's last rows that attend bidirectionally
     row: int = 0  # row offset in the current (possibly compacted) layout
     rows_now: int = 0
 
@@ -172,11 +174,7 @@ class PrunedDecoder:
             if blocks:
                 return self._plain_blocks(lm, embeds, positions, blocks)
             return self._plain(lm, embeds, positions)
-        if blocks:
-            # The scheduler refuses pruning plans for parallel-decoding models until the
-            # pruned loop handles action blocks: reaching this is a bug, never a silent answer.
-            raise RuntimeError("pruning plans reached a forward with bidirectional action rows")
-        return self._pruned(lm, ctx, embeds, positions)
+        return self._pruned(lm, ctx, embeds, positions, blocks or [])
 
     @staticmethod
     def _plain_blocks(
@@ -238,9 +236,17 @@ class PrunedDecoder:
         return reqs
 
     def _pruned(
-        self, lm: Any, ctx: StepContext, embeds: torch.Tensor, positions: torch.Tensor
+        self,
+        lm: Any,
+        ctx: StepContext,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        blocks: list[ActionBlock],
     ) -> torch.Tensor:
         reqs = self._describe(ctx)
+        by_start = {b.start: b.end - b.block_start for b in blocks}
+        for r in reqs:
+            r.block = by_start.get(r.q_start, 0) if r.num_computed == 0 else 0
         for r in reqs:
             self._start_tracking(r)
         any_prune = any(r.prune_now for r in reqs)
@@ -256,7 +262,14 @@ class PrunedDecoder:
                 self._install_compacted_metadata(ctx, reqs, pos)
             capture_sem = i == self.K - 1 and any_prune
             capture_act = i == self.action_layer and bool(tracked)
-            if capture_sem or capture_act:
+            now = self._blocks_now(reqs) if blocks else []
+            if now:
+                hidden, residual, q, k = layer_with_blocks(layer, pos, hidden, residual, now)
+                if capture_sem:
+                    self._select(reqs, q, k, embeds)
+                if capture_act:
+                    self._capture_actions(tracked, q, k, compacted=i >= self.K)
+            elif capture_sem or capture_act:
                 hidden, residual, q, k = self._layer_with_qk(layer, pos, hidden, residual)
                 if capture_sem:
                     self._select(reqs, q, k, embeds)
@@ -270,6 +283,16 @@ class PrunedDecoder:
         out = hidden.new_zeros(embeds.shape[0], hidden.shape[-1])
         out[keep_index] = hidden
         return out
+
+    @staticmethod
+    def _blocks_now(reqs: list[_Req]) -> list[ActionBlock]:
+        """Each action block in the current (possibly compacted) row layout: the last rows of
+        its request."""
+        return [
+            ActionBlock(r.row, r.row + r.rows_now - r.block, r.row + r.rows_now)
+            for r in reqs
+            if r.block
+        ]
 
     def _layer_with_qk(self, layer: Any, pos: torch.Tensor, hidden: torch.Tensor, residual):
         """One Llama decoder layer, returning its post-RoPE q and k as well."""
@@ -301,7 +324,8 @@ class PrunedDecoder:
             plan = r.plan
             # Scores come from the prompt's rows only: a recompute after preemption also
             # carries the action tokens decoded before it, which must not vote.
-            n = r.prompt_len
+            # Parallel decoding: the action block is this frame's action signal, not prefill.
+            n = r.prompt_len - r.block
             rows = slice(r.row, r.row + n)
             vs, m = plan.visual_start, plan.num_visual
             estimate = None
@@ -452,9 +476,10 @@ class PrunedDecoder:
         if plan.warmup:
             self.stats.warmup_frames += 1
         self.tracks[r.req_id] = _ActionTrack(
+            block=r.block,
             session=plan.session,
             num_visual=plan.num_visual,
-            max_rows=r.max_tokens,
+            max_rows=r.block - 1 if r.block else r.max_tokens,
             visual_start=plan.visual_start,
         )
 
@@ -471,13 +496,19 @@ class PrunedDecoder:
                     else torch.arange(m, device=k.device)
                 )
                 new_queries = q[r.row + r.rows_now - 1 : r.row + r.rows_now]
+                if track.block:  # parallel decoding: the placeholders (the stop row is not one)
+                    end = r.row + r.rows_now - 1
+                    new_queries = q[end - track.max_rows : end]
             else:
                 new_queries = q[rows]
             track.keys.append(k[rows].clone())
             track.num_keys += r.rows_now
             n_new = new_queries.shape[0]
             track.queries.append(new_queries.clone())
-            track.positions.extend(range(track.num_keys - n_new, track.num_keys))
+            if track.block:  # bidirectional: every placeholder sees every key of the request
+                track.positions.extend([track.num_keys - 1] * n_new)
+            else:
+                track.positions.extend(range(track.num_keys - n_new, track.num_keys))
             track.rows += n_new
             if track.rows >= track.max_rows:
                 self._finish_track(r.req_id)

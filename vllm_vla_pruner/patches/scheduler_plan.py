@@ -27,17 +27,11 @@ from vllm.logger import init_logger
 
 from vllm_vla_pruner.engine.plan import ACTIONS_KEY, CHUNKS_ATTR, OUTCOMES_ATTR, PUBLIC_KEY
 from vllm_vla_pruner.engine.scheduler_state import SchedulerPruning
-from vllm_vla_pruner.engine.settings import KEY_PLAN, REQUEST_KEYS, PruningSettings
+from vllm_vla_pruner.engine.settings import KEY_PLAN, PruningSettings
 
 logger = init_logger(__name__)
 
 MODEL_TYPE = "openvla"
-OFT_ARCH = "OpenVLAOFTForActionPrediction"
-
-
-def _is_oft(vllm_config: Any) -> bool:
-    hf = getattr(vllm_config.model_config, "hf_config", None)
-    return OFT_ARCH in (getattr(hf, "architectures", None) or [])
 
 
 def _is_vla(vllm_config: Any) -> bool:
@@ -59,19 +53,28 @@ def pruning_state(scheduler: Any) -> SchedulerPruning | None:
     return state
 
 
+def visual_span(items: list[tuple[int, int]]) -> tuple[int, int] | None | bool:
+    """(start, length) of all images' visual tokens, the pruning candidates (one budget over
+    every camera view); None without images, False if they are not one contiguous span."""
+    if not items:
+        return None
+    items = sorted(items)
+    start = items[0][0]
+    length = sum(n for _, n in items)
+    if items[-1][0] + items[-1][1] != start + length:
+        return False
+    return start, length
+
+
 def plan_request(scheduler: Any, request: Any) -> None:
     state = pruning_state(scheduler)
     if state is None or request.sampling_params is None:
         return
     features = getattr(request, "mm_features", None) or []
-    span = (features[0].mm_position.offset, features[0].mm_position.length) if features else None
+    span = visual_span([(f.mm_position.offset, f.mm_position.length) for f in features])
     extra = request.sampling_params.extra_args or {}
-    if _is_oft(scheduler.vllm_config) and (
-        any(k in extra for k in REQUEST_KEYS) or state.settings.method != "none"
-    ):
-        # The OFT forward does not prune yet: failing the request keeps its KV full-size and
-        # the answer honest (never an unpruned chunk reported as pruned).
-        state.refuse(request.request_id, "visual token pruning is not available for OFT yet")
+    if span is False:
+        state.refuse(request.request_id, "the images' visual tokens are not one contiguous span")
         return
     plan = state.plan(
         request.request_id, extra, request.session_id, span, request.sampling_params.seed

@@ -184,6 +184,7 @@ class ReferenceOFT(nn.Module):
 
     # ---- inputs ------------------------------------------------------------------------
 
+    @torch.no_grad()
     def build_inputs(
         self,
         images: Sequence[Any],
