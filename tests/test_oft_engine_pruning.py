@@ -227,3 +227,30 @@ def test_requests_joining_while_others_decode(engine, ref):
     for rid, (seed, xargs, _) in zip(ids, specs):
         recs = [r for r in rows if r["req_id"] == rid or r["req_id"].startswith(rid + "-")]
         _check(ref, finished[rid], seed, recs[-1]["kept"] if xargs else None)
+
+
+def test_pruned_oft_request_allocates_kv_for_kept_rows_only(engine, ref):
+    """Layers >= K hold KV for the kept visual tokens of both views only (block size 32)."""
+    import math
+
+    from vllm_vla_pruner.engine.local import decoder_report, kv_layout
+    from vllm_vla_pruner.oft import oft_prompt_token_ids
+
+    llm, _ = engine
+    specs = [g["spec"] for g in kv_layout(llm)]  # K = 2 of 6 layers: groups of 2 layers
+    assert (
+        specs == ["FullAttentionSpec"] + ["PrunedAttentionSpec"] * (len(specs) - 1)
+        and len(specs) > 1
+    )
+    outs, _ = _run(
+        engine,
+        [_request(ref, 23), _request(ref, 23, {"vla_pruner": "fastv", "vla_keep_ratio": 0.125})],
+    )
+    log = dict(decoder_report(llm)["kv_blocks"])
+    blocks = [next(v for k, v in log.items() if k.startswith(o.request_id)) for o in outs]
+    ids = ref.base.prompt_token_ids(INS)
+    rows = len(oft_prompt_token_ids(ids, ref.spec)) + 2 * ref.base.num_visual
+    assert blocks[0] == [math.ceil(rows / 32)] * len(specs)
+    assert blocks[1][0] == blocks[0][0]
+    pruned = math.ceil((rows - 112) / 32)  # 16 of 128 visual tokens kept
+    assert blocks[1][1:] == [pruned] * (len(specs) - 1) and pruned < blocks[0][1]
