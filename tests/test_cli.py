@@ -195,3 +195,11 @@ def test_help_lists_subcommands(capsys):
         cli.main(["--help"])
     out = capsys.readouterr().out
     assert "checkpoint" in out and "serve" in out
+
+
+def test_demo_options_reach_the_demo_in_order():
+    from vllm_vla_pruner.cli import build_parser
+
+    argv = ["demo", "--episodes", "1", "--tasks", "drawer-open-v3", "--verbose"]
+    args, extra = build_parser().parse_known_args(argv)
+    assert args.command == "demo" and extra == argv[1:]

@@ -169,13 +169,22 @@ def _bench_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _demo_configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("args", nargs=argparse.REMAINDER, help="the demo's own options")
+    p.epilog = (
+        "Options after `demo` go to the demo itself: --model DIR, --out DIR, --episodes N, "
+        "--tasks T [T ...], --keep RATIO; --verbose also shows vLLM's own log lines."
+    )
 
 
 def _demo_run(args: argparse.Namespace, extra: list[str]) -> int:
+    argv = list(extra)  # in the order given: the demo parses them itself
+    if "--verbose" in argv:
+        argv.remove("--verbose")
+    else:  # before vLLM is imported, here or in the engine's processes
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # third-party deprecation noise
     from vllm_vla_pruner.research.sim.benchmark import demo
 
-    return demo([*args.args, *extra])
+    return demo(argv)
 
 
 # ----------------------------------------------------------------------------- fleet
