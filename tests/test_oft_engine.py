@@ -122,3 +122,12 @@ def test_bad_state_fails_only_its_request(llm, ref):
     for out in outs[1:]:
         chunk = _chunk(out)
         assert chunk.values == () and "state must be 8 numbers" in chunk.error
+
+
+def test_wrong_number_of_views_fails_only_its_request(llm, ref):
+    good = _request(ref, 9, "pick up the red block", STATE)
+    one_view = _request(ref, 10, "pick up the red block", STATE)
+    one_view[0]["multi_modal_data"]["image"] = one_view[0]["multi_modal_data"]["image"][:1]
+    outs = llm.generate([one_view[0], good[0]], [one_view[1], good[1]], use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == "error"
+    _check(ref, outs[1], 9, "pick up the red block", STATE)

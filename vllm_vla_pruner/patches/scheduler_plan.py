@@ -32,6 +32,7 @@ from vllm_vla_pruner.engine.settings import KEY_PLAN, PruningSettings
 logger = init_logger(__name__)
 
 MODEL_TYPE = "openvla"
+OFT_ARCH = "OpenVLAOFTForActionPrediction"
 
 
 def _is_vla(vllm_config: Any) -> bool:
@@ -66,6 +67,20 @@ def visual_span(items: list[tuple[int, int]]) -> tuple[int, int] | None | bool:
     return start, length
 
 
+def _oft_views(scheduler: Any) -> int | None:
+    """Camera views per request of an OFT model (None for other models), read once."""
+    if not hasattr(scheduler, "_vla_oft_views"):
+        views = None
+        model_config = scheduler.vllm_config.model_config
+        archs = getattr(getattr(model_config, "hf_config", None), "architectures", None) or []
+        if OFT_ARCH in archs:
+            from vllm_vla_pruner.config import oft_spec
+
+            views = oft_spec(model_config.model).num_images
+        scheduler._vla_oft_views = views
+    return scheduler._vla_oft_views
+
+
 def plan_request(scheduler: Any, request: Any) -> None:
     state = pruning_state(scheduler)
     if state is None or request.sampling_params is None:
@@ -73,6 +88,11 @@ def plan_request(scheduler: Any, request: Any) -> None:
     features = getattr(request, "mm_features", None) or []
     span = visual_span([(f.mm_position.offset, f.mm_position.length) for f in features])
     extra = request.sampling_params.extra_args or {}
+    views = _oft_views(scheduler)
+    if views is not None and len(features) != views:
+        # OFT's layout (proprio row, action block) assumes every view: fail, never guess.
+        state.refuse(request.request_id, f"OFT needs {views} camera views, got {len(features)}")
+        return
     if span is False:
         state.refuse(request.request_id, "the images' visual tokens are not one contiguous span")
         return
