@@ -21,7 +21,10 @@ import os
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm_vla_pruner.config import OftSpec
 
 __all__ = [
     "PLUGIN_NAME",
@@ -35,6 +38,7 @@ __all__ = [
     "engine_defaults",
     "flag_value",
     "has_flag",
+    "oft_checkpoint_spec",
     "prompt_budget",
 ]
 
@@ -102,20 +106,28 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def prompt_budget(config: Mapping[str, Any]) -> int:
-    """Tokens one request needs at most: BOS + visual tokens + instruction + action."""
+def prompt_budget(config: Mapping[str, Any], oft: OftSpec | None = None) -> int:
+    """Tokens one request needs at most: BOS + visual tokens + instruction + action.
+
+    OFT (``oft`` given): every camera view's visual tokens, the proprio token, and the
+    ACTION_DIM x CHUNK placeholders + stop token instead of the action tokens.
+    """
     from vllm_vla_pruner.config import num_visual_tokens
 
+    if oft is not None:
+        proprio = 1 if oft.proprio_dim else 0
+        views = oft.num_images * num_visual_tokens(config)
+        return 1 + views + proprio + TEXT_TOKENS + oft.num_action_rows
     stats = config.get("norm_stats") or {}
     dims = [len(s.get("action", {}).get("q01", [])) for s in stats.values() if isinstance(s, dict)]
     action_dim = max(dims, default=0) or 7
     return 1 + num_visual_tokens(config) + TEXT_TOKENS + action_dim
 
 
-def default_max_model_len(config: Mapping[str, Any]) -> int | None:
+def default_max_model_len(config: Mapping[str, Any], oft: OftSpec | None = None) -> int | None:
     """The prompt budget rounded up to 128, within the model's positions (None: unknown)."""
     try:
-        need = prompt_budget(config)
+        need = prompt_budget(config, oft)
     except (ValueError, KeyError, TypeError):
         return None
     max_len = _round_up(need, 128)
@@ -195,16 +207,27 @@ def batched_tokens(
     return max(max_model_len * prompts, max_num_seqs or 0)
 
 
+def oft_checkpoint_spec(model_dir: str | Path | None) -> OftSpec | None:
+    """The OFT contract of ``model_dir`` if it is an OpenVLA-OFT checkpoint, else None."""
+    from vllm_vla_pruner.config import is_oft_checkpoint, oft_spec
+
+    if model_dir is None or not Path(model_dir).is_dir() or not is_oft_checkpoint(model_dir):
+        return None
+    return oft_spec(model_dir)
+
+
 def engine_defaults(
     config: Mapping[str, Any] | None,
     max_model_len: int | None = None,
     max_num_seqs: int | None = None,
+    oft: OftSpec | None = None,
 ) -> list[EngineDefault]:
     """The plugin's engine defaults for a checkpoint (``config`` None: not readable).
 
     ``max_model_len`` / ``max_num_seqs``: the user's values, which the batched-token rule
     follows; the max_model_len row then carries the user's value (callers drop rows the user
-    set, so it is never applied twice).
+    set, so it is never applied twice). ``oft``: the checkpoint's OFT contract
+    (:func:`oft_checkpoint_spec`) when it is an OpenVLA-OFT checkpoint.
     """
     rows: list[EngineDefault] = []
     if config is not None and checkpoint_dtype(config) == "float32":
@@ -216,7 +239,7 @@ def engine_defaults(
             )
         )
     if max_model_len is None and config is not None:
-        max_model_len = default_max_model_len(config)
+        max_model_len = default_max_model_len(config, oft)
     if max_model_len is not None:
         rows.append(
             EngineDefault(
@@ -242,9 +265,30 @@ def engine_defaults(
             "the CPU default of 128 hides per-request KV savings on short prompts",
         )
     )
+    if oft is None:
+        rows.append(
+            EngineDefault(
+                "limit_mm_per_prompt",
+                {"image": 1},
+                "one camera frame per request (OpenVLA's format)",
+            )
+        )
+        return rows
+    from vllm_vla_pruner import OFT_ARCH
+
     rows.append(
         EngineDefault(
-            "limit_mm_per_prompt", {"image": 1}, "one camera frame per request (OpenVLA's format)"
+            "hf_overrides",
+            {"architectures": [OFT_ARCH]},
+            "published OFT configs name the AR OpenVLA architecture; the action head and "
+            "proprio projector beside them select the parallel-decoding model",
+        )
+    )
+    rows.append(
+        EngineDefault(
+            "limit_mm_per_prompt",
+            {"image": oft.num_images},
+            f"one image per camera view: this OFT checkpoint takes {oft.num_images}",
         )
     )
     return rows
@@ -264,6 +308,7 @@ def cpu_safe_engine_args(model_dir: str | Path, user_args: Sequence[str] = ()) -
         _read_config(model_dir),
         max_model_len=_parse_tokens(flag_value(user, "--max-model-len")),
         max_num_seqs=_parse_int(flag_value(user, "--max-num-seqs")),
+        oft=oft_checkpoint_spec(model_dir),
     )
     out = [arg for row in rows if not has_flag(user, row.flag) for arg in row.argv()]
     return out + user

@@ -12,8 +12,9 @@ ingress and in unit tests without an engine.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,14 +41,17 @@ __all__ = [
     "MAX_INSTRUCTION_CHARS",
     "MAX_SESSION_ID_CHARS",
     "SESSION_ID_HEADER",
+    "ActionChunkResponse",
     "ActionRequest",
     "ActionResponse",
     "ApiError",
+    "ChunkInfo",
     "InfoResponse",
     "PruningReport",
     "PruningSettings",
     "ServiceLimits",
     "Timing",
+    "check_model_inputs",
     "check_session_id",
     "parse_action_request",
     "validation_error_to_api_error",
@@ -154,13 +158,25 @@ class PruningSettings(BaseModel):
 
 
 class ActionRequest(BaseModel):
-    """Body of ``POST /v1/actions``: one camera frame and instruction -> one action."""
+    """Body of ``POST /v1/actions``: one camera frame and instruction -> one action (AR
+    OpenVLA), or camera views + state + instruction -> an action chunk (OpenVLA-OFT)."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = Field(default=None, description="Served model name; default: it.")
-    image: StrictStr = Field(
-        description="Base64 PNG/JPEG bytes, or a data: URL (data:image/png;base64,...)."
+    image: StrictStr | None = Field(
+        default=None,
+        description="AR checkpoints: base64 PNG/JPEG bytes, or a data: URL "
+        "(data:image/png;base64,...).",
+    )
+    images: dict[StrictStr, StrictStr] | None = Field(
+        default=None,
+        description="OFT checkpoints: camera name -> image as in `image`, every camera of "
+        "GET /v1/actions/info.",
+    )
+    state: list[Any] | None = Field(
+        default=None,
+        description="OFT checkpoints: the proprio state, un-normalised, state_dim numbers.",
     )
     instruction: StrictStr = Field(description="Task in words, e.g. 'pick up the red block'.")
     unnorm_key: StrictStr | None = Field(
@@ -176,10 +192,37 @@ class ActionRequest(BaseModel):
 
     @field_validator("image")
     @classmethod
-    def _image_present(cls, v: str) -> str:
-        if not v.strip():
+    def _image_present(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
             raise ValueError("must be a non-empty base64 string or data: URL")
         return v
+
+    @field_validator("images")
+    @classmethod
+    def _images_present(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must name at least one camera")
+        for cam, data in v.items():
+            if not data.strip():
+                raise ValueError(f"camera {cam!r}: must be a non-empty base64 string")
+        return v
+
+    @field_validator("state")
+    @classmethod
+    def _finite_state(cls, v: list[Any] | None) -> list[float] | None:
+        """Numbers only (not strings or booleans), all finite: NaN would poison the chunk."""
+        if v is None:
+            return v
+        out = []
+        for i, x in enumerate(v):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise ValueError(f"element {i} is not a number: {x!r}")
+            if not math.isfinite(x):
+                raise ValueError(f"element {i} is not finite: {x!r}")
+            out.append(float(x))
+        return out
 
     @field_validator("instruction")
     @classmethod
@@ -261,6 +304,36 @@ class ActionResponse(BaseModel):
     timing: Timing
 
 
+class ActionChunkResponse(BaseModel):
+    """Body of a successful ``POST /v1/actions`` to a parallel-decoding (OFT) checkpoint."""
+
+    id: str
+    model: str
+    actions: list[list[float]] = Field(
+        description="chunk x action_dim, un-normalised; row i is the action for step t+i."
+    )
+    chunk: int
+    action_dim: int
+    unnorm_key: str
+    session_id: str | None
+    pruning: PruningReport
+    timing: Timing
+
+
+class ChunkInfo(BaseModel):
+    """What an OFT checkpoint takes and answers (``GET /v1/actions/info``'s ``oft``)."""
+
+    cameras: list[str] = Field(description="`images` keys, in the model's view order.")
+    state_dim: int = Field(description="Length of `state`; 0: the model takes no state.")
+    chunk: int
+    action_dim: int
+    normalization: str = Field(description="bounds_q99 (q01/q99) or bounds (min/max).")
+    unnorm_key: str
+    film: bool = Field(
+        default=False, description="FiLM language conditioning of the vision tower: not supported."
+    )
+
+
 class InfoResponse(BaseModel):
     """Body of ``GET /v1/actions/info``: what a client needs to build valid requests."""
 
@@ -273,6 +346,11 @@ class InfoResponse(BaseModel):
     pruners: list[str]
     defaults: dict[str, Any]
     limits: dict[str, int]
+    oft: ChunkInfo | None = Field(
+        default=None,
+        description="Set for OpenVLA-OFT checkpoints (send `images` + `state`, get `actions`); "
+        "null: send `image`, get `action`.",
+    )
 
 
 def validation_error_to_api_error(exc: ValidationError) -> ApiError:
@@ -301,17 +379,81 @@ def validation_error_to_api_error(exc: ValidationError) -> ApiError:
     return ApiError(422, f"{field}: {msg}" if field else msg, field=field)
 
 
+def check_model_inputs(
+    req: ActionRequest, cameras: Sequence[str] | None = None, state_dim: int = 0
+) -> None:
+    """The body's inputs against what the served model takes; ApiError (422) naming the field.
+
+    ``cameras`` None: a single-frame (AR OpenVLA) model, which takes ``image`` only. Else an
+    OFT model: ``images`` with exactly these cameras and ``state`` of ``state_dim`` numbers.
+    """
+    if cameras is None:
+        if req.images is not None:
+            raise ApiError(
+                422,
+                "images: this model takes one camera frame in 'image' (an autoregressive "
+                "OpenVLA checkpoint), not a chunk request",
+                field="images",
+            )
+        if req.state is not None:
+            raise ApiError(422, "state: this model takes no state", field="state")
+        if req.image is None:
+            raise ApiError(422, "field required: image", field="image")
+        return
+    names = list(cameras)
+    if req.image is not None:
+        raise ApiError(
+            422,
+            f"image: this model (OpenVLA-OFT) takes 'images' with the cameras {names} "
+            "and answers a chunk in 'actions'",
+            field="image",
+        )
+    if req.images is None:
+        raise ApiError(422, f"field required: images (cameras {names})", field="images")
+    unknown = [c for c in req.images if c not in names]
+    if unknown:
+        raise ApiError(
+            422,
+            f"images.{unknown[0]}: unknown camera; this model's cameras are {names}",
+            field=f"images.{unknown[0]}",
+        )
+    missing = [c for c in names if c not in req.images]
+    if missing:
+        raise ApiError(
+            422,
+            f"images.{missing[0]}: missing camera; this model's cameras are {names}",
+            field=f"images.{missing[0]}",
+        )
+    if not state_dim:
+        if req.state is not None:
+            raise ApiError(422, "state: this model takes no state", field="state")
+        return
+    if req.state is None:
+        raise ApiError(422, f"field required: state ({state_dim} numbers)", field="state")
+    if len(req.state) != state_dim:
+        raise ApiError(
+            422, f"state: must be {state_dim} numbers, got {len(req.state)}", field="state"
+        )
+
+
 def parse_action_request(
     data: Any,
     *,
     pruners: Collection[str] | None = None,
     unnorm_keys: Collection[str] | None = None,
+    cameras: Sequence[str] | None = None,
+    state_dim: int = 0,
 ) -> ActionRequest:
-    """Validate a decoded JSON body; raise ApiError (422) naming the first bad field."""
+    """Validate a decoded JSON body; raise ApiError (422) naming the first bad field.
+
+    ``cameras`` / ``state_dim``: the served OFT model's inputs (None: a single-frame model).
+    """
     if not isinstance(data, dict):
         raise ApiError(422, "request body must be a JSON object", field=None)
     ctx = {CTX_PRUNERS: pruners, CTX_UNNORM_KEYS: unnorm_keys}
     try:
-        return ActionRequest.model_validate(data, context=ctx)
+        req = ActionRequest.model_validate(data, context=ctx)
     except ValidationError as exc:
         raise validation_error_to_api_error(exc) from None
+    check_model_inputs(req, cameras, state_dim)
+    return req

@@ -29,9 +29,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXTRA_ARG_FIELDS",
+    "OFT_CAMERAS",
     "EngineRequest",
     "RequestBuilder",
     "action_sampling_params",
+    "chunk_sampling_params",
+    "oft_camera_names",
     "pruning_extra_args",
 ]
 
@@ -66,6 +69,21 @@ def pruning_extra_args(
     return xargs
 
 
+def chunk_sampling_params(extra_args: dict[str, Any]) -> SamplingParams:
+    """One token: an OFT chunk is computed by the prefill forward; the token is discarded."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        temperature=0.0,
+        max_tokens=1,
+        detokenize=False,
+        skip_special_tokens=False,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+        extra_args=extra_args,
+    )
+
+
 def action_sampling_params(action_dim: int, extra_args: dict[str, Any]) -> SamplingParams:
     """Greedy, exactly ``action_dim`` tokens (EOS is not an action), ids only, final output."""
     from vllm import SamplingParams
@@ -87,21 +105,62 @@ def action_sampling_params(action_dim: int, extra_args: dict[str, Any]) -> Sampl
 class EngineRequest:
     """What the engine is given for one frame (``LLM.generate`` or ``EngineClient.generate``)."""
 
-    prompt: dict[str, Any]  # prompt_token_ids + multi_modal_data {"image": RGB PIL image}
+    prompt: dict[str, Any]  # prompt_token_ids + multi_modal_data {"image": RGB PIL image(s)}
     params: SamplingParams
     session_id: str | None  # also passed as vLLM's own per-request session_id where supported
 
 
+#: Camera names of an OFT checkpoint by its number of views, in the model's view order
+#: (OFT's own server: the full third-person image first, then the wrist camera(s)). A
+#: checkpoint may name its own in config.json's ``oft.camera_names``.
+OFT_CAMERAS: dict[int, tuple[str, ...]] = {
+    1: ("primary",),
+    2: ("primary", "wrist"),
+    3: ("primary", "left_wrist", "right_wrist"),
+}
+
+
+def oft_camera_names(num_images: int, config: Any = None) -> tuple[str, ...]:
+    """The ``images`` keys an OFT model takes, in view order."""
+    declared = None
+    if isinstance(config, dict):
+        declared = (config.get("oft") or {}).get("camera_names")
+    if declared:
+        names = tuple(str(n) for n in declared)
+        if len(names) != num_images or len(set(names)) != num_images:
+            raise ValueError(f"oft.camera_names {list(names)} must name {num_images} views")
+        return names
+    if num_images in OFT_CAMERAS:
+        return OFT_CAMERAS[num_images]
+    return tuple(f"view{i}" for i in range(num_images))
+
+
+def _rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 class RequestBuilder:
-    """Builds :class:`EngineRequest` s for one checkpoint (its tokenizer and action decoder)."""
+    """Builds :class:`EngineRequest` s for one checkpoint (its tokenizer and action decoder).
+
+    ``oft``: the checkpoint's OFT contract (``config.OftSpec``) when it is an OpenVLA-OFT
+    checkpoint; then :meth:`build_chunk` builds its requests.
+    """
 
     def __init__(
-        self, decoder: Any, tokenizer: Any, num_visual: int, max_model_len: int | None = None
+        self,
+        decoder: Any,
+        tokenizer: Any,
+        num_visual: int,
+        max_model_len: int | None = None,
+        oft: Any = None,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.num_visual = int(num_visual)
         self.max_model_len = max_model_len
+        self.oft = oft
 
     @classmethod
     def from_pretrained(
@@ -112,21 +171,23 @@ class RequestBuilder:
 
         from vllm_vla_pruner.actions import ActionDecoder
         from vllm_vla_pruner.config import load_config_json, num_visual_tokens
+        from vllm_vla_pruner.server_defaults import oft_checkpoint_spec
 
         return cls(
             ActionDecoder.from_pretrained(model_dir),
             AutoTokenizer.from_pretrained(str(model_dir)),
             num_visual_tokens(load_config_json(model_dir)),
             max_model_len,
+            oft_checkpoint_spec(model_dir),
         )
 
     def prompt_token_ids(self, instruction: str) -> list[int]:
         """OpenVLA's prompt ids for ``instruction`` (BOS, prompt, the trailing space token)."""
         return [int(t) for t in self.decoder.prompt_token_ids(self.tokenizer, instruction)]
 
-    def _check_fits(self, ids: list[int], action_dim: int) -> None:
-        """422 naming ``instruction`` when prompt + image + action exceed ``max_model_len``."""
-        need = len(ids) + self.num_visual + action_dim
+    def _check_fits(self, ids: list[int], action_dim: int, images: int = 1) -> None:
+        """422 naming ``instruction`` when prompt + image(s) + action exceed ``max_model_len``."""
+        need = len(ids) + images * self.num_visual + action_dim
         if self.max_model_len is not None and need > self.max_model_len:
             raise ApiError(
                 422,
@@ -149,13 +210,45 @@ class RequestBuilder:
         """The request for one camera frame; pruning settings left None use the engine's."""
         ids = self.prompt_token_ids(instruction)
         self._check_fits(ids, action_dim)
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(np.asarray(image))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
         xargs = pruning_extra_args(method, keep_ratio, session_id, new_episode)
         return EngineRequest(
-            prompt={"prompt_token_ids": ids, "multi_modal_data": {"image": image}},
+            prompt={"prompt_token_ids": ids, "multi_modal_data": {"image": _rgb(image)}},
             params=action_sampling_params(action_dim, xargs),
+            session_id=session_id,
+        )
+
+    def build_chunk(
+        self,
+        instruction: str,
+        images: list[Image.Image | np.ndarray],
+        state: list[float] | None,
+        *,
+        method: str | None = None,
+        keep_ratio: float | None = None,
+        session_id: str | None = None,
+        new_episode: bool = False,
+    ) -> EngineRequest:
+        """The request for one OFT frame: its camera views (model order) and raw state.
+
+        The prompt is OpenVLA's with OFT's proprio slot, placeholders and stop token
+        (``oft.oft_prompt_token_ids``); the state travels un-normalised in ``extra_args``
+        (the model normalises it with the checkpoint's statistics); one token is asked for.
+        """
+        from vllm_vla_pruner.engine.plan import KEY_STATE
+        from vllm_vla_pruner.oft import oft_prompt_token_ids
+
+        if self.oft is None:
+            raise ValueError("build_chunk needs an OpenVLA-OFT checkpoint")
+        ids = oft_prompt_token_ids(self.prompt_token_ids(instruction), self.oft)
+        self._check_fits(ids, 1, images=len(images))
+        xargs = pruning_extra_args(method, keep_ratio, session_id, new_episode)
+        if state is not None:
+            xargs[KEY_STATE] = [float(x) for x in state]
+        return EngineRequest(
+            prompt={
+                "prompt_token_ids": ids,
+                "multi_modal_data": {"image": [_rgb(im) for im in images]},
+            },
+            params=chunk_sampling_params(xargs),
             session_id=session_id,
         )

@@ -13,15 +13,17 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vllm_vla_pruner.api.images import decode_image
 from vllm_vla_pruner.api.protocol import (
     SESSION_ID_HEADER,
+    ActionChunkResponse,
     ActionRequest,
     ActionResponse,
     ApiError,
+    ChunkInfo,
     InfoResponse,
     PruningReport,
     PruningSettings,
@@ -29,8 +31,13 @@ from vllm_vla_pruner.api.protocol import (
     Timing,
     check_session_id,
 )
-from vllm_vla_pruner.api.request_builder import EXTRA_ARG_FIELDS, EngineRequest, RequestBuilder
-from vllm_vla_pruner.engine.plan import PruningResult
+from vllm_vla_pruner.api.request_builder import (
+    EXTRA_ARG_FIELDS,
+    EngineRequest,
+    RequestBuilder,
+    oft_camera_names,
+)
+from vllm_vla_pruner.engine.plan import ActionChunk, PruningResult
 
 __all__ = ["ActionService", "ServiceLimits", "available_pruners"]
 
@@ -114,9 +121,29 @@ class ActionService:
         self.image_side = image_size(self.config)
         self.max_model_len = max_model_len or getattr(model_config, "max_model_len", None)
         self.pruning_defaults = dict(pruning_defaults or {})
-        self.unnorm_keys = self._unnorm_keys()
-        self.action_dims = {k: int(decoder.action_dim(k)) for k in self.unnorm_keys}
+        self._init_oft()
+        if self.oft is None:
+            self.unnorm_keys = self._unnorm_keys()
+            self.action_dims = {k: int(decoder.action_dim(k)) for k in self.unnorm_keys}
+        else:
+            # The model un-normalises with the one dataset key it loaded (config.oft_spec).
+            self.unnorm_keys = [self.oft.unnorm_key]
+            self.action_dims = {self.oft.unnorm_key: self.oft.action_dim}
         self.pruners = available_pruners()
+
+    def _init_oft(self) -> None:
+        """An OpenVLA-OFT checkpoint (action head beside the OpenVLA files): its contract and
+        camera names; None for AR OpenVLA (``image`` in, ``action`` out)."""
+        from pathlib import Path
+
+        from vllm_vla_pruner.config import load_config_json
+        from vllm_vla_pruner.server_defaults import oft_checkpoint_spec
+
+        self.oft = oft_checkpoint_spec(self.model_dir)
+        self.cameras: tuple[str, ...] | None = None
+        if self.oft is not None:
+            cfg = load_config_json(Path(self.model_dir))
+            self.cameras = oft_camera_names(self.oft.num_images, cfg)
 
     # -- construction helpers
 
@@ -166,13 +193,20 @@ class ActionService:
         """The request builder the benchmarks share (built once the tokenizer is known)."""
         if self._builder is None:
             self._builder = RequestBuilder(
-                self.decoder, self.tokenizer, self.num_visual, self.max_model_len
+                self.decoder, self.tokenizer, self.num_visual, self.max_model_len, self.oft
             )
         return self._builder
 
     @property
     def default_unnorm_key(self) -> str | None:
+        if self.oft is not None:
+            return self.oft.unnorm_key
         return self.decoder.default_unnorm_key
+
+    @property
+    def visual_tokens_total(self) -> int:
+        """Visual tokens of one request: every camera view's (OFT) or the one frame's."""
+        return self.num_visual * (self.oft.num_images if self.oft is not None else 1)
 
     # -- validation
 
@@ -216,9 +250,15 @@ class ActionService:
         except ValueError as exc:
             raise ApiError(422, f"{SESSION_ID_HEADER} header: {exc}", field="session_id") from None
 
-    def validation_context(self) -> dict[str, Collection[str] | None]:
-        """Allowed values for :func:`parse_action_request` (pruners, unnorm_key)."""
-        return {"pruners": self.pruners or None, "unnorm_keys": self.unnorm_keys or None}
+    def validation_context(self) -> dict[str, Any]:
+        """Allowed values for :func:`parse_action_request` (pruners, unnorm_key) and the
+        model's inputs (OFT: cameras and state dim; None: one ``image``)."""
+        return {
+            "pruners": self.pruners or None,
+            "unnorm_keys": self.unnorm_keys or None,
+            "cameras": list(self.cameras) if self.cameras is not None else None,
+            "state_dim": self.oft.proprio_dim if self.oft is not None else 0,
+        }
 
     # -- the call
 
@@ -270,6 +310,19 @@ class ActionService:
         model = self.check_model(req.model)
         key = self.resolve_unnorm_key(req.unnorm_key)
         sid = self.resolve_session(req, session_header)
+        if self.oft is not None:
+            images = await asyncio.to_thread(self._decode_views, req.images or {})
+            return await self.predict_chunk(
+                images,
+                req.instruction,
+                req.state,
+                unnorm_key=key,
+                pruning=req.pruning,
+                session_id=sid,
+                new_episode=req.new_episode,
+                model=model,
+                started=t0,
+            )
         image = await asyncio.to_thread(decode_image, req.image, self.limits)
         return await self.predict_image(
             image,
@@ -302,11 +355,119 @@ class ActionService:
         or ``api/openpi/observations.py``).
         """
         t0 = time.perf_counter() if started is None else started
+        if self.oft is not None:
+            raise ApiError(
+                422,
+                "image: this model (OpenVLA-OFT) takes every camera view and a state "
+                "(predict_chunk), not one frame",
+                field="image",
+            )
         model = self.check_model(model)
         key = self.resolve_unnorm_key(unnorm_key)
         action_dim = self.action_dims[key]
         request = self._build(instruction, image, key, pruning, session_id, new_episode)
         sid = request.session_id
+        out, request_id, t_pre = await self._generate(request)
+        token_ids = [int(t) for t in out.outputs[0].token_ids]
+        if len(token_ids) != action_dim:
+            raise ApiError(
+                500,
+                f"engine returned {len(token_ids)} tokens, expected {action_dim}",
+                type="engine_error",
+            )
+        try:
+            action = [float(a) for a in self.decoder.decode(token_ids, key)]
+        except Exception as exc:  # noqa: BLE001 - a non-action token from the model
+            raise ApiError(
+                500, f"could not decode action tokens {token_ids}: {exc}", type="engine_error"
+            ) from exc
+        t_end = time.perf_counter()
+        return ActionResponse(
+            id=request_id,
+            model=model,
+            action=action,
+            action_token_ids=token_ids,
+            unnorm_key=key,
+            session_id=sid,
+            pruning=self._pruning_report(pruning, out),
+            timing=self._timing(out, t0, t_pre, t_end),
+        )
+
+    async def predict_chunk(
+        self,
+        images: Sequence[Any],
+        instruction: str,
+        state: Sequence[float] | None,
+        *,
+        unnorm_key: str | None = None,
+        pruning: PruningSettings | None = None,
+        session_id: str | None = None,
+        new_episode: bool = False,
+        model: str | None = None,
+        started: float | None = None,
+    ) -> ActionChunkResponse:
+        """Decoded camera views (model order) + state + instruction -> one OFT action chunk.
+
+        The chunk is computed by the request's one prefill forward and reported by the
+        worker in the final output's ``kv_transfer_params`` (``ActionChunk``); the inputs
+        must already be validated (``parse_action_request`` with :meth:`validation_context`).
+        """
+        t0 = time.perf_counter() if started is None else started
+        if self.oft is None:
+            raise ApiError(
+                422,
+                "images: this model takes one camera frame in 'image' (an autoregressive "
+                "OpenVLA checkpoint), not a chunk request",
+                field="images",
+            )
+        model = self.check_model(model)
+        key = self.resolve_unnorm_key(unnorm_key)
+        request = self.builder.build_chunk(
+            instruction,
+            list(images),
+            None if state is None else list(state),
+            method=pruning.method if pruning else None,
+            keep_ratio=pruning.keep_ratio if pruning else None,
+            session_id=session_id,
+            new_episode=new_episode,
+        )
+        out, request_id, t_pre = await self._generate(request)
+        chunk = ActionChunk.from_public(getattr(out, "kv_transfer_params", None))
+        if chunk is None or chunk.error is not None:
+            why = "no chunk reported" if chunk is None else chunk.error
+            raise ApiError(500, f"the engine computed no action chunk: {why}", type="engine_error")
+        t_end = time.perf_counter()
+        return ActionChunkResponse(
+            id=request_id,
+            model=model,
+            actions=chunk.rows(),
+            chunk=chunk.chunk,
+            action_dim=chunk.action_dim,
+            unnorm_key=key,
+            session_id=request.session_id,
+            pruning=self._pruning_report(pruning, out),
+            timing=self._timing(out, t0, t_pre, t_end),
+        )
+
+    def _decode_views(self, images: Mapping[str, str]) -> list[Any]:
+        """Base64 views -> RGB images in the model's camera order; errors name the camera."""
+        out = []
+        for cam in self.cameras or ():
+            try:
+                out.append(decode_image(images[cam], self.limits))
+            except ApiError as err:
+                msg = err.message.removeprefix("image:").strip()
+                raise ApiError(
+                    err.status, f"images.{cam}: {msg}", field=f"images.{cam}", type=err.type
+                ) from None
+        return out
+
+    async def _generate(self, request: EngineRequest) -> tuple[Any, str, float]:
+        """Render and run one engine request: (final output, request id, preprocessing end).
+
+        Refusals the client can fix are 4xx ApiErrors; a timeout or cancellation aborts the
+        engine request first.
+        """
         request_id = f"vla-{uuid.uuid4().hex}"
         try:
             engine_input = await self._engine_input(request.prompt)
@@ -337,30 +498,7 @@ class ActionService:
         if out is None or not getattr(out, "outputs", None):
             raise ApiError(500, "engine returned no output", type="engine_error")
         _check_pruned_as_planned(out)
-        token_ids = [int(t) for t in out.outputs[0].token_ids]
-        if len(token_ids) != action_dim:
-            raise ApiError(
-                500,
-                f"engine returned {len(token_ids)} tokens, expected {action_dim}",
-                type="engine_error",
-            )
-        try:
-            action = [float(a) for a in self.decoder.decode(token_ids, key)]
-        except Exception as exc:  # noqa: BLE001 - a non-action token from the model
-            raise ApiError(
-                500, f"could not decode action tokens {token_ids}: {exc}", type="engine_error"
-            ) from exc
-        t_end = time.perf_counter()
-        return ActionResponse(
-            id=request_id,
-            model=model,
-            action=action,
-            action_token_ids=token_ids,
-            unnorm_key=key,
-            session_id=sid,
-            pruning=self._pruning_report(pruning, out),
-            timing=self._timing(out, t0, t_pre, t_end),
-        )
+        return out, request_id, t_pre
 
     # -- response parts
 
@@ -373,7 +511,7 @@ class ActionService:
             return PruningReport(
                 method=result.method,
                 keep_ratio=result.keep_ratio,
-                visual_tokens_total=self.num_visual
+                visual_tokens_total=self.visual_tokens_total
                 if outcome is None
                 else outcome.visual_tokens_total,
                 visual_tokens_kept=None if outcome is None else outcome.visual_tokens_kept,
@@ -390,8 +528,8 @@ class ActionService:
         return PruningReport(
             method=method,
             keep_ratio=None if ratio is None else float(ratio),
-            visual_tokens_total=self.num_visual,
-            visual_tokens_kept=self.num_visual if method == "none" else None,
+            visual_tokens_total=self.visual_tokens_total,
+            visual_tokens_kept=self.visual_tokens_total if method == "none" else None,
             warmup=None,
             source="requested",
         )
@@ -477,4 +615,18 @@ class ActionService:
                 "timeout_s": int(self.limits.timeout_s),
                 "max_model_len": int(self.max_model_len or 0),
             },
+            oft=self._chunk_info(),
+        )
+
+    def _chunk_info(self) -> ChunkInfo | None:
+        if self.oft is None:
+            return None
+        return ChunkInfo(
+            cameras=list(self.cameras or ()),
+            state_dim=self.oft.proprio_dim,
+            chunk=self.oft.chunk,
+            action_dim=self.oft.action_dim,
+            normalization=self.oft.normalization,
+            unnorm_key=self.oft.unnorm_key,
+            film=False,
         )

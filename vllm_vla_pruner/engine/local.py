@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_vla_pruner.config import load_config_json
-from vllm_vla_pruner.server_defaults import cpu_safe_env, engine_defaults
+from vllm_vla_pruner.server_defaults import cpu_safe_env, engine_defaults, oft_checkpoint_spec
 
 
 def engine_kwargs(model_dir: str | Path, **overrides: Any) -> dict[str, Any]:
@@ -25,6 +25,7 @@ def engine_kwargs(model_dir: str | Path, **overrides: Any) -> dict[str, Any]:
         load_config_json(model_dir),
         max_model_len=overrides.get("max_model_len"),
         max_num_seqs=overrides.get("max_num_seqs"),
+        oft=oft_checkpoint_spec(model_dir),
     )
     kwargs: dict[str, Any] = {
         "model": str(model_dir),
