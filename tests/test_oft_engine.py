@@ -37,12 +37,8 @@ def ref(oft_dir):
 def llm(oft_dir):
     from vllm_vla_pruner.engine.local import make_llm, shutdown_llm
 
-    engine = make_llm(
-        oft_dir,
-        max_num_seqs=8,
-        hf_overrides={"architectures": ["OpenVLAOFTForActionPrediction"]},
-        limit_mm_per_prompt={"image": 2},  # the engine defaults allow one image (AR OpenVLA)
-    )
+    # The engine defaults select the OFT architecture and allow its two views.
+    engine = make_llm(oft_dir, max_num_seqs=8)
     yield engine
     shutdown_llm(engine)
 

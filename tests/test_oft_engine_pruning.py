@@ -47,13 +47,7 @@ def engine(oft_dir, tmp_path_factory):
     os.environ["VLA_PRUNER_TRACE"] = str(trace)
     from vllm_vla_pruner.engine.local import make_llm, shutdown_llm
 
-    llm = make_llm(
-        oft_dir,
-        max_num_seqs=8,
-        hf_overrides={"architectures": ["OpenVLAOFTForActionPrediction"]},
-        limit_mm_per_prompt={"image": 2},
-        pruning={"window": 3, "gamma": 0.8, "layer": K},
-    )
+    llm = make_llm(oft_dir, max_num_seqs=8, pruning={"window": 3, "gamma": 0.8, "layer": K})
     yield llm, trace
     shutdown_llm(llm)
 
