@@ -222,3 +222,51 @@ def test_single_frame_to_oft_service_is_refused(oft_dir: Path):
     with pytest.raises(ApiError) as ei:
         asyncio.run(svc.predict_image(Image.new("RGB", (8, 8)), "pick"))
     assert ei.value.field == "image" and ei.value.status == 422
+
+
+# ----------------------------------------------------------------------------- openpi
+
+
+def _libero_obs(state: list[float]) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    return {
+        "observation/image": rng.integers(0, 255, (48, 48, 3), dtype=np.uint8),
+        "observation/wrist_image": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+        "observation/state": np.asarray(state, dtype=np.float32),
+        "prompt": "pick up the block",
+    }
+
+
+def test_openpi_feeds_oft_through_the_service(oft_dir: Path):
+    from vllm_vla_pruner.api.openpi.msgpack_numpy import packb
+    from vllm_vla_pruner.api.openpi.server import OpenpiServer
+
+    engine = RecordingEngine(ROWS)
+    server = OpenpiServer(ActionService(engine, str(oft_dir)))
+    conn = server.open({"preset": "libero", "method": "vlapruner", "keep_ratio": "0.25"})
+    meta = server.metadata(conn)
+    assert meta["model_inputs"]["cameras"] == ["agentview", "wrist"]
+    assert meta["model_inputs"]["state_dim"] == 8 and meta["action"]["horizon"] == 3
+    kind, request = server.decode(conn, packb(_libero_obs(STATE)))
+    assert kind == "infer" and "image" not in request
+    reply = asyncio.run(server.infer(conn, request, 0.0))
+    assert reply["actions"].shape == (3, 7) and reply["actions"].tolist() == ROWS
+    call = engine.calls[0]
+    assert [v.size for v in call["prompt"]["multi_modal_data"]["image"]] == [(48, 48), (32, 32)]
+    assert call["params"].extra_args[KEY_STATE] == pytest.approx(STATE)
+    assert call["params"].extra_args["vla_keep_ratio"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"), [(STATE[:5], "the model takes 8"), ([*STATE[:7], np.nan], "finite")]
+)
+def test_openpi_bad_state_names_the_key(oft_dir: Path, state, reason):
+    from vllm_vla_pruner.api.openpi.msgpack_numpy import packb
+    from vllm_vla_pruner.api.openpi.observations import ObservationError
+    from vllm_vla_pruner.api.openpi.server import OpenpiServer
+
+    server = OpenpiServer(ActionService(RecordingEngine(ROWS), str(oft_dir)))
+    conn = server.open({"preset": "libero"})
+    with pytest.raises(ObservationError) as ei:
+        server.decode(conn, packb(_libero_obs(state)))
+    assert ei.value.key == "observation/state" and reason in ei.value.reason

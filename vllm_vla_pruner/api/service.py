@@ -204,6 +204,16 @@ class ActionService:
         return self.decoder.default_unnorm_key
 
     @property
+    def num_cameras(self) -> int:
+        """Camera views one request takes (the openpi route reads this)."""
+        return self.oft.num_images if self.oft is not None else 1
+
+    @property
+    def state_dim(self) -> int:
+        """Proprio state length one request takes; 0: none (AR OpenVLA)."""
+        return self.oft.proprio_dim if self.oft is not None else 0
+
+    @property
     def visual_tokens_total(self) -> int:
         """Visual tokens of one request: every camera view's (OFT) or the one frame's."""
         return self.num_visual * (self.oft.num_images if self.oft is not None else 1)
@@ -257,7 +267,7 @@ class ActionService:
             "pruners": self.pruners or None,
             "unnorm_keys": self.unnorm_keys or None,
             "cameras": list(self.cameras) if self.cameras is not None else None,
-            "state_dim": self.oft.proprio_dim if self.oft is not None else 0,
+            "state_dim": self.state_dim,
         }
 
     # -- the call

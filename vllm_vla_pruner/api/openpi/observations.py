@@ -208,9 +208,11 @@ def _state(obs: Mapping[str, Any], preset: ObservationPreset, dim: int) -> np.nd
             raise ObservationError(key_name(path), "expected a numeric array")
         parts.append(arr.astype(np.float32).reshape(-1))
     state = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    names = " + ".join(key_name(p) for p in preset.state)
     if state.shape[0] != dim:
-        names = " + ".join(key_name(p) for p in preset.state)
         raise ObservationError(names, f"has {state.shape[0]} values, the model takes {dim}")
+    if not np.all(np.isfinite(state)):
+        raise ObservationError(names, "values must be finite (no NaN or infinity)")
     return state
 
 

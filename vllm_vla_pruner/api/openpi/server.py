@@ -243,7 +243,8 @@ class OpenpiServer:
         svc = self.service
         try:
             key = svc.resolve_unnorm_key(conn.unnorm_key)
-            action = {"horizon": 1, "dim": svc.action_dims[key], "unnorm_key": key}
+            horizon = svc.oft.chunk if getattr(svc, "oft", None) is not None else 1
+            action = {"horizon": horizon, "dim": svc.action_dims[key], "unnorm_key": key}
         except ApiError:  # several keys and none chosen: every frame must name one
             action = {"horizon": 1, "dim": None, "unnorm_key": None, "dims": svc.action_dims}
         return {
@@ -316,9 +317,15 @@ class OpenpiServer:
         key = conn.unnorm_key
         if "unnorm_key" in obs.extras:
             key = self._unnorm_key(obs.extras["unnorm_key"], "unnorm_key")
-        image = next(iter(obs.images.values()))
+        views: dict[str, Any] = {"image": next(iter(obs.images.values()))}
+        if getattr(self.service, "oft", None) is not None:
+            # A chunk model (OFT): every camera in the model's order and the state.
+            views = {
+                "images": list(obs.images.values()),
+                "state": None if obs.state is None else [float(x) for x in obs.state],
+            }
         return "infer", {
-            "image": image,
+            **views,
             "instruction": obs.prompt,
             "unnorm_key": key,
             "pruning": pruning,
@@ -327,12 +334,16 @@ class OpenpiServer:
         }
 
     async def infer(self, conn: Connection, request: dict[str, Any], t0: float) -> dict[str, Any]:
-        resp = await self.service.predict_image(**request)
+        if "images" in request:
+            resp = await self.service.predict_chunk(**request)
+            actions = np.asarray(resp.actions, dtype=np.float64)  # chunk x dim
+        else:
+            resp = await self.service.predict_image(**request)
+            dim = self.service.action_dims[resp.unnorm_key]
+            actions = np.asarray(resp.action, dtype=np.float64).reshape(-1, dim)
         if request["session_id"] == conn.session_id:
             conn.new_episode = False
         conn.frames += 1
-        dim = self.service.action_dims[resp.unnorm_key]
-        actions = np.asarray(resp.action, dtype=np.float64).reshape(-1, dim)
         timing = resp.timing
         server_timing: dict[str, Any] = {"infer_ms": round((time.perf_counter() - t0) * 1e3, 3)}
         if conn.prev_total_ms is not None:
