@@ -23,6 +23,7 @@ from starlette.datastructures import State
 from vllm_vla_pruner.api.json_body import parse_json_body
 from vllm_vla_pruner.api.protocol import (
     SESSION_ID_HEADER,
+    ActionChunkResponse,
     ActionRequest,
     ActionResponse,
     ApiError,
@@ -67,7 +68,7 @@ def parse_body(service: ActionService, body: bytes) -> ActionRequest:
 
 async def handle_action_body(
     service: ActionService, body: bytes, session_header: str | None = None
-) -> ActionResponse:
+) -> ActionResponse | ActionChunkResponse:
     """Body bytes -> response; shared by this route and the Ray Serve ingress."""
     req = parse_body(service, body)
     return await service.predict(req, session_header)
@@ -97,7 +98,7 @@ def build_router() -> APIRouter:
 
     @router.post(
         "/v1/actions",
-        response_model=ActionResponse,
+        response_model=ActionResponse | ActionChunkResponse,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -106,7 +107,8 @@ def build_router() -> APIRouter:
         },
     )
     async def create_action(raw_request: Request) -> Any:
-        """One camera frame + instruction -> one action (list of floats)."""
+        """One camera frame + instruction -> one action (AR OpenVLA), or every camera view +
+        state + instruction -> an action chunk (OpenVLA-OFT)."""
         t0 = time.perf_counter()
         response = await _create_action(raw_request)
         _observe(raw_request, response, time.perf_counter() - t0)
