@@ -190,17 +190,7 @@ def markdown(out: dict[str, Any]) -> str:
             f"| {r['flops_ideal_prefill_speedup']:.2f}x | {share} | {r['action_speedup']:.2f}x "
             f"| {100 * r['select_share']:.2f}% |"
         )
-    lines += ["", "KV cache per request (blocks the engine allocated, per KV group):", ""]
-    lines += [
-        "| blocks per group | requests | KV bytes | max concurrent at this pool |",
-        "|---|---|---|---|",
-    ]
-    for r in out["kv"]["per_request"]:
-        lines.append(
-            f"| {r['blocks_per_group']} | {r['requests']} | {r['kv_bytes']:,} "
-            f"| {r['max_concurrent_requests']} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + kv_table_lines(out["kv"])) + "\n"
 
 
 # --- OpenVLA-OFT: one forward per action chunk -------------------------------------------
@@ -506,17 +496,7 @@ def markdown_oft(out: dict[str, Any]) -> str:
         v = t["value"]
         shown = "-" if v is None else (f"{v:.1f}x" if "AR" in t["target"] else f"{100 * v:.1f}%")
         lines.append(f"| {t['target']} | {shown} | {'met' if t['met'] else 'missed'} |")
-    lines += ["", "KV cache per request (blocks the engine allocated, per KV group):", ""]
-    lines += [
-        "| blocks per group | requests | KV bytes | max concurrent at this pool |",
-        "|---|---|---|---|",
-    ]
-    for r in out["kv"]["per_request"]:
-        lines.append(
-            f"| {r['blocks_per_group']} | {r['requests']} | {r['kv_bytes']:,} "
-            f"| {r['max_concurrent_requests']} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + kv_table_lines(out["kv"])) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -560,3 +540,18 @@ def main(argv: list[str] | None = None) -> int:
             build_checkpoint("bench", model, seed=0)
     run(model, args.out, tuple(args.batch), tuple(args.keep), tuple(args.methods), args.repeats)
     return 0
+
+
+def kv_table_lines(kv: dict[str, Any]) -> list[str]:
+    """The KV-per-request table both engine benches (AR and OFT) print."""
+    lines = ["", "KV cache per request (blocks the engine allocated, per KV group):", ""]
+    lines += [
+        "| blocks per group | requests | KV bytes | max concurrent at this pool |",
+        "|---|---|---|---|",
+    ]
+    for r in kv["per_request"]:
+        lines.append(
+            f"| {r['blocks_per_group']} | {r['requests']} | {r['kv_bytes']:,} "
+            f"| {r['max_concurrent_requests']} |"
+        )
+    return lines
