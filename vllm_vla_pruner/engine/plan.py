@@ -91,14 +91,7 @@ class PruningResult:
     outcome: PruneOutcome | None  # None: the request never reached its prefill forward
 
     def to_public(self) -> dict[str, Any]:
-        out = {
-            "method": self.method,
-            "keep_ratio": self.keep_ratio,
-            "warmup": self.warmup,
-            "planned_keep": self.planned_keep,
-        }
-        out["outcome"] = None if self.outcome is None else asdict(self.outcome)
-        return out
+        return asdict(self)  # the outcome nested as a dict, or None
 
     @classmethod
     def from_public(cls, raw: Any) -> PruningResult | None:

@@ -62,8 +62,7 @@ class SchedulerPruning:
         try:  # validated in the API process; a request that skipped it must not crash here
             validate_request_args({k: v for k, v in extra.items() if k in REQUEST_KEYS})
         except InvalidPruningSetting as exc:
-            logger.error("vla_pruner: request %s refused: %s", request_id, exc)
-            self._entries[request_id] = _Entry(None)
+            self.refuse(request_id, str(exc))
             return None
         start, length = visual_span
         plan = make_plan(extra, session_id, start, length, self.settings, self.frames, request_seed)
