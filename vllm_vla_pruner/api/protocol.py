@@ -51,6 +51,7 @@ __all__ = [
     "PruningSettings",
     "ServiceLimits",
     "Timing",
+    "check_execute_steps",
     "check_model_inputs",
     "check_session_id",
     "parse_action_request",
@@ -189,6 +190,23 @@ class ActionRequest(BaseModel):
         default=False, description="Reset this session's temporal pruning history first."
     )
     pruning: PruningSettings | None = None
+    execute_steps: int | None = Field(
+        default=None,
+        description="OFT checkpoints: how many of the chunk's steps the robot executes before "
+        "asking again; `actions` then holds only those first rows (1..chunk; default: the whole "
+        "chunk). The engine still computes the whole chunk in one forward. AR checkpoints "
+        "answer one action: only 1 is accepted.",
+    )
+
+    @field_validator("execute_steps", mode="before")
+    @classmethod
+    def _positive_steps(cls, v: Any) -> int | None:
+        """A JSON integer >= 1: ``"4"``, ``4.0`` and ``true`` are client bugs."""
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"must be an integer >= 1, got {v!r}")
+        return v
 
     @field_validator("image")
     @classmethod
@@ -310,7 +328,8 @@ class ActionChunkResponse(BaseModel):
     id: str
     model: str
     actions: list[list[float]] = Field(
-        description="chunk x action_dim, un-normalised; row i is the action for step t+i."
+        description="chunk x action_dim, un-normalised; row i is the action for step t+i; "
+        "only the first `execute_steps` rows when the request set it."
     )
     chunk: int
     action_dim: int
@@ -379,14 +398,36 @@ def validation_error_to_api_error(exc: ValidationError) -> ApiError:
     return ApiError(422, f"{field}: {msg}" if field else msg, field=field)
 
 
+def check_execute_steps(steps: int | None, chunk: int) -> int:
+    """The rows of a ``chunk``-step answer the robot gets: ``execute_steps`` (1..chunk) or the
+    whole chunk; ApiError (422) naming ``execute_steps`` otherwise."""
+    if steps is None:
+        return chunk
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= chunk:
+        raise ApiError(
+            422,
+            f"execute_steps: must be an integer in [1, {chunk}] (this model's chunk), "
+            f"got {steps!r}",
+            field="execute_steps",
+        )
+    return steps
+
+
 def check_model_inputs(
-    req: ActionRequest, cameras: Sequence[str] | None = None, state_dim: int = 0
+    req: ActionRequest,
+    cameras: Sequence[str] | None = None,
+    state_dim: int = 0,
+    chunk: int | None = None,
 ) -> None:
     """The body's inputs against what the served model takes; ApiError (422) naming the field.
 
-    ``cameras`` None: a single-frame (AR OpenVLA) model, which takes ``image`` only. Else an
-    OFT model: ``images`` with exactly these cameras and ``state`` of ``state_dim`` numbers.
+    ``cameras`` None: a single-frame (AR OpenVLA) model, which takes ``image`` only and
+    answers one action (``execute_steps`` 1 at most). Else an OFT model: ``images`` with
+    exactly these cameras, ``state`` of ``state_dim`` numbers, ``execute_steps`` up to
+    ``chunk`` (when known).
     """
+    if cameras is None or chunk is not None:
+        check_execute_steps(req.execute_steps, 1 if cameras is None else chunk)
     if cameras is None:
         if req.images is not None:
             raise ApiError(
@@ -443,10 +484,12 @@ def parse_action_request(
     unnorm_keys: Collection[str] | None = None,
     cameras: Sequence[str] | None = None,
     state_dim: int = 0,
+    chunk: int | None = None,
 ) -> ActionRequest:
     """Validate a decoded JSON body; raise ApiError (422) naming the first bad field.
 
-    ``cameras`` / ``state_dim``: the served OFT model's inputs (None: a single-frame model).
+    ``cameras`` / ``state_dim`` / ``chunk``: the served OFT model's inputs and chunk length
+    (None: a single-frame model).
     """
     if not isinstance(data, dict):
         raise ApiError(422, "request body must be a JSON object", field=None)
@@ -455,5 +498,5 @@ def parse_action_request(
         req = ActionRequest.model_validate(data, context=ctx)
     except ValidationError as exc:
         raise validation_error_to_api_error(exc) from None
-    check_model_inputs(req, cameras, state_dim)
+    check_model_inputs(req, cameras, state_dim, chunk)
     return req

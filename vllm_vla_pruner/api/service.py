@@ -29,6 +29,7 @@ from vllm_vla_pruner.api.protocol import (
     PruningSettings,
     ServiceLimits,
     Timing,
+    check_execute_steps,
     check_session_id,
 )
 from vllm_vla_pruner.api.request_builder import (
@@ -268,6 +269,7 @@ class ActionService:
             "unnorm_keys": self.unnorm_keys or None,
             "cameras": list(self.cameras) if self.cameras is not None else None,
             "state_dim": self.state_dim,
+            "chunk": self.oft.chunk if self.oft is not None else None,
         }
 
     # -- the call
@@ -332,6 +334,7 @@ class ActionService:
                 new_episode=req.new_episode,
                 model=model,
                 started=t0,
+                execute_steps=req.execute_steps,
             )
         image = await asyncio.to_thread(decode_image, req.image, self.limits)
         return await self.predict_image(
@@ -415,12 +418,15 @@ class ActionService:
         new_episode: bool = False,
         model: str | None = None,
         started: float | None = None,
+        execute_steps: int | None = None,
     ) -> ActionChunkResponse:
         """Decoded camera views (model order) + state + instruction -> one OFT action chunk.
 
         The chunk is computed by the request's one prefill forward and reported by the
         worker in the final output's ``kv_transfer_params`` (``ActionChunk``); the inputs
         must already be validated (``parse_action_request`` with :meth:`validation_context`).
+        ``execute_steps``: answer only the chunk's first rows, the ones the robot executes
+        before asking again (the engine request is the same).
         """
         t0 = time.perf_counter() if started is None else started
         if self.oft is None:
@@ -432,6 +438,7 @@ class ActionService:
             )
         model = self.check_model(model)
         key = self.resolve_unnorm_key(unnorm_key)
+        rows = check_execute_steps(execute_steps, self.oft.chunk)
         request = self.builder.build_chunk(
             instruction,
             list(images),
@@ -450,7 +457,7 @@ class ActionService:
         return ActionChunkResponse(
             id=request_id,
             model=model,
-            actions=chunk.rows(),
+            actions=chunk.rows()[:rows],
             chunk=chunk.chunk,
             action_dim=chunk.action_dim,
             unnorm_key=key,
