@@ -19,6 +19,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "scoring + selection cost alone",
     ),
     "metaworld": ("vllm_vla_pruner.research.sim.benchmark:main", "closed-loop success per pruner"),
+    "metaworld-oft": (
+        "vllm_vla_pruner.research.sim.chunk_benchmark:main",
+        "closed-loop success and engine time per control step of OFT (and AR) policies",
+    ),
     "metaworld-layers": (
         "vllm_vla_pruner.research.sim.layer_sweep:main",
         "choose pruning / action layers on validation goals",

@@ -204,6 +204,9 @@ class StepBatch:
     images: np.ndarray  # uint8 [B, S, S, 3]
     instructions: list[str]
     first: list[bool]  # the episode's first frame (a robot's new episode)
+    # The running envs themselves, for policies that observe more than the fixed camera
+    # (the OFT-style policy renders both views and reads the proprio state when it asks).
+    envs: list[Any] = field(default_factory=list)
 
 
 # lockstep_policy(batch) -> actions[B, 4]
@@ -219,10 +222,12 @@ def rollout_lockstep(
     progress: bool = True,
     max_parallel: int = 50,
     desc: str = "closed-loop eval (batched)",
+    render: bool = True,
 ) -> EvalResult:
     """Run one episode per ``(task, seed)`` pair, all running ones in one policy call per
     step, at most ``max_parallel`` per call. ``StepBatch.episodes`` holds each episode's
-    index in ``pairs``.
+    index in ``pairs``. ``render=False``: no fixed-camera frames in ``StepBatch.images``
+    (the policy observes ``StepBatch.envs`` itself, e.g. only when it asks for a chunk).
 
     Chunks interleave the tasks (round-robin), so each holds about ``max_parallel / T``
     episodes of each of the T tasks; as ``lockstep_envs`` pools envs per task (~100-170 MB
@@ -244,7 +249,11 @@ def rollout_lockstep(
         active = list(range(len(envs)))
         while active:
             t0 = time.perf_counter()
-            images = np.stack([envs[i].render() for i in active])
+            images = (
+                np.stack([envs[i].render() for i in active])
+                if render
+                else np.zeros((len(active), 0), np.uint8)
+            )
             t1 = time.perf_counter()
             batch = StepBatch(
                 episodes=[ids[i] for i in active],
@@ -253,6 +262,7 @@ def rollout_lockstep(
                     (instructions or {}).get(envs[i].task, envs[i].instruction) for i in active
                 ],
                 first=[envs[i].steps == 0 for i in active],
+                envs=[envs[i] for i in active],
             )
             actions = np.asarray(policy(batch), np.float32)
             t2 = time.perf_counter()

@@ -1,0 +1,641 @@
+"""Closed-loop Meta-World evaluation of an OpenVLA-OFT policy through the real vLLM engine.
+
+Each robot asks the engine for an action chunk exactly as a ``/v1/actions`` client of an OFT
+checkpoint would (``RequestBuilder.build_chunk``: both camera views in the model's order, the
+raw proprio state, the instruction), executes the first ``execute_steps`` rows, then asks
+again. One session per episode, so VLA-Pruner's history is the episode's previous chunks and
+its warm-up is the episode's first ``window`` chunks, as deployed. All running episodes share
+one engine call whenever any of them needs a new chunk (``rollout_lockstep``).
+
+Reports, per policy: success per task with 95% intervals, success relative to the same
+policy unpruned with paired 95% CIs, and engine time per *control step* (engine wall time /
+executed actions) for every configuration measured in the same run. An AR checkpoint given
+beside the OFT one is run by ``sim.benchmark`` on its own engine, so one table holds both.
+
+``vla-pruner bench metaworld-oft --models OFT_DIR [AR_DIR] ...``; ``vla-pruner demo`` runs a
+short version (``sim/demo.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .benchmark import (
+    DEFAULT_MODEL as AR_MODEL,
+)
+from .benchmark import (
+    GOAL_NAMES,
+    MAX_PARALLEL,
+    EnginePolicy,
+    _kept_for,
+    _trace,
+    compare_with_unpruned,
+    overlay,
+    pruning_settings_for,
+    run_closed_loop,
+    start_engine,
+)
+
+if TYPE_CHECKING:
+    from vllm_vla_pruner.api.request_builder import EngineRequest
+
+    from .evaluate import StepBatch
+
+OFT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "metaworld-oft"
+KEEPS = (0.5, 0.25, 0.125)
+DEFAULT_EXECUTE_STEPS = 4  # of the 8-step chunk: re-plan twice per chunk length
+
+
+def registry_pruners() -> list[str]:
+    """Every pruner of the registry except ``none`` (the unpruned row is always run)."""
+    from vllm_vla_pruner.pruning import PRUNERS
+
+    return sorted(set(PRUNERS) - {"none"})
+
+
+@dataclass
+class ChunkRunRecord:
+    """One configuration's closed-loop run of a chunk policy."""
+
+    method: str
+    keep_ratio: float
+    result: Any  # sim.evaluate.EvalResult
+    engine_seconds: float = 0.0
+    engine_calls: int = 0
+    requests: int = 0
+    pruned_requests: int = 0
+    visual_kept: int = 0  # summed over pruned requests (worker-reported)
+    visual_total: int = 0
+    chunk_shapes: set[tuple[int, int]] = field(default_factory=set)
+    # Episode 0 only (for the kept-patch figure): each chunk request's views and id.
+    views: list[tuple[np.ndarray, ...]] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+
+
+class ChunkEnginePolicy:
+    """A lockstep policy (``rollout_lockstep``) that asks the engine for OFT action chunks.
+
+    Per episode it keeps the rows of its last chunk still to execute; an episode whose queue
+    is empty (or that just started) is observed - ``render_views()``, ``proprio()`` - and asks
+    for a new chunk; all such episodes of a step go to the engine in one ``generate`` call.
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        model_dir: Path,
+        method: str,
+        keep_ratio: float,
+        tag: str,
+        execute_steps: int = DEFAULT_EXECUTE_STEPS,
+        record_episode: int | None = 0,
+    ) -> None:
+        from vllm_vla_pruner.api.protocol import check_execute_steps
+        from vllm_vla_pruner.api.request_builder import RequestBuilder
+
+        self.llm = llm
+        self.builder = RequestBuilder.from_pretrained(model_dir)
+        if self.builder.oft is None:
+            raise ValueError(f"{model_dir} is not an OpenVLA-OFT checkpoint (no action head)")
+        self.spec = self.builder.oft
+        # The same bound the endpoint's `execute_steps` field has (1..chunk).
+        self.execute_steps = check_execute_steps(execute_steps, self.spec.chunk)
+        self.method, self.keep_ratio, self.tag = method, keep_ratio, tag
+        self.record_episode = record_episode
+        self.queues: dict[int, list[np.ndarray]] = {}
+        self.rec = ChunkRunRecord(method, keep_ratio, None)
+
+    def request(
+        self,
+        views: Sequence[np.ndarray],
+        state: Sequence[float],
+        instruction: str,
+        episode: int,
+        new: bool,
+    ) -> EngineRequest:
+        """One episode's chunk request: what ``/v1/actions`` sends for the same body."""
+        return self.builder.build_chunk(
+            instruction,
+            list(views),
+            [float(x) for x in state],
+            method=self.method,
+            keep_ratio=None if self.method == "none" else self.keep_ratio,
+            session_id=f"{self.tag}/{episode}",
+            new_episode=bool(new),
+        )
+
+    def infer(self, reqs: Sequence[EngineRequest]) -> tuple[list[np.ndarray], list[Any]]:
+        """One engine call: the chunks (``chunk x action_dim``) and the requests' outputs."""
+        from vllm_vla_pruner.engine.plan import ActionChunk, PruningResult
+
+        t0 = time.perf_counter()
+        outs = self.llm.generate([r.prompt for r in reqs], [r.params for r in reqs], use_tqdm=False)
+        self.rec.engine_seconds += time.perf_counter() - t0
+        self.rec.engine_calls += 1
+        self.rec.requests += len(reqs)
+        chunks = []
+        for o in outs:
+            if any(getattr(c, "finish_reason", None) == "error" for c in o.outputs):
+                raise RuntimeError(f"{self.method}@{self.keep_ratio}: request failed in engine")
+            chunk = ActionChunk.from_public(o.kv_transfer_params)
+            if chunk is None or chunk.error is not None:
+                raise RuntimeError(f"{self.method}@{self.keep_ratio}: no chunk: {chunk}")
+            arr = np.asarray(chunk.rows(), np.float32)
+            self.rec.chunk_shapes.add(arr.shape)
+            chunks.append(arr)
+            res = PruningResult.from_public(o.kv_transfer_params)
+            if res is not None and res.outcome is not None and res.outcome.pruned:
+                self.rec.pruned_requests += 1
+                self.rec.visual_kept += res.outcome.visual_tokens_kept
+                self.rec.visual_total += res.outcome.visual_tokens_total
+        return chunks, outs
+
+    def __call__(self, batch: StepBatch) -> np.ndarray:
+        need = [j for j, e in enumerate(batch.episodes) if batch.first[j] or not self.queues.get(e)]
+        if need:
+            reqs, observed = [], []
+            for j in need:
+                env, e = batch.envs[j], batch.episodes[j]
+                views = env.render_views()
+                observed.append(views)
+                reqs.append(
+                    self.request(views, env.proprio(), batch.instructions[j], e, batch.first[j])
+                )
+            chunks, outs = self.infer(reqs)
+            for j, views, chunk, out in zip(need, observed, chunks, outs, strict=True):
+                e = batch.episodes[j]
+                self.queues[e] = list(chunk[: self.execute_steps])
+                if e == self.record_episode:
+                    self.rec.views.append(tuple(views))
+                    self.rec.request_ids.append(out.request_id)
+        return np.stack([self.queues[e].pop(0) for e in batch.episodes])
+
+
+def run_chunked(
+    policy: ChunkEnginePolicy,
+    tasks: Sequence[str],
+    episodes_per_task: int,
+    max_steps: int | None = None,
+    progress: bool = True,
+    image_size: int = 64,
+    goals: str = "heldout",
+) -> ChunkRunRecord:
+    """All episodes in lockstep, chunks requested as episodes run out of rows."""
+    from .evaluate import rollout_lockstep
+    from .metaworld_env import GOAL_SETS
+
+    pairs = [(t, s) for t in tasks for s in GOAL_SETS[goals](episodes_per_task)]
+    res = rollout_lockstep(
+        policy,
+        pairs,
+        image_size,
+        max_steps,
+        progress=progress,
+        max_parallel=MAX_PARALLEL,
+        desc=f"{policy.method}@{policy.keep_ratio}",
+        render=False,
+    )
+    rec = policy.rec
+    # Engine time only, per executed action (the wrapper's rendering and building excluded).
+    rec.result = replace(res, policy_seconds_per_step=rec.engine_seconds / max(1, res.total_steps))
+    return rec
+
+
+def _summary_row(
+    policy: str, kind: str, rec: Any, execute_steps: int, visual_total: int
+) -> dict[str, Any]:
+    res = rec.result
+    requests = getattr(rec, "requests", None) or res.total_steps
+    pruned = getattr(rec, "pruned_requests", None)
+    kept_mean = (
+        rec.visual_kept / pruned if pruned else (visual_total if rec.method == "none" else None)
+    )
+    return {
+        "policy": policy,
+        "kind": kind,
+        "method": rec.method,
+        "keep_ratio": rec.keep_ratio,
+        "execute_steps": execute_steps,
+        "success": res.mean_success,
+        "ci95": list(res.ci95),
+        "per_task": {
+            t: {"success": r.success_rate, "ci95": list(r.ci95), "episodes": r.episodes}
+            for t, r in res.tasks.items()
+        },
+        "control_steps": res.total_steps,
+        "engine_calls": rec.engine_calls,
+        "requests": requests,
+        "mean_batch": requests / max(1, rec.engine_calls),
+        "engine_ms_per_call": 1000 * rec.engine_seconds / max(1, rec.engine_calls),
+        "engine_ms_per_control_step": 1000 * res.policy_seconds_per_step,
+        "pruned_requests": pruned,
+        "visual_tokens_total": visual_total,
+        "visual_tokens_kept_mean": kept_mean,
+    }
+
+
+def _compare(rows: list[dict[str, Any]], results: list[Any]) -> None:
+    """Paired comparison and speed of every row against its own policy's unpruned row."""
+    base, base_row = results[0], rows[0]
+    for row, res in zip(rows, results, strict=True):
+        c = compare_with_unpruned(base, res)
+        row["relative_success"], row["relative_ci95"] = c["relative_success"], c["relative_ci95"]
+        row["paired"] = {"only_unpruned_succeeded": c["lost"], "only_this_succeeded": c["gained"]}
+        ms = row["engine_ms_per_control_step"]
+        row["speedup_vs_unpruned"] = base_row["engine_ms_per_control_step"] / ms if ms else None
+
+
+def evaluate_oft(
+    model_dir: Path,
+    configs: Sequence[tuple[str, float]],
+    tasks: Sequence[str],
+    episodes_per_task: int,
+    *,
+    execute_steps: int = DEFAULT_EXECUTE_STEPS,
+    goals: str = "heldout",
+    max_steps: int | None = None,
+    progress: bool = True,
+    trace_path: Path | None = None,
+) -> tuple[list[dict[str, Any]], list[ChunkRunRecord], dict[str, Any]]:
+    """Every ``(method, keep)`` of ``configs`` (the first must be ``("none", 1.0)``) on one
+    engine: the summary rows, the records and the pruning settings the engine ran."""
+    from vllm_vla_pruner.api.protocol import check_execute_steps
+    from vllm_vla_pruner.config import (
+        image_size,
+        load_config_json,
+        num_visual_tokens,
+        oft_spec,
+    )
+    from vllm_vla_pruner.engine.local import shutdown_llm
+
+    check_execute_steps(execute_steps, oft_spec(model_dir).chunk)  # before the engine starts
+    cfg = load_config_json(model_dir)
+    settings = pruning_settings_for(cfg)
+    layers = cfg["text_config"]["num_hidden_layers"]
+    pruning = {"layer": settings.layer, "action_layer": settings.action_layer_for(layers)}
+    _set_trace(trace_path)
+    llm = start_engine(model_dir, len(tasks) * episodes_per_task, pruning)
+    rows, records = [], []
+    try:
+        for i, (method, keep) in enumerate(configs):
+            policy = ChunkEnginePolicy(llm, model_dir, method, keep, f"oft{i}", execute_steps)
+            rec = run_chunked(
+                policy, tasks, episodes_per_task, max_steps, progress, image_size(cfg), goals
+            )
+            records.append(rec)
+            total = num_visual_tokens(cfg) * policy.spec.num_images
+            rows.append(_summary_row(model_dir.name, "oft", rec, policy.execute_steps, total))
+    finally:
+        shutdown_llm(llm)
+    _compare(rows, [r.result for r in records])
+    meta = {**pruning, "semantic_rows": settings.semantic_rows, "window": settings.window}
+    return rows, records, meta
+
+
+def evaluate_ar(
+    model_dir: Path,
+    configs: Sequence[tuple[str, float]],
+    tasks: Sequence[str],
+    episodes_per_task: int,
+    *,
+    goals: str = "heldout",
+    max_steps: int | None = None,
+    progress: bool = True,
+    trace_path: Path | None = None,
+) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
+    """The AR policy's rows (one action per request) on its own engine (``sim.benchmark``)."""
+    from vllm_vla_pruner.config import image_size, load_config_json, num_visual_tokens
+    from vllm_vla_pruner.engine.local import shutdown_llm
+
+    cfg = load_config_json(model_dir)
+    settings = pruning_settings_for(cfg)
+    layers = cfg["text_config"]["num_hidden_layers"]
+    pruning = {"layer": settings.layer, "action_layer": settings.action_layer_for(layers)}
+    _set_trace(trace_path)
+    llm = start_engine(model_dir, len(tasks) * episodes_per_task, pruning)
+    rows, records = [], []
+    try:
+        for i, (method, keep) in enumerate(configs):
+            policy = EnginePolicy(llm, model_dir, method, keep, tag=f"ar{i}")
+            rec = run_closed_loop(
+                policy,
+                tasks,
+                episodes_per_task,
+                keep_frames=False,
+                max_steps=max_steps,
+                progress=progress,
+                image_size=image_size(cfg),
+                goals=goals,
+            )
+            records.append(rec)
+            rows.append(_summary_row(model_dir.name, "ar", rec, 1, num_visual_tokens(cfg)))
+    finally:
+        shutdown_llm(llm)
+    _compare(rows, [r.result for r in records])
+    meta = {**pruning, "semantic_rows": settings.semantic_rows, "window": settings.window}
+    return rows, records, meta
+
+
+def _set_trace(path: Path | None) -> None:
+    """The worker appends each pruned request's kept indices here (read at engine start)."""
+    if path is None:
+        os.environ.pop("VLA_PRUNER_TRACE", None)
+        return
+    path.unlink(missing_ok=True)
+    os.environ["VLA_PRUNER_TRACE"] = str(path)
+
+
+def evaluate_policies(
+    models: Sequence[Path],
+    out: Path,
+    methods: Sequence[str],
+    keeps: Sequence[float],
+    tasks: Sequence[str] | None,
+    episodes_per_task: int,
+    *,
+    execute_steps: int = DEFAULT_EXECUTE_STEPS,
+    goals: str = "heldout",
+    max_steps: int | None = None,
+    progress: bool = True,
+    print_table: bool = True,
+) -> dict[str, Any]:
+    """Each model (OFT or AR, detected from its files) unpruned and with every ``method`` at
+    every ``keep``, on the same goals; writes ``metaworld-oft.{json,md}``, plots and the
+    kept-patch figure (OFT: both cameras) under ``out``."""
+    from vllm_vla_pruner.config import grid_shape, is_oft_checkpoint, load_config_json
+
+    from .metaworld_env import DEFAULT_TASKS
+
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = list(tasks or DEFAULT_TASKS)
+    configs = [("none", 1.0)] + [(m, k) for m in methods if m != "none" for k in keeps]
+    rows: list[dict[str, Any]] = []
+    policies: list[dict[str, Any]] = []
+    figures: dict[str, str] = {}
+    t0 = time.perf_counter()
+    for model in models:
+        model = Path(model)
+        trace = out / f"pruning_trace-{model.name}.jsonl"
+        common = {"goals": goals, "max_steps": max_steps, "progress": progress}
+        if is_oft_checkpoint(model):
+            r, recs, meta = evaluate_oft(
+                model,
+                configs,
+                tasks,
+                episodes_per_task,
+                execute_steps=execute_steps,
+                trace_path=trace,
+                **common,
+            )
+            cfg = load_config_json(model)
+            fig = save_chunk_overlays(recs, _trace(trace), grid_shape(cfg)[0], out, model.name)
+            figures[f"kept_patches_{model.name}"] = str(fig)
+            kind = "oft"
+        else:
+            r, recs, meta = evaluate_ar(
+                model, configs, tasks, episodes_per_task, trace_path=trace, **common
+            )
+            kind = "ar"
+        os.environ.pop("VLA_PRUNER_TRACE", None)
+        rows += r
+        policies.append({"policy": model.name, "model": str(model), "kind": kind, **meta})
+    result = {
+        "policies": policies,
+        "goals": goals,
+        "tasks": tasks,
+        "episodes_per_task": episodes_per_task,
+        "execute_steps": execute_steps,
+        "max_steps": max_steps,
+        "wall_seconds": time.perf_counter() - t0,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "summary": rows,
+    }
+    result["plot"] = str(plot_results(result, out))
+    result.update(figures)
+    (out / "metaworld-oft.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (out / "metaworld-oft.md").write_text(table)
+    if print_table:
+        print(table)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """One table: every policy's rows, each compared with its own unpruned row."""
+    tasks = result["tasks"]
+    ex = result["execute_steps"]
+    lines = [
+        f"Meta-World closed loop through the vLLM engine: {len(tasks)} tasks x "
+        f"{result['episodes_per_task']} {GOAL_NAMES[result['goals']]} episodes each (the same "
+        f"goals for every row). OFT policies execute the first {ex} rows of each chunk, then "
+        "ask again; AR policies ask every step. *engine ms / control step*: engine wall time / "
+        "executed actions, all running episodes batched per engine call, measured in this run. "
+        "*rel.*: success relative to the same policy unpruned, paired bootstrap 95% CI; "
+        "*lost / gained*: episodes only the unpruned policy / only this row solved.",
+        "",
+        "| policy | method | keep | kept tokens | mean success (95% CI) | rel. (paired 95% CI) "
+        "| lost / gained | "
+        + " | ".join(t.replace("-v3", "") for t in tasks)
+        + " | engine ms / control step | speedup |",
+        "|" + "---|" * (len(tasks) + 9),
+    ]
+    for s in result["summary"]:
+        per = " | ".join(f"{s['per_task'][t]['success']:.0%}" for t in tasks)
+        if s["method"] == "none":
+            rel = "100%"
+        elif s["relative_success"] is None:
+            rel = "-"
+        else:
+            lo, hi = s["relative_ci95"]
+            rel = f"{s['relative_success']:.0%} ({lo:.0%}-{hi:.0%})"
+        pair = s["paired"]
+        kept = s["visual_tokens_kept_mean"]
+        kept_s = "-" if kept is None else f"{kept:.0f}/{s['visual_tokens_total']}"
+        speed = "-" if s["speedup_vs_unpruned"] is None else f"{s['speedup_vs_unpruned']:.2f}x"
+        lines.append(
+            f"| {s['policy']} ({s['kind']}) | {s['method']} | {s['keep_ratio']} | {kept_s} "
+            f"| {s['success']:.0%} ({s['ci95'][0]:.0%}-{s['ci95'][1]:.0%}) | {rel} "
+            f"| {pair['only_unpruned_succeeded']} / {pair['only_this_succeeded']} | {per} "
+            f"| {s['engine_ms_per_control_step']:.2f} | {speed} |"
+        )
+    lines += [
+        "",
+        "Pruning settings per policy (checkpoint recommendation over the engine defaults):",
+        "",
+    ]
+    for p in result["policies"]:
+        lines.append(
+            f"- {p['policy']} ({p['kind']}): K={p['layer']}, action layer {p['action_layer']}, "
+            f"semantic rows {p['semantic_rows']!r}, warm-up window {p['window']} requests"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(result: dict[str, Any], out: Path) -> Path:
+    """Per policy: success vs keep ratio (each pruner, CI bars) and engine ms per control
+    step vs keep ratio, the unpruned level dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [p["policy"] for p in result["policies"]]
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 4 * len(names)), squeeze=False)
+    for row_axes, name in zip(axes, names, strict=True):
+        rows = [s for s in result["summary"] if s["policy"] == name]
+        base = next(s for s in rows if s["method"] == "none")
+        keeps = sorted({s["keep_ratio"] for s in rows if s["method"] != "none"}) or [1.0]
+        for ax, key, label in (
+            (row_axes[0], "success", "closed-loop success"),
+            (row_axes[1], "engine_ms_per_control_step", "engine ms per control step"),
+        ):
+            ax.axhline(base[key], color="k", ls="--", label="unpruned")
+            for method in sorted({s["method"] for s in rows} - {"none"}):
+                pts = sorted((s["keep_ratio"], s) for s in rows if s["method"] == method)
+                xs = [k for k, _ in pts]
+                ys = [s[key] for _, s in pts]
+                if key == "success":
+                    err = [
+                        [y - s["ci95"][0] for y, (_, s) in zip(ys, pts)],
+                        [s["ci95"][1] - y for y, (_, s) in zip(ys, pts)],
+                    ]
+                    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
+                else:
+                    ax.plot(xs, ys, marker="o", label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(keeps)
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_xlabel("keep ratio (visual tokens kept after layer K)")
+            ax.set_ylabel(label)
+            if key == "success":
+                ax.set_ylim(-0.02, 1.02)
+            ax.set_title(
+                f"{name} ({base['kind']}), {GOAL_NAMES[result['goals']]} goals", fontsize=9
+            )
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "success_and_speed_vs_keep.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_chunk_overlays(
+    records: Sequence[ChunkRunRecord],
+    trace: dict[str, list[int]],
+    grid: int,
+    out: Path,
+    name: str,
+    chunks: Sequence[int] = (0, 3, 6, 12),
+    keep: float = 0.25,
+) -> Path:
+    """Episode 0's observations at a few chunk requests, both cameras side by side, per
+    configuration at ``keep`` (and unpruned): pruned patches dimmed. The kept indices span
+    all views (one budget): index ``i`` is view ``i // grid**2``, patch ``i % grid**2``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r.method == "none" or r.keep_ratio == keep]
+    n_req = min((len(r.views) for r in rows), default=0)
+    cols = [c for c in chunks if c < n_req] or [0]
+    n_views = len(rows[0].views[0]) if rows and rows[0].views else 2
+    fig, axes = plt.subplots(
+        len(rows),
+        len(cols) * n_views,
+        figsize=(1.6 * len(cols) * n_views, 1.7 * len(rows)),
+        squeeze=False,
+    )
+    per_view = grid * grid
+    for r_i, rec in enumerate(rows):
+        for c_i, c in enumerate(cols):
+            views = rec.views[min(c, len(rec.views) - 1)] if rec.views else ()
+            rid = rec.request_ids[c] if c < len(rec.request_ids) else None
+            kept = None if rec.method == "none" or rid is None else _kept_for(trace, rid)
+            for v in range(n_views):
+                ax = axes[r_i][c_i * n_views + v]
+                ax.set_xticks([]), ax.set_yticks([])
+                if v >= len(views):
+                    continue
+                mine = None
+                if kept is not None:
+                    mine = [i - v * per_view for i in kept if i // per_view == v]
+                ax.imshow(overlay(views[v], mine, grid, scale=2))
+                if r_i == 0:
+                    cam = "fixed" if v == 0 else "wrist"
+                    ax.set_title(f"chunk {c} {cam}", fontsize=7)
+            if c_i == 0:
+                label = "unpruned" if rec.method == "none" else f"{rec.method}@{rec.keep_ratio}"
+                axes[r_i][0].set_ylabel(label, fontsize=7)
+    fig.suptitle(
+        f"{name}: kept visual patches over both cameras (dimmed: pruned after layer K; "
+        "the first chunks of an episode are VLA-Pruner's warm-up)",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    path = out / f"kept_patches_{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="vla-pruner bench metaworld-oft", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--models",
+        type=Path,
+        nargs="+",
+        default=[OFT_MODEL],
+        help=f"checkpoints, OFT or AR (e.g. {OFT_MODEL.name} {AR_MODEL.name}); one table",
+    )
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/metaworld-oft"))
+    p.add_argument(
+        "--methods", nargs="+", default=None, help="pruners (default: the whole registry)"
+    )
+    p.add_argument("--keep", type=float, nargs="+", default=list(KEEPS))
+    p.add_argument("--tasks", nargs="+", default=None, help="default: the seven tasks")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per task")
+    p.add_argument(
+        "--goals",
+        choices=sorted(GOAL_NAMES),
+        default="heldout",
+        help="report on held-out goals, choose settings on validation goals",
+    )
+    p.add_argument(
+        "--execute-steps",
+        type=int,
+        default=DEFAULT_EXECUTE_STEPS,
+        help="OFT: chunk rows executed before asking again, 1..chunk",
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="episode cap (default 200)")
+    a = p.parse_args(argv)
+    unknown = sorted(set(a.methods or []) - set(registry_pruners()))
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; the registry: {registry_pruners()}")
+    for m in a.models:
+        if not (m / "config.json").is_file():
+            p.error(f"--models: no checkpoint at {m}")
+    evaluate_policies(
+        a.models,
+        a.out,
+        a.methods or registry_pruners(),
+        a.keep,
+        a.tasks,
+        a.episodes,
+        execute_steps=a.execute_steps,
+        goals=a.goals,
+        max_steps=a.max_steps,
+    )
+    return 0
