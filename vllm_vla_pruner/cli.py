@@ -170,8 +170,9 @@ def _bench_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _demo_configure(p: argparse.ArgumentParser) -> None:
     p.epilog = (
-        "Options after `demo` go to the demo itself: --model DIR, --out DIR, --episodes N, "
-        "--tasks T [T ...], --keep RATIO; --verbose also shows vLLM's own log lines."
+        "Options after `demo` go to the demo itself: --policy oft|ar, --model DIR, --out DIR, "
+        "--episodes N, --tasks T [T ...], --keep RATIO, --execute-steps K, --no-bench, "
+        "--bench-repeats N; --verbose also shows vLLM's own log lines."
     )
 
 
@@ -182,7 +183,7 @@ def _demo_run(args: argparse.Namespace, extra: list[str]) -> int:
     else:  # before vLLM is imported, here or in the engine's processes
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # third-party deprecation noise
-    from vllm_vla_pruner.research.sim.benchmark import demo
+    from vllm_vla_pruner.research.sim.demo import demo
 
     return demo(argv)
 
@@ -233,7 +234,8 @@ SUBCOMMANDS: list[Subcommand] = [
     ),
     Subcommand(
         "demo",
-        "closed-loop Meta-World run of the embedded model, unpruned vs VLA-Pruner",
+        "closed-loop Meta-World run of the embedded OFT policy, unpruned vs VLA-Pruner, "
+        "and a short bench at OFT-7B's token layout",
         _demo_configure,
         _demo_run,
         passthrough=True,

@@ -288,9 +288,12 @@ def run_oft(
     methods: tuple[str, ...] = ("vlapruner", "fastv"),
     repeats: int = 3,
     ar_model: str | Path | None = None,
+    progress: bool = True,
+    print_table: bool = True,
 ) -> dict[str, Any]:
     """Whole-chunk time pruned vs unpruned on an OFT checkpoint (interleaved, medians), then
-    the unpruned AR ``bench`` model's time per action on a second engine for comparison."""
+    the unpruned AR ``bench`` model's time per action on a second engine for comparison.
+    ``progress`` / ``print_table``: off when a caller (``vla-pruner demo``) summarises."""
     from vllm import SamplingParams
 
     from vllm_vla_pruner.actions import ActionDecoder
@@ -340,7 +343,11 @@ def run_oft(
         return wall, select, kept, history
 
     results: list[dict[str, Any]] = []
-    bar = tqdm(total=len(batch_sizes) * len(configs) * (repeats + 1), desc="bench engine oft")
+    bar = tqdm(
+        total=len(batch_sizes) * len(configs) * (repeats + 1),
+        desc="bench engine oft",
+        disable=not progress,
+    )
     for batch in batch_sizes:
         sessions = {c: [f"oft-{next(session_seq)}" for _ in range(batch)] for c in configs}
         # Warm-up: VLA-Pruner's sessions run their `window` unpruned frames and one pruned
@@ -411,7 +418,8 @@ def run_oft(
     (out_dir / "engine-oft.json").write_text(json.dumps(out, indent=2))
     table = markdown_oft(out)
     (out_dir / "engine-oft.md").write_text(table)
-    print(table)
+    if print_table:
+        print(table)
     return out
 
 

@@ -7,7 +7,8 @@ intervals for each pruner and keep ratio, action fidelity (token agreement with 
 policy, replayed on the unpruned trajectory's frames), and engine time per step; writes a
 markdown table, JSON, a success-vs-keep plot and images of the kept patches per pruner.
 
-``vla-pruner bench metaworld`` runs the full evaluation; ``vla-pruner demo`` a short one.
+``vla-pruner bench metaworld`` runs the full evaluation; ``vla-pruner demo --policy ar`` a
+short one (through ``chunk_benchmark``, which runs AR checkpoints with this module).
 """
 
 from __future__ import annotations
@@ -492,33 +493,5 @@ def main(argv: list[str] | None = None) -> int:
         layer=a.layer,
         action_layer=a.action_layer,
         goals=a.goals,
-    )
-    return 0
-
-
-def demo(argv: list[str] | None = None) -> int:
-    """The README's main job: a short closed-loop run, unpruned vs VLA-Pruner at keep 0.25."""
-    p = argparse.ArgumentParser(prog="vla-pruner demo", description=demo.__doc__)
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--episodes", type=int, default=3, help="held-out episodes per task")
-    p.add_argument("--tasks", nargs="+", default=None)
-    p.add_argument("--keep", type=float, default=0.25)
-    a = p.parse_args(argv)
-    res = evaluate_pruners(
-        a.model, a.out, ["vlapruner"], [a.keep], a.tasks, a.episodes, with_fidelity=False
-    )
-    base, pruned = res["summary"][0], res["summary"][1]
-    print(
-        f"\nunpruned success {base['success']:.0%}, VLA-Pruner @ keep {a.keep}: "
-        f"{pruned['success']:.0%} ({pruned['relative_success'] or 0:.0%} of unpruned); "
-        f"engine time per step {base['engine_ms_per_step']:.1f} ms -> "
-        f"{pruned['engine_ms_per_step']:.1f} ms ({pruned['speedup_vs_unpruned']:.2f}x, same run)"
-    )
-    print(f"plot: {res['plot']}\nkept patches: {res['overlays']}\ntable: {a.out / 'metaworld.md'}")
-    print(
-        "note: this 4-layer policy has little compute after the pruning layer, so its step time "
-        "is overhead-bound; `vla-pruner bench engine` measures the speedup on OpenVLA's layout "
-        "(256 visual tokens, 32 layers)."
     )
     return 0

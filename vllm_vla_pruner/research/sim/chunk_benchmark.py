@@ -578,8 +578,8 @@ def save_chunk_overlays(
                 label = "unpruned" if rec.method == "none" else f"{rec.method}@{rec.keep_ratio}"
                 axes[r_i][0].set_ylabel(label, fontsize=7)
     fig.suptitle(
-        f"{name}: kept visual patches over both cameras (dimmed: pruned after layer K; "
-        "the first chunks of an episode are VLA-Pruner's warm-up)",
+        f"{name}: kept patches, both cameras, one budget\n(dimmed: pruned after layer K; "
+        "an episode's first chunks are the warm-up)",
         fontsize=8,
     )
     fig.tight_layout()
