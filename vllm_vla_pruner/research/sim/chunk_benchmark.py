@@ -76,9 +76,12 @@ class ChunkRunRecord:
     visual_kept: int = 0  # summed over pruned requests (worker-reported)
     visual_total: int = 0
     chunk_shapes: set[tuple[int, int]] = field(default_factory=set)
-    # Episode 0 only (for the kept-patch figure): each chunk request's views and id.
+    # Episode 0 only (kept-patch figure, tests): each chunk request's views, id and chunk.
     views: list[tuple[np.ndarray, ...]] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
+    chunks: list[np.ndarray] = field(default_factory=list)
+    action_min: np.ndarray | None = None  # per action dimension, over every chunk returned
+    action_max: np.ndarray | None = None
 
 
 class ChunkEnginePolicy:
@@ -151,6 +154,12 @@ class ChunkEnginePolicy:
                 raise RuntimeError(f"{self.method}@{self.keep_ratio}: no chunk: {chunk}")
             arr = np.asarray(chunk.rows(), np.float32)
             self.rec.chunk_shapes.add(arr.shape)
+            if not np.isfinite(arr).all():  # never executed: a model or engine bug
+                raise RuntimeError(f"{self.method}@{self.keep_ratio}: non-finite chunk {arr}")
+            lo, hi = arr.min(0), arr.max(0)
+            r = self.rec
+            r.action_min = lo if r.action_min is None else np.minimum(r.action_min, lo)
+            r.action_max = hi if r.action_max is None else np.maximum(r.action_max, hi)
             chunks.append(arr)
             res = PruningResult.from_public(o.kv_transfer_params)
             if res is not None and res.outcome is not None and res.outcome.pruned:
@@ -177,6 +186,7 @@ class ChunkEnginePolicy:
                 if e == self.record_episode:
                     self.rec.views.append(tuple(views))
                     self.rec.request_ids.append(out.request_id)
+                    self.rec.chunks.append(chunk)
         return np.stack([self.queues[e].pop(0) for e in batch.episodes])
 
 
@@ -240,7 +250,15 @@ def _summary_row(
         "pruned_requests": pruned,
         "visual_tokens_total": visual_total,
         "visual_tokens_kept_mean": kept_mean,
+        "chunk_shapes": [list(s) for s in sorted(getattr(rec, "chunk_shapes", ()))],
+        "action_range": _range(rec),
     }
+
+
+def _range(rec: Any) -> list[list[float]] | None:
+    """[min, max] per action dimension over every chunk the engine returned (OFT)."""
+    lo, hi = getattr(rec, "action_min", None), getattr(rec, "action_max", None)
+    return None if lo is None else [[float(a), float(b)] for a, b in zip(lo, hi)]
 
 
 def _compare(rows: list[dict[str, Any]], results: list[Any]) -> None:
