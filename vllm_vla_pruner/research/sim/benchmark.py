@@ -165,12 +165,18 @@ def fidelity(policy: EnginePolicy, reference: RunRecord) -> float:
     return agree / max(1, total)
 
 
-def start_engine(model_dir: Path, num_episodes: int, pruning: dict[str, Any]) -> Any:
-    """An engine sized for a lockstep roll-out (at most ``MAX_PARALLEL`` episodes per call)."""
+def start_engine(
+    model_dir: Path, num_episodes: int, pruning: dict[str, Any], **engine_args: Any
+) -> Any:
+    """An engine sized for a lockstep roll-out (at most ``MAX_PARALLEL`` episodes per call);
+    ``engine_args``: further ``vllm.LLM`` keywords."""
     from vllm_vla_pruner.engine.local import make_llm
 
     return make_llm(
-        model_dir, max_num_seqs=max(16, min(MAX_PARALLEL, num_episodes)), pruning=pruning
+        model_dir,
+        max_num_seqs=max(16, min(MAX_PARALLEL, num_episodes)),
+        pruning=pruning,
+        **engine_args,
     )
 
 

@@ -301,9 +301,14 @@ def evaluate_oft(
     layers = cfg["text_config"]["num_hidden_layers"]
     pruning = {"layer": settings.layer, "action_layer": settings.action_layer_for(layers)}
     _set_trace(trace_path)
-    llm = start_engine(model_dir, len(tasks) * episodes_per_task, pruning)
+    llm = _start(model_dir, len(tasks) * episodes_per_task, pruning)
     rows, records = [], []
     try:
+        warm = ChunkEnginePolicy(llm, model_dir, "none", 1.0, "warmup", execute_steps)
+        side, n = image_size(cfg), min(MAX_PARALLEL, len(tasks) * episodes_per_task)
+        views = [np.zeros((side, side, 3), np.uint8)] * warm.spec.num_images
+        state = [0.0] * warm.spec.proprio_dim
+        _warm_up(llm, [warm.request(views, state, "warm up", e, True) for e in range(n)])
         for i, (method, keep) in enumerate(configs):
             policy = ChunkEnginePolicy(llm, model_dir, method, keep, f"oft{i}", execute_steps)
             rec = run_chunked(
@@ -339,9 +344,13 @@ def evaluate_ar(
     layers = cfg["text_config"]["num_hidden_layers"]
     pruning = {"layer": settings.layer, "action_layer": settings.action_layer_for(layers)}
     _set_trace(trace_path)
-    llm = start_engine(model_dir, len(tasks) * episodes_per_task, pruning)
+    llm = _start(model_dir, len(tasks) * episodes_per_task, pruning)
     rows, records = [], []
     try:
+        warm = EnginePolicy(llm, model_dir, "none", 1.0, tag="warmup")
+        side, n = image_size(cfg), min(MAX_PARALLEL, len(tasks) * episodes_per_task)
+        frame = np.zeros((side, side, 3), np.uint8)
+        _warm_up(llm, [warm.request(frame, "warm up", e, True) for e in range(n)])
         for i, (method, keep) in enumerate(configs):
             policy = EnginePolicy(llm, model_dir, method, keep, tag=f"ar{i}")
             rec = run_closed_loop(
@@ -361,6 +370,18 @@ def evaluate_ar(
     _compare(rows, [r.result for r in records])
     meta = {**pruning, "semantic_rows": settings.semantic_rows, "window": settings.window}
     return rows, records, meta
+
+
+def _start(model_dir: Path, episodes: int, pruning: dict[str, Any]) -> Any:
+    """``sim.benchmark``'s engine without the weight-loading bar (the roll-out has its own)."""
+    return start_engine(model_dir, episodes, pruning, use_tqdm_on_load=False)
+
+
+def _warm_up(llm: Any, reqs: Sequence[EngineRequest]) -> None:
+    """One untimed batch first: a fresh engine's first steps are slow (allocations, lazy
+    inits), which would otherwise be billed to the first (unpruned) configuration."""
+    for _ in range(2):
+        llm.generate([r.prompt for r in reqs], [r.params for r in reqs], use_tqdm=False)
 
 
 def _set_trace(path: Path | None) -> None:
