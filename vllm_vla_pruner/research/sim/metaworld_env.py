@@ -71,6 +71,10 @@ class CameraSpec:
 
 
 DEFAULT_CAMERA = CameraSpec()
+# The wrist view of the OFT-style policy: Meta-World's camera fixed to the gripper, looking
+# ahead and down past the fingers (the target object fills the view as the hand approaches).
+WRIST_CAMERA = "gripperPOV"
+PROPRIO_DIM = 4  # hand xyz + gripper opening (the first four entries of Meta-World's obs)
 
 
 def _preload_llvm_users() -> None:
@@ -164,15 +168,25 @@ class MetaWorldTask:
         self.steps = 0
         return self.obs
 
-    def render(self) -> np.ndarray:
-        """The current frame, uint8 ``(image_size, image_size, 3)``."""
-        self.renderer.update_scene(self.env.data, camera=self.camera)
+    def render(self, camera: str | None = None) -> np.ndarray:
+        """The current frame, uint8 ``(image_size, image_size, 3)``, from the fixed camera or
+        the named MuJoCo camera (e.g. :data:`WRIST_CAMERA`)."""
+        self.renderer.update_scene(self.env.data, camera=self.camera if camera is None else camera)
         img = self.renderer.render()
         s = self.supersample
         if s > 1:
             h = self.image_size
             img = img.reshape(h, s, h, s, 3).mean(axis=(1, 3)).round().astype(np.uint8)
         return np.ascontiguousarray(img)
+
+    def render_views(self) -> tuple[np.ndarray, np.ndarray]:
+        """(fixed camera, wrist camera) frames: the OFT-style policy's two views, in order."""
+        return self.render(), self.render(WRIST_CAMERA)
+
+    def proprio(self) -> np.ndarray:
+        """The robot state the OFT-style policy reads: hand xyz and gripper opening."""
+        assert self.obs is not None, "reset() first"
+        return np.asarray(self.obs[:PROPRIO_DIM], np.float32)
 
     def expert_action(self, obs: np.ndarray | None = None) -> np.ndarray:
         """The scripted expert's action for ``obs`` (default: the current state), clipped."""
