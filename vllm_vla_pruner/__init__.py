@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 SUPPORTED_RUNNERS: tuple[str, ...] = ("v1",)
 MODEL_ARCH = "OpenVLAForActionPrediction"
 OFT_ARCH = "OpenVLAOFTForActionPrediction"
+PI0_ARCH = "Pi0ForActionPrediction"
 _registered = False
 
 
@@ -27,6 +28,8 @@ def register() -> None:
     ModelRegistry.register_model(MODEL_ARCH, "vllm_vla_pruner.openvla:OpenVLAForActionPrediction")
     # OpenVLA-OFT (published configs name MODEL_ARCH: select it with hf_overrides).
     ModelRegistry.register_model(OFT_ARCH, "vllm_vla_pruner.oft:OpenVLAOFTForActionPrediction")
+    # pi0-style flow matching (its config.json names this architecture).
+    ModelRegistry.register_model(PI0_ARCH, "vllm_vla_pruner.pi0:Pi0ForActionPrediction")
     from vllm_vla_pruner.patches import apply_all
 
     apply_all()

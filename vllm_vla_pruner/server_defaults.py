@@ -113,7 +113,11 @@ def prompt_budget(config: Mapping[str, Any], oft: OftSpec | None = None) -> int:
     ACTION_DIM x CHUNK placeholders + stop token instead of the action tokens.
     """
     from vllm_vla_pruner.config import num_visual_tokens
+    from vllm_vla_pruner.pi0_spec import is_pi0_config, spec_from_config
 
+    if is_pi0_config(config):  # pi0: every camera's tokens and the language slots, no action
+        pi0 = spec_from_config(config)
+        return pi0.num_cameras * num_visual_tokens(config) + pi0.max_token_len
     if oft is not None:
         proprio = 1 if oft.proprio_dim else 0
         views = oft.num_images * num_visual_tokens(config)
@@ -265,6 +269,18 @@ def engine_defaults(
             "the CPU default of 128 hides per-request KV savings on short prompts",
         )
     )
+    from vllm_vla_pruner.pi0_spec import is_pi0_config, spec_from_config
+
+    if config is not None and is_pi0_config(config):
+        cameras = spec_from_config(config).num_cameras
+        rows.append(
+            EngineDefault(
+                "limit_mm_per_prompt",
+                {"image": cameras},
+                f"one image per present camera: this pi0 checkpoint has {cameras} slots",
+            )
+        )
+        return rows
     if oft is None:
         rows.append(
             EngineDefault(

@@ -73,10 +73,11 @@ def layer_with_blocks(
     hidden: torch.Tensor,
     residual: torch.Tensor | None,
     blocks: list[ActionBlock],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One vLLM Llama decoder layer whose action blocks attend bidirectionally.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One vLLM decoder layer (Llama, Gemma) whose action blocks attend bidirectionally.
 
-    Returns (hidden, residual, q, k) with q/k post-RoPE copies (for attention scores)."""
+    Returns (hidden, residual, q, k, v) with q/k post-RoPE copies (for attention scores) and
+    v (for models that reuse the layer's K/V outside the kernel, pi0's action expert)."""
     if residual is None:
         residual = hidden
         x = layer.input_layernorm(hidden)
@@ -97,4 +98,4 @@ def layer_with_blocks(
             )
     out, _ = attn.o_proj(out)
     x, residual = layer.post_attention_layernorm(out, residual)
-    return layer.mlp(x), residual, q_copy, k_copy
+    return layer.mlp(x), residual, q_copy, k_copy, v_copy

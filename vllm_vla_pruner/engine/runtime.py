@@ -29,6 +29,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,10 @@ from vllm_vla_pruner.pruning import (
 )
 
 PAD_SLOT_ID = -1
+#: ``kv_sink(layer, blocks, k, v)``: after each decoder layer of a step with action blocks,
+#: the blocks in that layer's (possibly compacted) row layout and the layer's post-RoPE K and
+#: V rows (pi0's action expert attends to them).
+KVSink = Callable[[int, list[ActionBlock], torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -92,6 +97,7 @@ class _Req:
     recomputed: bool = False  # preempted and re-prefilled with its generated tokens
     prompt_len: int = 0  # rows of this step that are the prompt (prefills)
     block: int = 0  # parallel decoding: the prefill's last rows that attend bidirectionally
+    whole_block: bool = False  # prefix-LM models: every row of the prefill is bidirectional
     row: int = 0  # row offset in the current (possibly compacted) layout
     rows_now: int = 0
 
@@ -140,6 +146,11 @@ class PrunedDecoder:
         self.kv_blocks_log: deque[tuple[str, list[int]]] = deque(maxlen=4096)
         self._trace_path = os.environ.get("VLA_PRUNER_TRACE")
         self.channel = StepChannel()
+        # Prefix-LM models (pi0): a prefill is one bidirectional block of prompt rows, and the
+        # action rows live outside the LM; the model reports their attention itself
+        # (``record_action_scores``), so the decoder tracks no LM action rows.
+        self.prefix_lm = False
+        self.kept_now: dict[str, torch.Tensor] = {}  # this step's kept visual ids per request
         if self.settings.separate_kv_group:
             self._use_pruned_kv_spec(model)
 
@@ -165,24 +176,35 @@ class PrunedDecoder:
         embeds: torch.Tensor,
         positions: torch.Tensor,
         blocks: list[ActionBlock] | None = None,
+        kv_sink: KVSink | None = None,
     ) -> torch.Tensor:
         """The decoder stack; ``blocks``: rows that attend bidirectionally (parallel-decoding
-        models' action rows, in the runner's row order)."""
+        models' action rows, prefix-LM models' whole prompts; in the runner's row order);
+        ``kv_sink`` receives every layer's K/V of those blocks."""
         lm = self.model.language_model.model
         ctx = self.channel.current
+        self.kept_now = {}
         if ctx is None or not any(r.plan for r in ctx.requests):
             if blocks:
-                return self._plain_blocks(lm, embeds, positions, blocks)
+                return self._plain_blocks(lm, embeds, positions, blocks, kv_sink)
             return self._plain(lm, embeds, positions)
-        return self._pruned(lm, ctx, embeds, positions, blocks or [])
+        return self._pruned(lm, ctx, embeds, positions, blocks or [], kv_sink)
 
     @staticmethod
     def _plain_blocks(
-        lm: Any, hidden: torch.Tensor, positions: torch.Tensor, blocks: list[ActionBlock]
+        lm: Any,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        blocks: list[ActionBlock],
+        kv_sink: KVSink | None = None,
     ) -> torch.Tensor:
         residual = None
-        for layer in lm.layers:
-            hidden, residual, _, _ = layer_with_blocks(layer, positions, hidden, residual, blocks)
+        for i, layer in enumerate(lm.layers):
+            hidden, residual, _, k, v = layer_with_blocks(
+                layer, positions, hidden, residual, blocks
+            )
+            if kv_sink is not None:
+                kv_sink(i, blocks, k, v)
         hidden, _ = lm.norm(hidden, residual)
         return hidden
 
@@ -242,11 +264,14 @@ class PrunedDecoder:
         embeds: torch.Tensor,
         positions: torch.Tensor,
         blocks: list[ActionBlock],
+        kv_sink: KVSink | None = None,
     ) -> torch.Tensor:
         reqs = self._describe(ctx)
         by_start = {b.start: b.end - b.block_start for b in blocks}
         for r in reqs:
             r.block = by_start.get(r.q_start, 0) if r.num_computed == 0 else 0
+            if self.prefix_lm:  # the block is the prompt itself, not action rows after it
+                r.whole_block, r.block = r.block > 0, 0
         for r in reqs:
             self._start_tracking(r)
         any_prune = any(r.prune_now for r in reqs)
@@ -264,7 +289,9 @@ class PrunedDecoder:
             capture_act = i == self.action_layer and bool(tracked)
             now = self._blocks_now(reqs) if blocks else []
             if now:
-                hidden, residual, q, k = layer_with_blocks(layer, pos, hidden, residual, now)
+                hidden, residual, q, k, v = layer_with_blocks(layer, pos, hidden, residual, now)
+                if kv_sink is not None:
+                    kv_sink(i, now, k, v)
                 if capture_sem:
                     self._select(reqs, q, k, embeds)
                 if capture_act:
@@ -289,9 +316,13 @@ class PrunedDecoder:
         """Each action block in the current (possibly compacted) row layout: the last rows of
         its request."""
         return [
-            ActionBlock(r.row, r.row + r.rows_now - r.block, r.row + r.rows_now)
+            ActionBlock(
+                r.row,
+                r.row if r.whole_block else r.row + r.rows_now - r.block,
+                r.row + r.rows_now,
+            )
             for r in reqs
-            if r.block
+            if r.block or r.whole_block
         ]
 
     def _layer_with_qk(self, layer: Any, pos: torch.Tensor, hidden: torch.Tensor, residual):
@@ -332,12 +363,16 @@ class PrunedDecoder:
             if plan.track_actions and plan.session:
                 estimate = self.history.estimate(plan.session)
             r.had_history = estimate is not None
+            rows_g, cols_g = self.grid
+            # Views stacked vertically; a request with fewer views (pi0's masked cameras) has
+            # fewer grid rows.
+            grid = self.grid if rows_g * cols_g == m or m % cols_g else (m // cols_g, cols_g)
             fields = dict(
                 visual_start=vs,
                 num_visual=m,
                 embeddings=embeds[r.row + vs : r.row + vs + m].float(),
                 action_estimate=estimate,
-                grid_shape=self.grid,
+                grid_shape=grid,
                 seed=plan.seed,
                 semantic_rows=self.settings.semantic_rows,
                 text_start=vs + m,
@@ -348,6 +383,7 @@ class PrunedDecoder:
             targets.append(r)
         for r, kept in zip(targets, select_from_qk(requests)):
             r.kept = kept
+            self.kept_now[r.req_id] = kept
         self.stats.select_seconds += time.perf_counter() - t0
         self.stats.steps_pruned += 1
         for r in targets:
@@ -475,6 +511,8 @@ class PrunedDecoder:
             self.history.reset(plan.session)
         if plan.warmup:
             self.stats.warmup_frames += 1
+        if self.prefix_lm:
+            return  # the model reports its action rows' attention (record_action_scores)
         self.tracks[r.req_id] = _ActionTrack(
             block=r.block,
             session=plan.session,
@@ -531,6 +569,12 @@ class PrunedDecoder:
             self.history.push(track.session, scores)
             self.stats.actions_recorded += 1
         track.keys, track.queries = [], []
+
+    def record_action_scores(self, session: str, scores: torch.Tensor) -> None:
+        """A prefix-LM model's frame action signal (original visual ids) into the history."""
+        with self._lock:
+            self.history.push(session, scores)
+            self.stats.actions_recorded += 1
 
     def _report(self, r: _Req, outcome: PruneOutcome) -> None:
         self.channel.report(r.req_id, outcome)

@@ -23,6 +23,12 @@ KEY_NEW_EPISODE = "vla_new_episode"
 KEY_SESSION = "vla_session_id"  # fallback when the client cannot set vLLM's session_id
 KEY_PLAN = "vla_plan"  # written by the scheduler hook, read by the worker; never by clients
 REQUEST_KEYS = (KEY_METHOD, KEY_KEEP_RATIO, KEY_NEW_EPISODE, KEY_SESSION)
+# Flow-matching models (pi0): the seed of the request's starting noise (a chunk is
+# reproducible with it) and the number of Euler steps (default: the checkpoint's).
+KEY_NOISE_SEED = "vla_noise_seed"
+KEY_NUM_STEPS = "vla_num_steps"
+FLOW_KEYS = (KEY_NOISE_SEED, KEY_NUM_STEPS)
+MAX_FLOW_STEPS = 1000
 #: Longest accepted session id (``vla_session_id``, the body's ``session_id``, X-Session-ID).
 MAX_SESSION_ID_CHARS = 256
 
@@ -133,12 +139,30 @@ def validate_session_id(value: Any, field: str = KEY_SESSION) -> str:
     return value
 
 
+def validate_noise_seed(value: Any, field: str = KEY_NOISE_SEED) -> int:
+    """A JSON integer in [0, 2**63): the seed of a flow-matching request's starting noise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidPruningSetting(field, f"must be an integer in [0, 2**63), got {value!r}")
+    return value
+
+
+def validate_num_steps(value: Any, field: str = KEY_NUM_STEPS) -> int:
+    """Euler steps of a flow-matching request: an integer in [1, MAX_FLOW_STEPS]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FLOW_STEPS:
+        raise InvalidPruningSetting(
+            field, f"must be an integer in [1, {MAX_FLOW_STEPS}], got {value!r}"
+        )
+    return value
+
+
 #: Each per-request key and its check.
 REQUEST_VALIDATORS: dict[str, Callable[[Any], Any]] = {
     KEY_METHOD: validate_method,
     KEY_KEEP_RATIO: validate_keep_ratio,
     KEY_NEW_EPISODE: validate_new_episode,
     KEY_SESSION: validate_session_id,
+    KEY_NOISE_SEED: validate_noise_seed,
+    KEY_NUM_STEPS: validate_num_steps,
 }
 
 

@@ -25,6 +25,9 @@ class StepRequest:
     max_tokens: int
     num_prompt_tokens: int  # a (re)prefill with more rows than this is a recompute
     state: tuple[float, ...] | None = None  # robot state for parallel-decoding models (OFT)
+    noise_seed: int | None = None  # flow-matching models (pi0): the starting noise's seed
+    num_steps: int | None = None  # flow-matching models: Euler steps (None: the checkpoint's)
+    invalid: str | None = None  # a per-request setting that failed its check (never guessed)
 
 
 @dataclass

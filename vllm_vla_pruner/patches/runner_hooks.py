@@ -23,7 +23,14 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_vla_pruner.engine.plan import CHUNKS_ATTR, KEY_STATE, OUTCOMES_ATTR, PruningPlan
-from vllm_vla_pruner.engine.settings import KEY_PLAN
+from vllm_vla_pruner.engine.settings import (
+    KEY_NOISE_SEED,
+    KEY_NUM_STEPS,
+    KEY_PLAN,
+    InvalidPruningSetting,
+    validate_noise_seed,
+    validate_num_steps,
+)
 from vllm_vla_pruner.engine.step import StepChannel, StepContext, StepRequest
 
 
@@ -63,6 +70,7 @@ def _step_requests(runner: Any) -> list[StepRequest]:
         params = getattr(state, "sampling_params", None)
         extra = (params.extra_args or {}) if params is not None else {}
         wire = extra.get(KEY_PLAN)
+        seed, steps, invalid = _flow_settings(extra, params)
         out.append(
             StepRequest(
                 req_id=req_id,
@@ -70,9 +78,28 @@ def _step_requests(runner: Any) -> list[StepRequest]:
                 max_tokens=(params.max_tokens or 0) if params is not None else 0,
                 num_prompt_tokens=getattr(state, "num_prompt_tokens", 0) or 0,
                 state=_robot_state(extra.get(KEY_STATE)),
+                noise_seed=seed,
+                num_steps=steps,
+                invalid=invalid,
             )
         )
     return out
+
+
+def _flow_settings(extra: dict, params: Any) -> tuple[int | None, int | None, str | None]:
+    """(noise seed, Euler steps, error) of a flow-matching request; the noise seed falls back
+    to ``SamplingParams.seed``. Checked again here: a request that skipped the API's checks
+    fails alone instead of running with guessed settings."""
+    try:
+        seed = extra.get(KEY_NOISE_SEED, getattr(params, "seed", None))
+        steps = extra.get(KEY_NUM_STEPS)
+        return (
+            None if seed is None else validate_noise_seed(seed),
+            None if steps is None else validate_num_steps(steps),
+            None,
+        )
+    except InvalidPruningSetting as exc:
+        return None, None, str(exc)
 
 
 def _robot_state(raw: Any) -> tuple[float, ...] | None:

@@ -151,7 +151,9 @@ _COMMON_DEFAULTS: dict[str, Any] = {
 
 
 def preset_names() -> list[str]:
-    return sorted(PRESETS)
+    from vllm_vla_pruner.research.checkpoint_pi0 import PI0_PRESETS
+
+    return sorted([*PRESETS, *PI0_PRESETS])
 
 
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
@@ -677,6 +679,10 @@ def build_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, **override
     ``action_head--<step>_checkpoint.pt``, ``proprio_projector--<step>_checkpoint.pt`` and
     ``dataset_statistics.json``. Same preset, overrides and seed give identical tensors.
     """
+    from vllm_vla_pruner.research.checkpoint_pi0 import PI0_PRESETS, build_pi0_checkpoint
+
+    if preset in PI0_PRESETS:  # openpi's PyTorch layout (research/checkpoint_pi0.py)
+        return build_pi0_checkpoint(preset, out_dir, seed, **overrides)
     params = preset_config(preset, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

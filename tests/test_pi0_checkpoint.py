@@ -1,0 +1,127 @@
+"""pi0 checkpoint presets (openpi's PyTorch weight names) and the plain-PyTorch oracle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vllm_vla_pruner.pi0_spec import (
+    Pi0Spec,
+    engine_positions,
+    is_pi0_checkpoint,
+    pi0_noise,
+    pi0_spec,
+    spec_from_config,
+)
+from vllm_vla_pruner.research.checkpoint import build_checkpoint, preset_names
+from vllm_vla_pruner.research.checkpoint_pi0 import build_pi0_config, pi0_preset_config
+from vllm_vla_pruner.server_defaults import prompt_budget
+
+STATE = [0.1, -0.2, 0.05, 0.3, -0.1, 0.0, 0.2, -0.3]
+
+
+@pytest.fixture(scope="module")
+def pi0_dir(tmp_path_factory):
+    return build_checkpoint("tiny-pi0", tmp_path_factory.mktemp("tiny_pi0"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def ref(pi0_dir):
+    from vllm_vla_pruner.research.reference_pi0 import ReferencePi0
+
+    return ReferencePi0.from_pretrained(pi0_dir)
+
+
+def test_presets_listed():
+    assert {"tiny-pi0", "bench-pi0"} <= set(preset_names())
+
+
+def test_layout_follows_openpi_names(pi0_dir):
+    files = {p.name for p in pi0_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "assets"} <= files
+    assert (pi0_dir / "assets" / "vla_pruner_robot" / "norm_stats.json").is_file()
+    names = set(load_file(str(pi0_dir / "model.safetensors")))
+    prefixes = (
+        "paligemma_with_expert.paligemma.model.vision_tower.vision_model.",
+        "paligemma_with_expert.paligemma.model.multi_modal_projector.linear.",
+        "paligemma_with_expert.paligemma.model.language_model.",
+        "paligemma_with_expert.gemma_expert.model.",
+        "state_proj.",
+        "action_in_proj.",
+        "action_time_mlp_in.",
+        "action_time_mlp_out.",
+        "action_out_proj.",
+    )
+    assert all(n.startswith(prefixes) for n in names), sorted(names)[:5]
+    for prefix in prefixes:
+        assert any(n.startswith(prefix) for n in names), prefix
+    lm = "paligemma_with_expert.paligemma.model.language_model.layers.5."
+    expert = "paligemma_with_expert.gemma_expert.model.layers.5."
+    for part in ("self_attn.q_proj.weight", "mlp.gate_proj.weight", "input_layernorm.weight"):
+        assert lm + part in names and expert + part in names
+    config = json.loads((pi0_dir / "config.json").read_text())
+    # openpi's convert script writes these keys; ours add the shapes of reduced variants.
+    assert {"action_dim", "action_horizon", "paligemma_variant", "action_expert_variant"} <= set(
+        config["pi0"]
+    )
+    assert config["architectures"] == ["Pi0ForActionPrediction"] and is_pi0_checkpoint(pi0_dir)
+    spec = pi0_spec(pi0_dir)
+    assert isinstance(spec, Pi0Spec) and spec.num_cameras == 3 and spec.action_dim == 32
+
+
+def test_bench_preset_is_pi0s_token_layout():
+    config = build_pi0_config(pi0_preset_config("bench-pi0"))
+    spec = spec_from_config(config)
+    assert (spec.num_cameras, spec.max_token_len, spec.horizon) == (3, 48, 50)
+    assert config["text_config"]["num_hidden_layers"] == 18
+    assert config["image_sizes"] == [224] and config["vision_towers"][0]["patch_size"] == 14
+    assert prompt_budget(config) == 3 * 256 + 48
+
+
+def test_pi05_refused():
+    config = build_pi0_config(pi0_preset_config("tiny-pi0"))
+    config["pi0"]["pi05"] = True
+    with pytest.raises(ValueError, match="pi0.5"):
+        spec_from_config(config)
+
+
+def test_engine_positions_are_pi0_order():
+    pos = engine_positions(2, 4, 12)  # [BOS, 8 visual, 3 text]
+    assert pos.tolist() == [8, 0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11]
+
+
+def _inputs(ref, mask=(True, True, True), state=STATE, ids=(1, 300, 400, 13)):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=g) * 2 - 1 for _ in range(3)]
+    images = [im if m else None for im, m in zip(images, mask)]
+    return ref.build_inputs(images, list(mask), list(ids), state)
+
+
+def test_oracle_depends_on_noise_state_steps_and_cameras(ref):
+    noise = pi0_noise(0, ref.spec.horizon, ref.spec.action_dim)
+    base = ref.sample(_inputs(ref), noise).normalized
+    assert base.shape == (ref.spec.horizon, ref.spec.action_dim) and torch.isfinite(base).all()
+    others = [
+        ref.sample(_inputs(ref), pi0_noise(1, ref.spec.horizon, 32)).normalized,
+        ref.sample(_inputs(ref, state=[0.0] * 8), noise).normalized,
+        ref.sample(_inputs(ref), noise, num_steps=3).normalized,
+        ref.sample(_inputs(ref, mask=(True, False, True)), noise).normalized,
+    ]
+    for other in others:
+        assert (other - base).abs().max() > 1e-3
+
+
+def test_oracle_keep_all_equals_unpruned_and_pruning_changes(ref):
+    noise = pi0_noise(2, ref.spec.horizon, ref.spec.action_dim)
+    inputs = _inputs(ref)
+    base = ref.sample(inputs, noise, return_attn_layers=[3])
+    m = inputs.num_visual_slots
+    keep_all = ref.sample(inputs, noise, keep_visual=torch.arange(m), prune_layer=3)
+    assert torch.allclose(keep_all.normalized, base.normalized, atol=1e-5)
+    half = ref.sample(inputs, noise, keep_visual=torch.arange(0, m, 2), prune_layer=3)
+    assert (half.normalized - base.normalized).abs().max() > 1e-4
+    scores = ref.action_scores(base, 3, m)
+    assert scores.shape == (m,) and 0.0 < float(scores.sum()) < 1.0

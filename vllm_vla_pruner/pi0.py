@@ -1,0 +1,579 @@
+"""pi0-style flow-matching VLAs in vLLM: the prefix in the paged KV cache, the action expert's
+denoising loop batched over the step's requests, inside one engine forward.
+
+Checkpoint layout: :mod:`vllm_vla_pruner.pi0_spec` (openpi's PyTorch weight names).
+
+A request's prompt is ``BOS + text + "\\n"`` with one image per present camera (vLLM's image
+processing puts the visual tokens right after BOS; a masked camera is simply not sent: in pi0
+a false image mask removes its tokens from every key set and from the position count, so
+leaving it out computes the same chunk without paying for its 256 rows; likewise the language
+padding to ``max_token_len``). In the request's prefill forward:
+
+* the prefix runs through the Gemma LM's vLLM layers as a prefill: the attention kernel writes
+  every prefix row's K/V into the paged cache, and the rows' outputs are recomputed over the
+  whole prefix without a mask (``engine.action_block``: the prefix is one bidirectional
+  block); RoPE positions follow pi0's order (images first, then BOS and the text);
+* with pruning (``engine.runtime.PrunedDecoder``), layers >= K run only the kept visual rows
+  and keep KV only for them;
+* each layer's K/V of the request's (kept) prefix rows is handed to the model
+  (``kv_sink``), and then the action expert runs ``num_steps`` Euler steps (t = 1 -> 0,
+  dt = -1/N, noise from the request's seed) over each request's suffix (state token + H
+  action tokens), attending to that prefix K/V and its own rows, batched over the requests;
+* the expert's action queries' attention to the visual keys at the action layer, averaged
+  over the steps, is the request's VLA-Pruner action signal (into the robot's history);
+* the un-normalised chunk goes out as an :class:`ActionChunk` on the step channel (the
+  request asks for ``max_tokens=1``; the client reads ``kv_transfer_params["vla_actions"]``).
+
+pi0.5 (adaptive RMSNorm in the expert, no state token) is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.openvla import (
+    OpenVLADummyInputsBuilder,
+    OpenVLAMultiModalProcessor,
+)
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    init_vllm_registered_model,
+    maybe_prefix,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from vllm_vla_pruner.config import VisionTowerSpec, image_size, num_visual_tokens, tower_specs
+from vllm_vla_pruner.engine.action_block import ActionBlock
+from vllm_vla_pruner.engine.plan import ActionChunk
+from vllm_vla_pruner.engine.step import StepContext, StepRequest
+from vllm_vla_pruner.openvla import VLAProcessingInfo
+from vllm_vla_pruner.pi0_spec import (
+    PI0_ARCH,
+    Pi0Normalizer,
+    Pi0Spec,
+    engine_positions,
+    load_norm_stats,
+    pi0_noise,
+    pi0_spec,
+)
+from vllm_vla_pruner.pruning import action_scores
+
+_VISION = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
+_PROJECTOR = "paligemma_with_expert.paligemma.model.multi_modal_projector.linear."
+_LM = "paligemma_with_expert.paligemma.model.language_model."
+_EXPERT = "paligemma_with_expert.gemma_expert.model."
+_HEADS = (
+    "state_proj",
+    "action_in_proj",
+    "action_time_mlp_in",
+    "action_time_mlp_out",
+    "action_out_proj",
+)
+
+
+class Pi0ProcessingInfo(VLAProcessingInfo):
+    """OpenVLA-style processing with pi0's cameras: up to ``num_cameras`` images a prompt."""
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": pi0_spec(self.ctx.model_config.model).num_cameras}
+
+
+# ----------------------------------------------------------------------------- SigLIP tower
+
+
+class _SiglipEmbeddings(nn.Module):
+    def __init__(self, spec: VisionTowerSpec, side: int) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, spec.width, spec.patch_size, spec.patch_size)
+        self.position_embedding = nn.Embedding((side // spec.patch_size) ** 2, spec.width)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        return x + self.position_embedding.weight[None]
+
+
+class _SiglipAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class _SiglipMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class _SiglipLayer(nn.Module):
+    def __init__(self, spec: VisionTowerSpec) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(spec.width, eps=spec.norm_eps)
+        self.self_attn = _SiglipAttention(spec.width, spec.num_heads)
+        self.layer_norm2 = nn.LayerNorm(spec.width, eps=spec.norm_eps)
+        self.mlp = _SiglipMlp(spec.width, spec.mlp_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class _SiglipEncoder(nn.Module):
+    def __init__(self, spec: VisionTowerSpec) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_SiglipLayer(spec) for _ in range(spec.depth))
+
+
+class SiglipTower(nn.Module):
+    """PaliGemma's SigLIP in HF names: every layer, then ``post_layernorm`` (the last hidden
+    state PaliGemma projects)."""
+
+    def __init__(self, spec: VisionTowerSpec, side: int) -> None:
+        super().__init__()
+        self.embeddings = _SiglipEmbeddings(spec, side)
+        self.encoder = _SiglipEncoder(spec)
+        self.post_layernorm = nn.LayerNorm(spec.width, eps=spec.norm_eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(pixels)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
+
+
+# ----------------------------------------------------------------------------- action expert
+
+
+class GemmaNorm(nn.Module):
+    """Gemma's RMSNorm (scale ``1 + weight``), in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class _ExpertAttention(nn.Module):
+    def __init__(self, width: int, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(width, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(width, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(width, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, width, bias=False)
+
+
+class _ExpertMlp(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(width, hidden, bias=False)
+        self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class _ExpertLayer(nn.Module):
+    def __init__(self, width: int, mlp: int, heads: int, kv: int, hd: int, eps: float) -> None:
+        super().__init__()
+        self.input_layernorm = GemmaNorm(width, eps)
+        self.self_attn = _ExpertAttention(width, heads, kv, hd)
+        self.post_attention_layernorm = GemmaNorm(width, eps)
+        self.mlp = _ExpertMlp(width, mlp)
+
+
+class ActionExpert(nn.Module):
+    """pi0's Gemma action expert: its own weights per layer, no embedding table."""
+
+    def __init__(self, spec: Pi0Spec, layers: int, heads: int, kv: int, hd: int, eps: float):
+        super().__init__()
+        w, m = spec.expert_width, spec.expert_mlp
+        self.layers = nn.ModuleList(_ExpertLayer(w, m, heads, kv, hd, eps) for _ in range(layers))
+        self.norm = GemmaNorm(w, eps)
+
+
+def time_embedding(t: float, width: int, min_period: float = 4e-3, max_period: float = 4.0):
+    """pi0's sin-cos embedding of the flow time [width] (float64 math, float32 result)."""
+    frac = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float64)
+    period = min_period * (max_period / min_period) ** frac
+    x = torch.tensor(float(t), dtype=torch.float64) * (2 * math.pi / period)
+    return torch.cat([torch.sin(x), torch.cos(x)]).float()
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class _Prefill:
+    """A pi0 request whose whole prefix is in this forward."""
+
+    req: StepRequest
+    start: int
+    end: int
+    num_images: int = 0
+    num_steps: int = 0
+    seed: int = 0
+    error: str | None = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    OpenVLAMultiModalProcessor,
+    info=Pi0ProcessingInfo,
+    dummy_inputs=OpenVLADummyInputsBuilder,
+)
+class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
+    """pi0: a SigLIP + Gemma prefix in vLLM's paged attention, a flow-matching action expert."""
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return None  # image tokens are inserted right after BOS by the processor
+        raise ValueError("Only image modality is supported")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.vllm_config = vllm_config
+        self.model_dir = vllm_config.model_config.model
+        self.spec = pi0_spec(self.model_dir)
+        self.normalizer = Pi0Normalizer(self.spec, load_norm_stats(self.model_dir, self.spec))
+        self.image_token_id = config.image_token_index
+        self.tower_spec = tower_specs(config)[0]
+        self.tokens_per_camera = num_visual_tokens(config)
+        text = config.text_config
+        self.num_heads = text.num_attention_heads
+        self.num_kv_heads = text.num_key_value_heads
+        self.head_dim = text.head_dim
+        self.eps = text.rms_norm_eps
+        with self._mark_tower_model(vllm_config, "image"):
+            self.vision_tower = SiglipTower(self.tower_spec, image_size(config))
+            self.projector = nn.Linear(self.tower_spec.width, text.hidden_size)
+        with self._mark_language_model(vllm_config):
+            self.language_model = init_vllm_registered_model(
+                vllm_config=vllm_config,
+                hf_config=_gemma_config(text),
+                prefix=maybe_prefix(prefix, "language_model"),
+                architectures=["GemmaForCausalLM"],
+            )
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+        self.expert = ActionExpert(
+            self.spec,
+            text.num_hidden_layers,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.eps,
+        )
+        we, a = self.spec.expert_width, self.spec.action_dim
+        self.state_proj = nn.Linear(a, we)
+        self.action_in_proj = nn.Linear(a, we)
+        self.action_time_mlp_in = nn.Linear(2 * we, we)
+        self.action_time_mlp_out = nn.Linear(we, we)
+        self.action_out_proj = nn.Linear(we, a)
+        self._step_ids: torch.Tensor | None = None
+
+        from vllm_vla_pruner.engine.runtime import PrunedDecoder
+
+        self.pruned_decoder = PrunedDecoder(self, vllm_config)
+        self.pruned_decoder.prefix_lm = True
+
+    def get_language_model(self) -> nn.Module:
+        return self.language_model
+
+    # ---- inputs
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        pixel_values = kwargs.pop("pixel_values", None)
+        if pixel_values is None:
+            return []
+        if isinstance(pixel_values, (list, tuple)):
+            pixel_values = torch.stack(list(pixel_values))
+        # The processor stacks ImageNet- then SigLIP-normalised channels; SigLIP's are pi0's
+        # [-1, 1] pixels.
+        pixels = pixel_values[:, 3:6].to(self.projector.weight.dtype)
+        return self.projector(self.vision_tower(pixels))
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        # The forward needs each request's image rows (it gets embeddings only): keep the
+        # step's ids, read before the forward that follows.
+        self._step_ids = input_ids.detach().clone()
+        return super().embed_input_ids(
+            input_ids, multimodal_embeddings, is_multimodal=is_multimodal
+        )
+
+    # ---- weights
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """openpi's names -> this module tree (the LM through vLLM's Gemma loader)."""
+        renames = (
+            (_VISION, "vision_tower."),
+            (_PROJECTOR, "projector."),
+            (_LM, "language_model.model."),
+            (_EXPERT, "expert."),
+        )
+
+        def mapped():
+            for name, tensor in weights:
+                for old, new in renames:
+                    if name.startswith(old):
+                        yield new + name[len(old) :], tensor
+                        break
+                else:
+                    if name.split(".")[0] in _HEADS:
+                        yield name, tensor
+                    # else: lm_head copies of the tied embedding, unused expert tables
+
+        return AutoWeightsLoader(self).load_weights(mapped())
+
+    # ---- forward
+
+    def _prefills(self, ctx: StepContext | None, num_rows: int) -> list[_Prefill]:
+        """pi0 requests whose whole prompt is in this forward (chunked prefill is off)."""
+        if ctx is None or 0 not in ctx.common_metadata:
+            return []
+        cm = ctx.common_metadata[0]
+        qsl = cm.query_start_loc_cpu.tolist()
+        seq = cm.seq_lens_cpu_upper_bound
+        seq = (seq if seq is not None else cm.seq_lens.cpu()).tolist()
+        ids = self._step_ids
+        spec, tpc = self.spec, self.tokens_per_camera
+        out = []
+        for i, sr in enumerate(ctx.requests):
+            start, end = qsl[i], qsl[i + 1]
+            if seq[i] != end - start:
+                continue  # a decode step (max_tokens > 1): no chunk
+            p = _Prefill(sr, start, end)
+            out.append(p)
+            if end - start != sr.num_prompt_tokens or end > num_rows or ids is None:
+                p.error = "the pi0 prompt must be prefilled whole (recomputed or chunked)"
+                continue
+            image_rows = (ids[start:end] == self.image_token_id).nonzero().flatten().cpu()
+            n = image_rows.numel()
+            p.num_images = n // tpc
+            if n % tpc or not 1 <= p.num_images <= spec.num_cameras:
+                p.error = f"a pi0 request takes 1 to {spec.num_cameras} camera images"
+            elif not torch.equal(image_rows, torch.arange(1, 1 + n)):
+                p.error = "the images' tokens must follow BOS"
+            elif sr.invalid is not None:
+                p.error = sr.invalid
+            elif sr.state is None or len(sr.state) != spec.state_dim:
+                p.error = f"state must be {spec.state_dim} numbers"
+            elif not all(math.isfinite(x) for x in sr.state):
+                p.error = "state must be finite"
+            p.num_steps = sr.num_steps or spec.num_steps
+            p.seed = sr.noise_seed if sr.noise_seed is not None else random.getrandbits(63)
+        return out
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        lm = self.language_model.model
+        if inputs_embeds is None:
+            self._step_ids = input_ids
+            inputs_embeds = lm.embed_input_ids(input_ids)
+        decoder = self.pruned_decoder
+        prefills = self._prefills(decoder.channel.current, inputs_embeds.shape[0])
+        self._step_ids = None
+        good = [p for p in prefills if p.error is None]
+        blocks, sink = [], None
+        if good:
+            positions = positions.clone()  # the runner's buffer is persistent
+            for p in good:
+                pos = engine_positions(p.num_images, self.tokens_per_camera, p.end - p.start)
+                positions[p.start : p.end] = pos.to(positions.device)
+                p.kv = []
+            blocks = [ActionBlock(p.start, p.start, p.end) for p in good]
+
+            def sink(layer: int, now: list[ActionBlock], k: torch.Tensor, v: torch.Tensor):
+                for p, b in zip(good, now):
+                    p.kv.append((k[b.start : b.end], v[b.start : b.end]))
+
+        t0 = time.perf_counter()
+        out = decoder.run(inputs_embeds, positions, blocks, kv_sink=sink)
+        if good:
+            t1 = time.perf_counter()
+            self._denoise(good)
+            extra = decoder.stats.extra
+            extra["pi0_prefix_s"] = extra.get("pi0_prefix_s", 0.0) + t1 - t0
+            extra["pi0_denoise_s"] = extra.get("pi0_denoise_s", 0.0) + time.perf_counter() - t1
+            extra["pi0_chunks"] = extra.get("pi0_chunks", 0.0) + len(good)
+        for p in prefills:
+            if p.error is not None:
+                decoder.channel.report_chunk(
+                    p.req.req_id,
+                    ActionChunk(self.spec.horizon, self.spec.robot_action_dim, (), error=p.error),
+                )
+        return out
+
+    # ---- the denoising loop
+
+    def _denoise(self, good: list[_Prefill]) -> None:
+        """Euler steps of the expert for every request, batched per step count."""
+        by_steps: dict[int, list[_Prefill]] = {}
+        for p in good:
+            by_steps.setdefault(p.num_steps, []).append(p)
+        for steps, group in by_steps.items():
+            self._denoise_group(group, steps)
+
+    def _prefix_kv(self, group: list[_Prefill], layer: int):
+        """[B, Hkv, N, D] K and V of the group's prefixes at ``layer`` (padded), key mask."""
+        kv = [p.kv[layer] for p in group]
+        n = max(k.shape[0] for k, _ in kv)
+        b, hkv, d = len(group), self.num_kv_heads, self.head_dim
+        ref = kv[0][0]
+        keys = ref.new_zeros(b, n, hkv * d)
+        vals = ref.new_zeros(b, n, hkv * d)
+        valid = torch.zeros(b, n, dtype=torch.bool, device=ref.device)
+        for j, (k, v) in enumerate(kv):
+            keys[j, : k.shape[0]], vals[j, : v.shape[0]] = k, v
+            valid[j, : k.shape[0]] = True
+        return (
+            keys.view(b, n, hkv, d).transpose(1, 2),
+            vals.view(b, n, hkv, d).transpose(1, 2),
+            valid,
+        )
+
+    def _denoise_group(self, group: list[_Prefill], steps: int) -> None:
+        spec, decoder = self.spec, self.pruned_decoder
+        device, dtype = self.action_in_proj.weight.device, self.action_in_proj.weight.dtype
+        b, h, s = len(group), spec.horizon, spec.suffix_len
+        num_layers = len(self.expert.layers)
+        prefix = [self._prefix_kv(group, i) for i in range(num_layers)]
+        act_layer = decoder.action_layer
+        track = [p.req.plan is not None and p.req.plan.track_actions for p in group]
+        attn_sum = None
+        # Positions continue after the (original, unpruned) prefix length.
+        prefix_len = torch.tensor([p.end - p.start for p in group], device=device)
+        pos = (prefix_len[:, None] + torch.arange(s, device=device)[None]).flatten()
+        rope = self.language_model.model.layers[0].self_attn.rotary_emb
+        suffix_vis = torch.ones(s, s, dtype=torch.bool, device=device)
+        suffix_vis[0, 1:] = False  # the state token does not see the action tokens
+        x = torch.stack([pi0_noise(p.seed, h, spec.action_dim) for p in group]).to(device, dtype)
+        states = torch.stack([self.normalizer.state(p.req.state) for p in group]).to(device, dtype)
+        state_emb = self.state_proj(states)[:, None]
+        dt = -1.0 / steps
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        for k_step in range(steps):
+            te = time_embedding(1.0 - k_step / steps, spec.expert_width).to(device, dtype)
+            a = self.action_in_proj(x)
+            mixed = torch.cat([a, te.expand_as(a)], -1)
+            mixed = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(mixed)))
+            hid = torch.cat([state_emb, mixed], 1)  # [B, S, We]
+            for i, layer in enumerate(self.expert.layers):
+                attn = layer.self_attn
+                xn = layer.input_layernorm(hid)
+                q = attn.q_proj(xn).reshape(b * s, hq * d).contiguous()
+                k = attn.k_proj(xn).reshape(b * s, hkv * d).contiguous()
+                v = attn.v_proj(xn).view(b, s, hkv, d).transpose(1, 2)
+                q, k = rope(pos, q, k)
+                q = q.view(b, s, hq, d).transpose(1, 2)
+                k = k.view(b, s, hkv, d).transpose(1, 2)
+                pk, pv, pvalid = prefix[i]
+                keys = torch.cat([pk, k], 2).repeat_interleave(hq // hkv, 1)
+                vals = torch.cat([pv, v], 2).repeat_interleave(hq // hkv, 1)
+                mask = torch.cat(
+                    [pvalid[:, None, :].expand(b, s, -1), suffix_vis[None].expand(b, s, s)], 2
+                )[:, None]  # [B, 1, S, N + S]
+                if i == act_layer and any(track):
+                    scores = (q.float() @ keys.float().transpose(-1, -2)) * d**-0.5
+                    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+                    o = (probs @ vals.float()).to(dtype)
+                    rows = probs.mean(1)[:, 1:]  # head mean, the action rows [B, H, N + S]
+                    attn_sum = rows if attn_sum is None else attn_sum + rows
+                else:
+                    o = F.scaled_dot_product_attention(
+                        q.float(), keys.float(), vals.float(), attn_mask=mask, scale=d**-0.5
+                    ).to(dtype)
+                o = o.transpose(1, 2).reshape(b, s, hq * d)
+                hid = hid + attn.o_proj(o)
+                hid = hid + layer.mlp(layer.post_attention_layernorm(hid))
+            v_t = self.action_out_proj(self.expert.norm(hid)[:, 1:])
+            x = x + dt * v_t
+        actions = self.normalizer.actions(x.float())
+        for j, p in enumerate(group):
+            values = tuple(float(t) for t in actions[j].flatten().tolist())
+            decoder.channel.report_chunk(
+                p.req.req_id, ActionChunk(h, spec.robot_action_dim, values)
+            )
+            if track[j] and attn_sum is not None and p.req.plan.session:
+                self._record_actions(p, attn_sum[j] / steps, act_layer)
+
+    def _record_actions(self, p: _Prefill, rows: torch.Tensor, layer: int) -> None:
+        """The frame's action signal: the action rows' attention to the visual keys (rows
+        1.. of the prefix at ``layer``, compacted to the kept ones from layer K on)."""
+        decoder, plan = self.pruned_decoder, p.req.plan
+        m = plan.num_visual
+        kept = decoder.kept_now.get(p.req.req_id)
+        ids = kept if (kept is not None and layer >= decoder.K) else torch.arange(m)
+        ids = ids.to(rows.device)
+        cols = torch.arange(1, 1 + ids.numel(), device=rows.device)
+        decoder.record_action_scores(plan.session, action_scores(rows, cols, ids, m))
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden_states)
+
+
+def _gemma_config(text) -> object:
+    """vLLM's Gemma needs a GemmaConfig; the OpenVLA-style config holds the LM's shapes."""
+    from transformers import GemmaConfig
+
+    theta = float(getattr(text, "rope_theta", None) or 10000.0)
+    cfg = GemmaConfig(
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads,
+        head_dim=text.head_dim,
+        hidden_act="gelu_pytorch_tanh",
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+    cfg.architectures = ["GemmaForCausalLM"]
+    cfg.dtype = getattr(text, "dtype", None) or torch.float32
+    return cfg
+
+
+__all__ = ["PI0_ARCH", "Pi0ForActionPrediction", "time_embedding"]

@@ -1,0 +1,199 @@
+"""What a pi0-style checkpoint directory says, as a plain dataclass (no vLLM import).
+
+Layout (``vla-pruner checkpoint --preset tiny-pi0|bench-pi0`` writes it):
+
+* ``model.safetensors``: every tensor under the name openpi's PyTorch port gives it
+  (``examples/convert_jax_model_to_pytorch.py`` -> ``PI0Pytorch``): the SigLIP tower
+  ``paligemma_with_expert.paligemma.model.vision_tower.vision_model.*`` (HF SigLIP names, all
+  layers and ``post_layernorm`` are used), the projector ``...paligemma.model.
+  multi_modal_projector.linear``, the prefix LM ``...paligemma.model.language_model.*`` (HF
+  Gemma names), the action expert ``paligemma_with_expert.gemma_expert.model.*`` (same names,
+  no embedding table) and pi0's heads ``state_proj``, ``action_in_proj``,
+  ``action_time_mlp_in``, ``action_time_mlp_out``, ``action_out_proj``. LeRobot's ``pi0``
+  loads the same names under a ``model.`` prefix. We follow openpi's because it is the
+  reference implementation the LeRobot port was converted from.
+* ``config.json``: openpi writes only ``action_dim``, ``action_horizon``,
+  ``paligemma_variant``, ``action_expert_variant`` and ``precision`` (named Gemma sizes); we
+  keep those keys in a ``pi0`` section and add the shapes of reduced variants. The top level
+  is an OpenVLA-style HF config (``model_type`` ``openvla``, a single SigLIP ``vision_towers``
+  entry, the prefix LM's shapes in ``text_config``) so that vLLM parses it offline with its own
+  config shim and the plugin's image processing, with ``architectures:
+  [Pi0ForActionPrediction]``.
+* ``assets/<asset_id>/norm_stats.json``: openpi's normalisation statistics file
+  (``{"norm_stats": {"state": {mean, std, q01, q99}, "actions": {...}}}``), pi0's z-score.
+* tokenizer files: a small Llama-like tokenizer the project builds offline (PaliGemma's
+  SentencePiece model cannot be shipped); prompts are ``BOS + text + "\\n"`` as openpi's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PI0_ARCH = "Pi0ForActionPrediction"
+#: pi0's camera slots, in prefix order (openpi's ``IMAGE_KEYS``).
+PI0_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+NORM_STATS_FILE = "norm_stats.json"
+
+
+@dataclass(frozen=True)
+class Pi0Spec:
+    """The pi0 contract of a checkpoint: cameras, horizon, dims, expert shape, statistics."""
+
+    cameras: tuple[str, ...]
+    horizon: int  # H action tokens
+    action_dim: int  # the model's (padded) action/state width, openpi's 32
+    robot_action_dim: int  # leading dims of the chunk that are the robot's actions
+    state_dim: int  # leading dims of the padded state that are the robot's state
+    max_token_len: int  # language slots (pi0: 48)
+    num_steps: int  # default Euler steps
+    expert_width: int
+    expert_mlp: int
+    asset_id: str
+    pi05: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pi05:
+            raise ValueError("pi0.5 (adaptive-norm action expert) is not supported")
+        if min(self.horizon, self.action_dim, self.robot_action_dim, self.num_steps) < 1:
+            raise ValueError(f"invalid pi0 shape: {self}")
+        if self.robot_action_dim > self.action_dim or self.state_dim > self.action_dim:
+            raise ValueError("robot action/state dims must fit in the model's action_dim")
+        if not 1 <= len(self.cameras) <= 3:
+            raise ValueError("pi0 takes 1 to 3 cameras")
+
+    @property
+    def num_cameras(self) -> int:
+        return len(self.cameras)
+
+    @property
+    def suffix_len(self) -> int:
+        """Expert rows per request: the state token and H action tokens."""
+        return 1 + self.horizon
+
+
+def is_pi0_config(config: Mapping[str, Any]) -> bool:
+    return isinstance(config.get("pi0"), Mapping)
+
+
+def is_pi0_checkpoint(model_dir: str | Path) -> bool:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return False
+    with open(path) as f:
+        return is_pi0_config(json.load(f))
+
+
+def spec_from_config(config: Mapping[str, Any]) -> Pi0Spec:
+    raw = config["pi0"]
+    return Pi0Spec(
+        cameras=tuple(raw.get("cameras", PI0_CAMERAS)),
+        horizon=int(raw["action_horizon"]),
+        action_dim=int(raw["action_dim"]),
+        robot_action_dim=int(raw["robot_action_dim"]),
+        state_dim=int(raw["state_dim"]),
+        max_token_len=int(raw.get("max_token_len", 48)),
+        num_steps=int(raw.get("num_steps", 10)),
+        expert_width=int(raw["expert"]["width"]),
+        expert_mlp=int(raw["expert"]["mlp_dim"]),
+        asset_id=str(raw["asset_id"]),
+        pi05=bool(raw.get("pi05", False)),
+    )
+
+
+@lru_cache(maxsize=8)
+def pi0_spec(model_dir: str | Path) -> Pi0Spec:
+    with open(Path(model_dir) / "config.json") as f:
+        return spec_from_config(json.load(f))
+
+
+def load_norm_stats(model_dir: str | Path, spec: Pi0Spec) -> dict[str, dict[str, list[float]]]:
+    """openpi's ``assets/<asset_id>/norm_stats.json`` (``state`` and ``actions`` entries)."""
+    path = Path(model_dir) / "assets" / spec.asset_id / NORM_STATS_FILE
+    with open(path) as f:
+        stats = json.load(f)["norm_stats"]
+    for key, dim in (("state", spec.state_dim), ("actions", spec.robot_action_dim)):
+        for field in ("mean", "std"):
+            if len(stats[key][field]) != dim:
+                raise ValueError(f"{path}: {key}.{field} must have {dim} numbers")
+    return stats
+
+
+class Pi0Normalizer:
+    """pi0's z-score (openpi ``Normalize``/``Unnormalize``): the robot's dims are normalised,
+    the padding to ``action_dim`` is zeros in, dropped out."""
+
+    def __init__(self, spec: Pi0Spec, stats: Mapping[str, Mapping[str, list[float]]]) -> None:
+        self.spec = spec
+        self._state = [
+            torch.tensor(stats["state"][k], dtype=torch.float64) for k in ("mean", "std")
+        ]
+        self._act = [
+            torch.tensor(stats["actions"][k], dtype=torch.float64) for k in ("mean", "std")
+        ]
+
+    def state(self, state: Any) -> torch.Tensor:
+        """Raw robot state -> the model's padded, normalised state (float32 [action_dim])."""
+        mean, std = self._state
+        x = torch.as_tensor(state, dtype=torch.float64)
+        out = torch.zeros(self.spec.action_dim, dtype=torch.float64)
+        out[: self.spec.state_dim] = (x - mean) / (std + 1e-6)
+        return out.float()
+
+    def actions(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's chunk [H, action_dim] -> the robot's actions [H, robot_action_dim]."""
+        mean, std = self._act
+        return x[..., : self.spec.robot_action_dim].double().cpu() * (std + 1e-6) + mean
+
+
+def pi0_noise(seed: int, horizon: int, action_dim: int) -> torch.Tensor:
+    """The flow's starting point x_1 ~ N(0, I), float32 [H, action_dim], from a request's noise
+    seed (CPU generator: the same on every device and in the reference)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn(horizon, action_dim, generator=gen, dtype=torch.float32)
+
+
+def pi0_prompt_token_ids(tokenizer: Any, instruction: str, max_token_len: int) -> list[int]:
+    """openpi's prompt: the cleaned instruction with BOS, then ``"\n"``, at most
+    ``max_token_len`` tokens (openpi truncates likewise). Padding is not sent: pi0 masks it
+    out of every key set and position count, so it cannot change the chunk."""
+    text = instruction.strip().replace("_", " ").replace("\n", " ")
+    ids = list(tokenizer.encode(text, add_special_tokens=True))
+    ids += list(tokenizer.encode("\n", add_special_tokens=False))
+    return [int(t) for t in ids[:max_token_len]]
+
+
+def engine_positions(num_images: int, num_visual_per_image: int, prompt_len: int) -> torch.Tensor:
+    """pi0 RoPE positions of an engine prompt ``[BOS, images..., text...]``.
+
+    vLLM's image processing puts the visual tokens right after BOS; pi0's prefix is the images
+    then the language (BOS first). The prefix is one bidirectional block, so only positions
+    carry order: images get 0..V-1, BOS gets V, the text keeps its row index."""
+    v = num_images * num_visual_per_image
+    pos = torch.arange(prompt_len)
+    pos[0] = v
+    pos[1 : 1 + v] = torch.arange(v)
+    return pos
+
+
+__all__ = [
+    "NORM_STATS_FILE",
+    "PI0_ARCH",
+    "PI0_CAMERAS",
+    "Pi0Normalizer",
+    "Pi0Spec",
+    "engine_positions",
+    "is_pi0_checkpoint",
+    "is_pi0_config",
+    "load_norm_stats",
+    "pi0_noise",
+    "pi0_prompt_token_ids",
+    "pi0_spec",
+    "spec_from_config",
+]
