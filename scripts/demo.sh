@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job: set up .venv if needed, then a short closed-loop Meta-World run of the
-# embedded default model through the vLLM engine, unpruned vs VLA-Pruner (keep 0.25).
+# embedded OFT policy through the vLLM engine, unpruned vs VLA-Pruner (keep 0.25), and a short
+# bench at OpenVLA-OFT-7B's token layout; one summary (options: vla-pruner demo --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -211,7 +211,7 @@ def run_chunked(
         max_steps,
         progress=progress,
         max_parallel=MAX_PARALLEL,
-        desc=f"{policy.method}@{policy.keep_ratio}",
+        desc="unpruned" if policy.method == "none" else f"{policy.method}@{policy.keep_ratio}",
         render=False,
     )
     rec = policy.rec
