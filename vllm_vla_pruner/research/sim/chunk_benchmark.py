@@ -476,16 +476,19 @@ def markdown(result: dict[str, Any]) -> str:
         f"Meta-World closed loop through the vLLM engine: {len(tasks)} tasks x "
         f"{result['episodes_per_task']} {GOAL_NAMES[result['goals']]} episodes each (the same "
         f"goals for every row). OFT policies execute the first {ex} rows of each chunk, then "
-        "ask again; AR policies ask every step. *engine ms / control step*: engine wall time / "
-        "executed actions, all running episodes batched per engine call, measured in this run. "
+        "ask again; AR policies ask every step. *engine ms / call*: wall time of one engine "
+        "call (the running episodes' requests batched; an OFT call returns a chunk per "
+        "episode); *engine ms / "
+        "control step*: engine wall time / executed actions; both measured in this run, "
+        "configurations one after the other on one engine. "
         "*rel.*: success relative to the same policy unpruned, paired bootstrap 95% CI; "
         "*lost / gained*: episodes only the unpruned policy / only this row solved.",
         "",
         "| policy | method | keep | kept tokens | mean success (95% CI) | rel. (paired 95% CI) "
         "| lost / gained | "
         + " | ".join(t.replace("-v3", "") for t in tasks)
-        + " | engine ms / control step | speedup |",
-        "|" + "---|" * (len(tasks) + 9),
+        + " | engine ms / call (mean batch) | engine ms / control step | speedup |",
+        "|" + "---|" * (len(tasks) + 10),
     ]
     for s in result["summary"]:
         per = " | ".join(f"{s['per_task'][t]['success']:.0%}" for t in tasks)
@@ -504,6 +507,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {s['policy']} ({s['kind']}) | {s['method']} | {s['keep_ratio']} | {kept_s} "
             f"| {s['success']:.0%} ({s['ci95'][0]:.0%}-{s['ci95'][1]:.0%}) | {rel} "
             f"| {pair['only_unpruned_succeeded']} / {pair['only_this_succeeded']} | {per} "
+            f"| {s['engine_ms_per_call']:.1f} ({s['mean_batch']:.1f}) "
             f"| {s['engine_ms_per_control_step']:.2f} | {speed} |"
         )
     lines += [
