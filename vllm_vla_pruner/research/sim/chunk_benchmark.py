@@ -42,6 +42,7 @@ from .benchmark import (
     overlay,
     pruning_settings_for,
     run_closed_loop,
+    save_overlays,
     start_engine,
 )
 
@@ -357,7 +358,9 @@ def evaluate_ar(
                 policy,
                 tasks,
                 episodes_per_task,
-                keep_frames=False,
+                # Frames for the kept-patch figure (short runs only: they are all kept).
+                keep_frames=len(tasks) * episodes_per_task <= MAX_PARALLEL
+                and (method == "none" or keep == 0.25),
                 max_steps=max_steps,
                 progress=progress,
                 image_size=image_size(cfg),
@@ -444,6 +447,12 @@ def evaluate_policies(
                 model, configs, tasks, episodes_per_task, trace_path=trace, **common
             )
             kind = "ar"
+            if recs[0].frames:
+                cfg = load_config_json(model)
+                fig = save_overlays(recs, _trace(trace), grid_shape(cfg)[0], out)
+                figures[f"kept_patches_{model.name}"] = str(
+                    fig.rename(out / f"kept_patches_{model.name}.png")
+                )
         os.environ.pop("VLA_PRUNER_TRACE", None)
         rows += r
         policies.append({"policy": model.name, "model": str(model), "kind": kind, **meta})

@@ -106,7 +106,7 @@ def summary(
             f"(FLOPs-ideal {p['flops_ideal_speedup']:.2f}x)",
         ]
     lines.append(
-        f"({wall:.0f} s) tables, plots, kept patches (both cameras): {out}/"
+        f"({wall:.0f} s) table, plots, kept patches: {out}/"
         + (" - the bench table in bench-oft/engine-oft.md" if bench is not None else "")
     )
     return "\n".join(lines)
