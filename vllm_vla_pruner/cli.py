@@ -183,6 +183,7 @@ def _demo_run(args: argparse.Namespace, extra: list[str]) -> int:
     else:  # before vLLM is imported, here or in the engine's processes
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # third-party deprecation noise
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's NUMA-binding notice
     from vllm_vla_pruner.research.sim.demo import demo
 
     return demo(argv)
