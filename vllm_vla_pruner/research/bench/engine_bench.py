@@ -312,7 +312,8 @@ def run_oft(
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     ids = ActionDecoder.from_pretrained(model_dir).prompt_token_ids(tok, INSTRUCTION)
     rows_total = len(_oft_prompts(spec, ids, side, 1, 0)[0]["prompt_token_ids"]) + m
-    settings = PruningSettings()
+    # What the engine runs: the checkpoint's recommendation over the defaults (no operator's).
+    settings = PruningSettings.resolve(cfg.get("vla_pruner"))
     layer_k, window = settings.layer, settings.window
     # The engine defaults select the OFT architecture and one image per camera view.
     llm = make_llm(model_dir, max_num_seqs=max(batch_sizes))
