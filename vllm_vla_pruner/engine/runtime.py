@@ -379,7 +379,7 @@ class PrunedDecoder:
             )
             qi = q[rows].view(n, self.num_heads, self.head_dim)
             ki = k[rows].view(n, self.num_kv_heads, self.head_dim)
-            requests.append(QKRequest(qi, ki, plan.method, plan.num_keep, fields))
+            requests.append(QKRequest(qi, ki, plan.method, plan.num_keep, fields, self.prefix_lm))
             targets.append(r)
         for r, kept in zip(targets, select_from_qk(requests)):
             r.kept = kept

@@ -527,6 +527,9 @@ class QKRequest(NamedTuple):
     method: str
     budget: int
     fields: Mapping[str, Any]  # the other PruneInputs fields (visual_start, num_visual, ...)
+    # Prefix-LM prompts (pi0): every row attends to every key, so the score rows are
+    # computed without the causal mask.
+    bidirectional: bool = False
 
 
 def select_from_qk(requests: Sequence[QKRequest]) -> list[Tensor]:
@@ -534,12 +537,14 @@ def select_from_qk(requests: Sequence[QKRequest]) -> list[Tensor]:
     (:func:`needed_rows`, over all T keys; none for divprune/random/grid), then one
     :func:`select_batch`. Equals selecting from the full T x T matrix, at R/T of its cost."""
     items = []
-    for q, k, method, budget, fields in requests:
+    for q, k, method, budget, fields, bidirectional in requests:
         no_rows = k.new_empty(0, k.shape[0], dtype=torch.float32)
         inputs = PruneInputs(attn=no_rows, row_positions=range(0), **fields)
         rows = needed_rows(method, inputs.layout)
         if len(rows):
             positions = torch.arange(rows.start, rows.stop, device=k.device)
+            if bidirectional:
+                positions = positions.new_full((len(rows),), k.shape[0] - 1)
             attn = attention_rows(q[rows.start : rows.stop], k, positions)
         else:
             attn = inputs.attn

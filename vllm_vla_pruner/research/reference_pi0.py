@@ -231,10 +231,16 @@ class ReferencePi0(nn.Module):
 
     @torch.no_grad()
     def prefix_pass(
-        self, inputs: Pi0Inputs, keep_visual: Tensor | None, prune_layer: int
+        self,
+        inputs: Pi0Inputs,
+        keep_visual: Tensor | None,
+        prune_layer: int,
+        attn_out: dict[int, Tensor] | None = None,
     ) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor], int]:
         """Per-layer (K, V) of the valid (and, at layers >= K, kept) prefix rows, the visual
-        ids of those rows' visual keys per layer, and the number of valid prefix tokens."""
+        ids of those rows' visual keys per layer, and the number of valid prefix tokens.
+        ``attn_out``: layer -> its head-averaged [rows, rows] attention is filled in for the
+        layers it names (valid rows in pi0 order: visual, then language)."""
         valid = inputs.valid
         pos_all = torch.cumsum(valid.long(), 0) - 1
         rows = valid.nonzero().flatten()  # masked slots are never keys: drop them at once
@@ -250,7 +256,9 @@ class ReferencePi0(nn.Module):
             x = layer.input_layernorm(h)
             q, k, v = self._qkv(layer, x, pos, self.lm.rotary_emb)
             visible = torch.ones(h.shape[0], h.shape[0], dtype=torch.bool)
-            out, _ = self._attend(q, k, v, visible)
+            out, probs = self._attend(q, k, v, visible)
+            if attn_out is not None and i in attn_out:
+                attn_out[i] = probs.mean(0)
             h = h + layer.self_attn.o_proj(out.to(h.dtype))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             kv.append((k, v))
