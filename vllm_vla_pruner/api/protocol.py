@@ -34,6 +34,8 @@ from vllm_vla_pruner.engine.settings import (
     validate_keep_ratio,
     validate_method,
     validate_new_episode,
+    validate_noise_seed,
+    validate_num_steps,
     validate_session_id,
 )
 
@@ -47,6 +49,7 @@ __all__ = [
     "ApiError",
     "ChunkInfo",
     "InfoResponse",
+    "Pi0Info",
     "PruningReport",
     "PruningSettings",
     "ServiceLimits",
@@ -197,6 +200,25 @@ class ActionRequest(BaseModel):
         "chunk). The engine still computes the whole chunk in one forward. AR checkpoints "
         "answer one action: only 1 is accepted.",
     )
+    noise_seed: int | None = Field(
+        default=None,
+        description="Flow-matching checkpoints (pi0): seed of the chunk's starting noise; the "
+        "same seed and inputs give the same chunk. Default: a fresh seed per request.",
+    )
+    num_steps: int | None = Field(
+        default=None,
+        description="Flow-matching checkpoints (pi0): Euler steps (default: the checkpoint's).",
+    )
+
+    @field_validator("noise_seed", mode="before")
+    @classmethod
+    def _seed_range(cls, v: Any) -> int | None:
+        return None if v is None else _checked(validate_noise_seed, v)
+
+    @field_validator("num_steps", mode="before")
+    @classmethod
+    def _steps_range(cls, v: Any) -> int | None:
+        return None if v is None else _checked(validate_num_steps, v)
 
     @field_validator("execute_steps", mode="before")
     @classmethod
@@ -353,6 +375,27 @@ class ChunkInfo(BaseModel):
     )
 
 
+class Pi0Info(BaseModel):
+    """What a pi0-style checkpoint takes and answers (``GET /v1/actions/info``'s ``pi0``)."""
+
+    cameras: list[str] = Field(
+        description="`images` keys in prefix order; a camera left out is a masked camera "
+        "(at least one must be sent)."
+    )
+    state_dim: int = Field(description="Length of `state` (un-normalised).")
+    horizon: int = Field(description="Rows of the chunk in `actions`.")
+    action_dim: int
+    num_steps: int = Field(description="Default Euler steps (`num_steps` overrides).")
+    normalization: str = Field(description="z-score with the checkpoint's mean/std (pi0).")
+    unnorm_key: str = Field(description="The checkpoint's norm-stats asset id.")
+    noise_seed: bool = Field(default=True, description="`noise_seed` makes a chunk reproducible.")
+    pi05_adaptive_norm: bool = Field(
+        default=False,
+        description="pi0.5 (time-conditioned adaptive RMSNorm in the action expert, state "
+        "in the prompt): not supported; pi0 checkpoints only.",
+    )
+
+
 class InfoResponse(BaseModel):
     """Body of ``GET /v1/actions/info``: what a client needs to build valid requests."""
 
@@ -369,6 +412,11 @@ class InfoResponse(BaseModel):
         default=None,
         description="Set for OpenVLA-OFT checkpoints (send `images` + `state`, get `actions`); "
         "null: send `image`, get `action`.",
+    )
+    pi0: Pi0Info | None = Field(
+        default=None,
+        description="Set for pi0-style flow-matching checkpoints (send `images` + `state`, "
+        "optionally `noise_seed`; get `actions`).",
     )
 
 
@@ -418,14 +466,20 @@ def check_model_inputs(
     cameras: Sequence[str] | None = None,
     state_dim: int = 0,
     chunk: int | None = None,
+    flow: bool = False,
 ) -> None:
     """The body's inputs against what the served model takes; ApiError (422) naming the field.
 
     ``cameras`` None: a single-frame (AR OpenVLA) model, which takes ``image`` only and
     answers one action (``execute_steps`` 1 at most). Else an OFT model: ``images`` with
     exactly these cameras, ``state`` of ``state_dim`` numbers, ``execute_steps`` up to
-    ``chunk`` (when known).
+    ``chunk`` (when known). ``flow``: a pi0-style model, whose cameras may be left out (a
+    masked camera, at least one present) and which takes ``noise_seed`` / ``num_steps``.
     """
+    if not flow:
+        for name in ("noise_seed", "num_steps"):
+            if getattr(req, name) is not None:
+                raise ApiError(422, f"{name}: this model is not a flow-matching model", field=name)
     if cameras is None or chunk is not None:
         check_execute_steps(req.execute_steps, 1 if cameras is None else chunk)
     if cameras is None:
@@ -459,6 +513,8 @@ def check_model_inputs(
             field=f"images.{unknown[0]}",
         )
     missing = [c for c in names if c not in req.images]
+    if missing and flow and len(missing) < len(names):
+        missing = []  # pi0: a camera left out is a masked camera
     if missing:
         raise ApiError(
             422,
@@ -485,6 +541,7 @@ def parse_action_request(
     cameras: Sequence[str] | None = None,
     state_dim: int = 0,
     chunk: int | None = None,
+    flow: bool = False,
 ) -> ActionRequest:
     """Validate a decoded JSON body; raise ApiError (422) naming the first bad field.
 
@@ -498,5 +555,5 @@ def parse_action_request(
         req = ActionRequest.model_validate(data, context=ctx)
     except ValidationError as exc:
         raise validation_error_to_api_error(exc) from None
-    check_model_inputs(req, cameras, state_dim, chunk)
+    check_model_inputs(req, cameras, state_dim, chunk, flow)
     return req

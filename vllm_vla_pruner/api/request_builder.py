@@ -21,6 +21,8 @@ from vllm_vla_pruner.engine.settings import (
     KEY_KEEP_RATIO,
     KEY_METHOD,
     KEY_NEW_EPISODE,
+    KEY_NOISE_SEED,
+    KEY_NUM_STEPS,
     KEY_SESSION,
 )
 
@@ -45,6 +47,8 @@ EXTRA_ARG_FIELDS = {
     KEY_KEEP_RATIO: "pruning.keep_ratio",
     KEY_NEW_EPISODE: "new_episode",
     KEY_SESSION: "session_id",
+    KEY_NOISE_SEED: "noise_seed",
+    KEY_NUM_STEPS: "num_steps",
 }
 
 
@@ -145,7 +149,8 @@ class RequestBuilder:
     """Builds :class:`EngineRequest` s for one checkpoint (its tokenizer and action decoder).
 
     ``oft``: the checkpoint's OFT contract (``config.OftSpec``) when it is an OpenVLA-OFT
-    checkpoint; then :meth:`build_chunk` builds its requests.
+    checkpoint, ``pi0``: its ``pi0_spec.Pi0Spec`` when it is a pi0-style checkpoint; then
+    :meth:`build_chunk` builds its requests.
     """
 
     def __init__(
@@ -155,12 +160,14 @@ class RequestBuilder:
         num_visual: int,
         max_model_len: int | None = None,
         oft: Any = None,
+        pi0: Any = None,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.num_visual = int(num_visual)
         self.max_model_len = max_model_len
         self.oft = oft
+        self.pi0 = pi0
 
     @classmethod
     def from_pretrained(
@@ -171,14 +178,17 @@ class RequestBuilder:
 
         from vllm_vla_pruner.actions import ActionDecoder
         from vllm_vla_pruner.config import load_config_json, num_visual_tokens
+        from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint, pi0_spec
         from vllm_vla_pruner.server_defaults import oft_checkpoint_spec
 
+        pi0 = pi0_spec(model_dir) if is_pi0_checkpoint(model_dir) else None
         return cls(
-            ActionDecoder.from_pretrained(model_dir),
+            None if pi0 is not None else ActionDecoder.from_pretrained(model_dir),
             AutoTokenizer.from_pretrained(str(model_dir)),
             num_visual_tokens(load_config_json(model_dir)),
             max_model_len,
             oft_checkpoint_spec(model_dir),
+            pi0,
         )
 
     def prompt_token_ids(self, instruction: str) -> list[int]:
@@ -227,23 +237,39 @@ class RequestBuilder:
         keep_ratio: float | None = None,
         session_id: str | None = None,
         new_episode: bool = False,
+        noise_seed: int | None = None,
+        num_steps: int | None = None,
     ) -> EngineRequest:
-        """The request for one OFT frame: its camera views (model order) and raw state.
+        """The request for one chunk frame: its camera views (model order) and raw state.
 
-        The prompt is OpenVLA's with OFT's proprio slot, placeholders and stop token
-        (``oft.oft_prompt_token_ids``); the state travels un-normalised in ``extra_args``
-        (the model normalises it with the checkpoint's statistics); one token is asked for.
+        OFT: the prompt is OpenVLA's with OFT's proprio slot, placeholders and stop token
+        (``oft.oft_prompt_token_ids``). pi0: openpi's ``BOS + text + "\\n"``
+        (``pi0_spec.pi0_prompt_token_ids``), the present cameras only (a camera left out is
+        a masked one), ``noise_seed`` / ``num_steps`` in ``extra_args``. The state travels
+        un-normalised in ``extra_args`` (the model normalises it with the checkpoint's
+        statistics); one token is asked for.
         """
         from vllm_vla_pruner.engine.plan import KEY_STATE
-        from vllm_vla_pruner.oft import oft_prompt_token_ids
+        from vllm_vla_pruner.engine.settings import KEY_NOISE_SEED, KEY_NUM_STEPS
 
-        if self.oft is None:
-            raise ValueError("build_chunk needs an OpenVLA-OFT checkpoint")
-        ids = oft_prompt_token_ids(self.prompt_token_ids(instruction), self.oft)
+        if self.pi0 is not None:
+            from vllm_vla_pruner.pi0_spec import pi0_prompt_token_ids
+
+            ids = pi0_prompt_token_ids(self.tokenizer, instruction, self.pi0.max_token_len)
+        elif self.oft is not None:
+            from vllm_vla_pruner.oft import oft_prompt_token_ids
+
+            ids = oft_prompt_token_ids(self.prompt_token_ids(instruction), self.oft)
+        else:
+            raise ValueError("build_chunk needs an OpenVLA-OFT or pi0 checkpoint")
         self._check_fits(ids, 1, images=len(images))
         xargs = pruning_extra_args(method, keep_ratio, session_id, new_episode)
         if state is not None:
             xargs[KEY_STATE] = [float(x) for x in state]
+        if noise_seed is not None:
+            xargs[KEY_NOISE_SEED] = int(noise_seed)
+        if num_steps is not None:
+            xargs[KEY_NUM_STEPS] = int(num_steps)
         return EngineRequest(
             prompt={
                 "prompt_token_ids": ids,

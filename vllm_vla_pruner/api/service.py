@@ -25,6 +25,7 @@ from vllm_vla_pruner.api.protocol import (
     ApiError,
     ChunkInfo,
     InfoResponse,
+    Pi0Info,
     PruningReport,
     PruningSettings,
     ServiceLimits,
@@ -104,7 +105,11 @@ class ActionService:
             if hf_config is not None
             else getattr(model_config, "hf_config", None) or load_config_json(self.model_dir)
         )
-        if decoder is None:
+        from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint, pi0_spec
+
+        #: A pi0-style flow-matching checkpoint's contract (None: OpenVLA / OFT).
+        self.pi0 = pi0_spec(self.model_dir) if is_pi0_checkpoint(self.model_dir) else None
+        if decoder is None and self.pi0 is None:  # pi0 answers chunks: no token decoder
             from pathlib import Path
 
             from vllm_vla_pruner.actions import ActionDecoder
@@ -123,7 +128,11 @@ class ActionService:
         self.max_model_len = max_model_len or getattr(model_config, "max_model_len", None)
         self.pruning_defaults = dict(pruning_defaults or {})
         self._init_oft()
-        if self.oft is None:
+        if self.pi0 is not None:
+            # One norm-stats asset per checkpoint (openpi's assets/<asset_id>/).
+            self.unnorm_keys = [self.pi0.asset_id]
+            self.action_dims = {self.pi0.asset_id: self.pi0.robot_action_dim}
+        elif self.oft is None:
             self.unnorm_keys = self._unnorm_keys()
             self.action_dims = {k: int(decoder.action_dim(k)) for k in self.unnorm_keys}
         else:
@@ -142,7 +151,9 @@ class ActionService:
 
         self.oft = oft_checkpoint_spec(self.model_dir)
         self.cameras: tuple[str, ...] | None = None
-        if self.oft is not None:
+        if self.pi0 is not None:
+            self.cameras = self.pi0.cameras
+        elif self.oft is not None:
             cfg = load_config_json(Path(self.model_dir))
             self.cameras = oft_camera_names(self.oft.num_images, cfg)
 
@@ -194,12 +205,19 @@ class ActionService:
         """The request builder the benchmarks share (built once the tokenizer is known)."""
         if self._builder is None:
             self._builder = RequestBuilder(
-                self.decoder, self.tokenizer, self.num_visual, self.max_model_len, self.oft
+                self.decoder,
+                self.tokenizer,
+                self.num_visual,
+                self.max_model_len,
+                self.oft,
+                self.pi0,
             )
         return self._builder
 
     @property
     def default_unnorm_key(self) -> str | None:
+        if self.pi0 is not None:
+            return self.pi0.asset_id
         if self.oft is not None:
             return self.oft.unnorm_key
         return self.decoder.default_unnorm_key
@@ -207,17 +225,28 @@ class ActionService:
     @property
     def num_cameras(self) -> int:
         """Camera views one request takes (the openpi route reads this)."""
+        if self.pi0 is not None:
+            return self.pi0.num_cameras
         return self.oft.num_images if self.oft is not None else 1
 
     @property
     def state_dim(self) -> int:
         """Proprio state length one request takes; 0: none (AR OpenVLA)."""
+        if self.pi0 is not None:
+            return self.pi0.state_dim
         return self.oft.proprio_dim if self.oft is not None else 0
 
     @property
     def visual_tokens_total(self) -> int:
-        """Visual tokens of one request: every camera view's (OFT) or the one frame's."""
-        return self.num_visual * (self.oft.num_images if self.oft is not None else 1)
+        """Visual tokens of one request: every camera view's (OFT, pi0) or the one frame's."""
+        return self.num_visual * self.num_cameras
+
+    @property
+    def chunk_len(self) -> int | None:
+        """Rows of a chunk answer (OFT chunk, pi0 horizon); None: one action (AR)."""
+        if self.pi0 is not None:
+            return self.pi0.horizon
+        return self.oft.chunk if self.oft is not None else None
 
     # -- validation
 
@@ -269,7 +298,8 @@ class ActionService:
             "unnorm_keys": self.unnorm_keys or None,
             "cameras": list(self.cameras) if self.cameras is not None else None,
             "state_dim": self.state_dim,
-            "chunk": self.oft.chunk if self.oft is not None else None,
+            "chunk": self.chunk_len,
+            "flow": self.pi0 is not None,
         }
 
     # -- the call
@@ -322,7 +352,7 @@ class ActionService:
         model = self.check_model(req.model)
         key = self.resolve_unnorm_key(req.unnorm_key)
         sid = self.resolve_session(req, session_header)
-        if self.oft is not None:
+        if self.chunk_len is not None:
             images = await asyncio.to_thread(self._decode_views, req.images or {})
             return await self.predict_chunk(
                 images,
@@ -335,6 +365,8 @@ class ActionService:
                 model=model,
                 started=t0,
                 execute_steps=req.execute_steps,
+                noise_seed=req.noise_seed,
+                num_steps=req.num_steps,
             )
         image = await asyncio.to_thread(decode_image, req.image, self.limits)
         return await self.predict_image(
@@ -368,10 +400,11 @@ class ActionService:
         or ``api/openpi/observations.py``).
         """
         t0 = time.perf_counter() if started is None else started
-        if self.oft is not None:
+        if self.chunk_len is not None:
+            kind = "pi0" if self.pi0 is not None else "OpenVLA-OFT"
             raise ApiError(
                 422,
-                "image: this model (OpenVLA-OFT) takes every camera view and a state "
+                f"image: this model ({kind}) takes camera views and a state "
                 "(predict_chunk), not one frame",
                 field="image",
             )
@@ -419,6 +452,8 @@ class ActionService:
         model: str | None = None,
         started: float | None = None,
         execute_steps: int | None = None,
+        noise_seed: int | None = None,
+        num_steps: int | None = None,
     ) -> ActionChunkResponse:
         """Decoded camera views (model order) + state + instruction -> one OFT action chunk.
 
@@ -426,10 +461,12 @@ class ActionService:
         worker in the final output's ``kv_transfer_params`` (``ActionChunk``); the inputs
         must already be validated (``parse_action_request`` with :meth:`validation_context`).
         ``execute_steps``: answer only the chunk's first rows, the ones the robot executes
-        before asking again (the engine request is the same).
+        before asking again (the engine request is the same). pi0: ``images`` holds the
+        present cameras only, in model order (a camera left out is masked); ``noise_seed`` /
+        ``num_steps`` reach the flow.
         """
         t0 = time.perf_counter() if started is None else started
-        if self.oft is None:
+        if self.chunk_len is None:
             raise ApiError(
                 422,
                 "images: this model takes one camera frame in 'image' (an autoregressive "
@@ -438,7 +475,7 @@ class ActionService:
             )
         model = self.check_model(model)
         key = self.resolve_unnorm_key(unnorm_key)
-        rows = check_execute_steps(execute_steps, self.oft.chunk)
+        rows = check_execute_steps(execute_steps, self.chunk_len)
         request = self.builder.build_chunk(
             instruction,
             list(images),
@@ -447,6 +484,8 @@ class ActionService:
             keep_ratio=pruning.keep_ratio if pruning else None,
             session_id=session_id,
             new_episode=new_episode,
+            noise_seed=noise_seed,
+            num_steps=num_steps,
         )
         out, request_id, t_pre = await self._generate(request)
         chunk = ActionChunk.from_public(getattr(out, "kv_transfer_params", None))
@@ -470,6 +509,8 @@ class ActionService:
         """Base64 views -> RGB images in the model's camera order; errors name the camera."""
         out = []
         for cam in self.cameras or ():
+            if self.pi0 is not None and cam not in images:
+                continue  # a masked pi0 camera (the body names at least one)
             try:
                 out.append(decode_image(images[cam], self.limits))
             except ApiError as err:
@@ -633,6 +674,20 @@ class ActionService:
                 "max_model_len": int(self.max_model_len or 0),
             },
             oft=self._chunk_info(),
+            pi0=self._pi0_info(),
+        )
+
+    def _pi0_info(self) -> Pi0Info | None:
+        if self.pi0 is None:
+            return None
+        return Pi0Info(
+            cameras=list(self.pi0.cameras),
+            state_dim=self.pi0.state_dim,
+            horizon=self.pi0.horizon,
+            action_dim=self.pi0.robot_action_dim,
+            num_steps=self.pi0.num_steps,
+            normalization="z-score (mean/std)",
+            unnorm_key=self.pi0.asset_id,
         )
 
     def _chunk_info(self) -> ChunkInfo | None:
