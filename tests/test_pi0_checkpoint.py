@@ -125,3 +125,22 @@ def test_oracle_keep_all_equals_unpruned_and_pruning_changes(ref):
     assert (half.normalized - base.normalized).abs().max() > 1e-4
     scores = ref.action_scores(base, 3, m)
     assert scores.shape == (m,) and 0.0 < float(scores.sum()) < 1.0
+
+
+def test_flops_model_reproduces_pi0_spec_numbers():
+    """metrics.flow_chunk_flops on pi0's published dims gives the spec's split (prefix LM
+    ~3.3 TFLOPs, towers ~0.66, ten denoising steps ~0.38) and whole-chunk ratios at keep
+    0.5 / 0.25 / 0.125 after layer 3 of 18 (~0.69 / 0.54 / 0.47)."""
+    from vllm_vla_pruner.metrics import ModelDims, flow_chunk_flops, vit_flops
+
+    lm = ModelDims(2048, 16384, 8, 1, 18, 256)
+    expert = ModelDims(1024, 4096, 8, 1, 18, 256)
+    vision = 3 * (vit_flops(1152, 4304, 27, 256) + 2 * 1152 * 2048 * 256)
+    full = flow_chunk_flops(lm, expert, 816, 816, 3, 51, 10, vision)
+    assert abs(full["prefix"] / 1e12 - 3.3) < 0.05
+    assert abs(full["vision"] / 1e12 - 0.66) < 0.01
+    assert abs(full["denoise"] / 1e12 - 0.38) < 0.01
+    for keep, ratio in ((0.5, 0.69), (0.25, 0.54), (0.125, 0.47)):
+        kept = 816 - 768 + round(768 * keep)
+        part = flow_chunk_flops(lm, expert, 816, kept, 3, 51, 10, vision)
+        assert abs(part["total"] / full["total"] - ratio) < 0.01

@@ -38,6 +38,8 @@ __all__ = [
     "prefill_flops",
     "render",
     "start_metrics_server",
+    "flow_chunk_flops",
+    "vit_flops",
 ]
 
 #: Robot control loops run at 1-50 Hz: resolve 5 ms .. 10 s.
@@ -80,26 +82,76 @@ class ModelDims:
         )
 
 
-def layer_flops(dims: ModelDims, tokens: int) -> float:
-    """FLOPs of one decoder layer over a ``tokens``-row causal prefill (2 per multiply-add).
-
-    Per token: q/o projections ``2*2*h*Hq*D``, k/v ``2*2*h*Hkv*D``, SwiGLU MLP ``2*3*h*I``;
-    attention: QK^T and AV over the causal triangle, ``2*2*Hq*D`` per (query, visible key)
-    pair, ``n(n+1)/2`` pairs.
-    """
-    h, n = dims.hidden, int(tokens)
+def _widths(dims: ModelDims) -> tuple[int, int, float]:
+    """(query width, kv width, matmul FLOPs per token of one layer's projections and MLP)."""
+    h = dims.hidden
     d = dims.head_dim or h // dims.num_heads
     q_width, kv_width = dims.num_heads * d, dims.num_kv_heads * d
-    per_token = 2 * (2 * h * q_width + 2 * h * kv_width + 3 * h * dims.intermediate)
-    return float(n * per_token + 2 * 2 * q_width * n * (n + 1) / 2)
+    return q_width, kv_width, 2 * (2 * h * q_width + 2 * h * kv_width + 3 * h * dims.intermediate)
 
 
-def prefill_flops(dims: ModelDims, tokens: int, kept_tokens: int, layer_k: int) -> float:
+def layer_flops(dims: ModelDims, tokens: int, bidirectional: bool = False) -> float:
+    """FLOPs of one decoder layer over a ``tokens``-row prefill (2 per multiply-add).
+
+    Per token: q/o projections ``2*2*h*Hq*D``, k/v ``2*2*h*Hkv*D``, gated MLP (SwiGLU,
+    GeGLU) ``2*3*h*I``; attention: QK^T and AV, ``2*2*Hq*D`` per (query, visible key) pair:
+    ``n(n+1)/2`` pairs causal, ``n^2`` for a bidirectional block (pi0's prefix).
+    """
+    n = int(tokens)
+    q_width, _, per_token = _widths(dims)
+    pairs = n * n if bidirectional else n * (n + 1) / 2
+    return float(n * per_token + 2 * 2 * q_width * pairs)
+
+
+def prefill_flops(
+    dims: ModelDims, tokens: int, kept_tokens: int, layer_k: int, bidirectional: bool = False
+) -> float:
     """Decoder FLOPs of one prefill: layers < K see ``tokens`` rows, layers >= K
     ``kept_tokens`` (``tokens`` minus the pruned visual tokens)."""
-    return layer_k * layer_flops(dims, tokens) + (dims.num_layers - layer_k) * layer_flops(
-        dims, kept_tokens
+    return layer_k * layer_flops(dims, tokens, bidirectional) + (
+        dims.num_layers - layer_k
+    ) * layer_flops(dims, kept_tokens, bidirectional)
+
+
+def vit_flops(width: int, mlp: int, depth: int, tokens: int) -> float:
+    """One ViT tower over ``tokens`` patches: 4 d x d projections, a 2-layer MLP, full
+    attention (never pruned: the visual tokens are made before the LM)."""
+    n = int(tokens)
+    per_token = 2 * (4 * width * width + 2 * width * mlp)
+    return float(depth * (n * per_token + 2 * 2 * width * n * n))
+
+
+def flow_chunk_flops(
+    lm: ModelDims,
+    expert: ModelDims,
+    tokens: int,
+    kept_tokens: int,
+    layer_k: int,
+    suffix: int,
+    steps: int,
+    vision: float = 0.0,
+    heads_per_step: float = 0.0,
+) -> dict[str, float]:
+    """A pi0-style chunk: the bidirectional prefix prefill (:func:`prefill_flops`), then
+    ``steps`` expert passes over ``suffix`` rows that attend to the prefix keys of each layer
+    (all ``tokens`` before layer K, ``kept_tokens`` from K on) and to the suffix;
+    ``vision``: the towers' FLOPs, ``heads_per_step``: the action/time projections'.
+    Returns the parts and their ``total``."""
+    prefix = prefill_flops(lm, tokens, kept_tokens, layer_k, bidirectional=True)
+    q_width, _, per_token = _widths(expert)
+    keys = layer_k * tokens + (expert.num_layers - layer_k) * kept_tokens
+    per_step = (
+        expert.num_layers * (suffix * per_token + 2 * 2 * q_width * suffix * suffix)
+        + 2 * 2 * q_width * suffix * keys
+        + heads_per_step
     )
+    denoise = float(steps * per_step)
+    return {
+        "vision": float(vision),
+        "prefix": prefix,
+        "denoise": denoise,
+        "total": float(vision) + prefix + denoise,
+    }
 
 
 def flops_saved(

@@ -514,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out",
         default="benchmarks/results",
-        help="where engine.md/json go (an OFT checkpoint: engine-oft.md/json in <out>/engine-oft)",
+        help="where engine.md/json go (an OFT checkpoint: engine-oft.md/json in <out>/engine-oft; "
+        "a pi0 checkpoint: engine-pi0.md/json in <out>/engine-pi0)",
     )
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
@@ -527,6 +528,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     model = args.model
+    from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint
+
+    if model is not None and is_pi0_checkpoint(model):  # whole-chunk time, engine-pi0.md/json
+        from vllm_vla_pruner.research.bench.engine_bench_pi0 import run_pi0
+
+        keep = tuple(k for k in args.keep if k < 1.0)
+        run_pi0(
+            model,
+            Path(args.out) / "engine-pi0",
+            tuple(args.batch),
+            keep,
+            tuple(args.methods),
+            args.repeats,
+        )
+        return 0
     if model is not None and is_oft_checkpoint(model):
         out = Path(args.out) / "engine-oft"
         ar = args.ar_model

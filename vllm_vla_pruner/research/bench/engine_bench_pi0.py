@@ -1,0 +1,267 @@
+"""``vla-pruner bench engine --model <pi0 checkpoint>``: whole-chunk time pruned vs unpruned.
+
+For each batch size, pruner and keep ratio: the wall time of one chunk request per robot
+(SigLIP towers, the prefix prefill through paged attention, the expert's Euler steps, all in
+one engine step), median of interleaved repetitions against ``none`` measured in the same run;
+beside it the FLOPs-ideal speedup of the whole chunk (``metrics.flow_chunk_flops``: towers,
+bidirectional prefix, denoising over the smaller prefix), the worker's time split between
+the prefix pass and the denoising loop, the scoring + selection share, and the KV blocks the
+engine allocated per request. Prompts fill pi0's 48 language slots (a long instruction,
+truncated as openpi does), so the prefix has pi0's row count. Writes engine-pi0.md/json.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from vllm_vla_pruner.config import load_config_json, num_visual_tokens
+from vllm_vla_pruner.metrics import ModelDims, flow_chunk_flops, vit_flops
+from vllm_vla_pruner.research.bench.engine_bench import (
+    _loadavg,
+    kv_summary,
+    kv_table_lines,
+    share_of_ideal,
+)
+
+#: Long enough to fill pi0's 48 language slots with the bench tokenizer.
+INSTRUCTION = (
+    "pick up the red block from the table and put it in the top drawer of the wooden "
+    "cabinet next to the blue bowl then close the drawer and move the gripper back to the "
+    "middle of the table above the plate"
+)
+#: Issue 17's target: the pruned chunk at keep 0.25 realises >= 90% of the FLOPs-ideal gain.
+PI0_TARGET_SHARE = 0.9
+
+
+def pi0_flops(cfg: dict[str, Any], rows: int, kept_rows: int, steps: int, images: int) -> dict:
+    """The one FLOPs model (``metrics``) on a pi0 config: towers, prefix, denoising."""
+    pi0 = cfg["pi0"]
+    lm = ModelDims.from_config(cfg)
+    ex = pi0["expert"]
+    expert = ModelDims(
+        ex["width"], ex["mlp_dim"], ex["num_heads"], ex["num_kv_heads"], ex["depth"], ex["head_dim"]
+    )
+    t = cfg["vision_towers"][0]
+    n = num_visual_tokens(cfg)
+    width = cfg["text_config"]["hidden_size"]
+    vision = images * (
+        vit_flops(t["width"], t["mlp_hidden"], t["depth"], n) + 2 * t["width"] * width * n
+    )
+    we, a, h = ex["width"], pi0["action_dim"], pi0["action_horizon"]
+    heads = 2 * h * (a * we + 2 * we * we + we * we + we * a) + 2 * a * we
+    return flow_chunk_flops(lm, expert, rows, kept_rows, lm_k(cfg), 1 + h, steps, vision, heads)
+
+
+def lm_k(cfg: dict[str, Any]) -> int:
+    from vllm_vla_pruner.engine.settings import PruningSettings
+
+    return PruningSettings.resolve(cfg.get("vla_pruner")).layer
+
+
+def _images(n: int, side: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n)
+    ]
+
+
+def run_pi0(
+    model_dir: str | Path,
+    out_dir: str | Path = "benchmarks/results/engine-pi0",
+    batch_sizes: tuple[int, ...] = (1, 8),
+    keep_ratios: tuple[float, ...] = (0.5, 0.25, 0.125),
+    methods: tuple[str, ...] = ("vlapruner", "fastv"),
+    repeats: int = 3,
+    progress: bool = True,
+    print_table: bool = True,
+) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from vllm_vla_pruner.engine.local import decoder_report, kv_layout, make_llm, shutdown_llm
+    from vllm_vla_pruner.engine.plan import KEY_STATE, ActionChunk, PruningResult
+    from vllm_vla_pruner.engine.settings import KEY_NOISE_SEED, PruningSettings
+    from vllm_vla_pruner.pi0_spec import pi0_prompt_token_ids, pi0_spec
+
+    cfg = load_config_json(model_dir)
+    spec = pi0_spec(model_dir)
+    m = num_visual_tokens(cfg) * spec.num_cameras
+    side = cfg["image_sizes"][0]
+    ids = pi0_prompt_token_ids(
+        AutoTokenizer.from_pretrained(str(model_dir)), INSTRUCTION, spec.max_token_len
+    )
+    rows_total = len(ids) + m
+    settings = PruningSettings.resolve(cfg.get("vla_pruner"))
+    layer_k, window = settings.layer, settings.window
+    llm = make_llm(model_dir, max_num_seqs=max(batch_sizes))
+    layout = kv_layout(llm)
+    state = [0.0] * spec.state_dim
+    configs = [("none", 1.0)] + [(meth, r) for meth in methods for r in keep_ratios if r < 1.0]
+    session_seq = iter(range(10**9))
+
+    def step(batch: int, method: str, ratio: float, sessions: list[str], seed: int):
+        params = []
+        for i, s in enumerate(sessions):
+            xa: dict[str, Any] = {KEY_STATE: state, "vla_session_id": s, KEY_NOISE_SEED: seed + i}
+            if method != "none":
+                xa.update(vla_pruner=method, vla_keep_ratio=ratio)
+            params.append(SamplingParams(max_tokens=1, temperature=0.0, extra_args=xa))
+        prompts = [
+            {
+                "prompt_token_ids": ids,
+                "multi_modal_data": {"image": _images(spec.num_cameras, side, seed * 100 + b)},
+            }
+            for b in range(batch)
+        ]
+        before = decoder_report(llm)["stats"]
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        after = decoder_report(llm)["stats"]
+        chunks = [ActionChunk.from_public(o.kv_transfer_params) for o in outs]
+        if any(c is None or c.error for c in chunks):
+            raise RuntimeError(f"{method} {ratio}: a request returned no chunk: {chunks}")
+        res = [PruningResult.from_public(o.kv_transfer_params) for o in outs]
+        kept = [r.outcome.visual_tokens_kept if r and r.outcome.pruned else m for r in res]
+        history = [bool(r and r.outcome.used_history) for r in res]
+
+        def delta(key: str) -> float:
+            return float(after["extra"].get(key, 0.0) - before["extra"].get(key, 0.0))
+
+        select = after["select_seconds"] - before["select_seconds"]
+        return wall, select, delta("pi0_prefix_s"), delta("pi0_denoise_s"), kept, history
+
+    results: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=len(batch_sizes) * len(configs) * (repeats + 1),
+        desc="bench engine pi0",
+        disable=not progress,
+    )
+    for batch in batch_sizes:
+        sessions = {c: [f"pi0-{next(session_seq)}" for _ in range(batch)] for c in configs}
+        for c in configs:  # VLA-Pruner: the sessions' warm-up window, then one pruned frame
+            for frame in range(window + 1 if c[0] == "vlapruner" else 1):
+                step(batch, *c, sessions[c], seed=frame)
+            bar.update(1)
+        keys = ("wall", "select", "prefix", "denoise", "kept", "history")
+        samples = {c: {k: [] for k in keys} for c in configs}
+        for rep in range(repeats):
+            for c in configs:  # interleaved: drift hits every configuration alike
+                wall, sel, pre, den, kept, hist = step(batch, *c, sessions[c], seed=100 + rep)
+                s = samples[c]
+                s["wall"].append(wall)
+                s["select"].append(sel / wall)
+                s["prefix"].append(pre)
+                s["denoise"].append(den)
+                s["kept"] += kept
+                s["history"] += hist
+                bar.update(1)
+        base = statistics.median(samples[("none", 1.0)]["wall"])
+        base_den = statistics.median(samples[("none", 1.0)]["denoise"])
+        full = pi0_flops(cfg, rows_total, rows_total, spec.num_steps, spec.num_cameras)
+        for c in configs:
+            method, ratio = c
+            s = samples[c]
+            wall = statistics.median(s["wall"])
+            kept = round(statistics.median(s["kept"]))
+            flops = pi0_flops(
+                cfg, rows_total, rows_total - (m - kept), spec.num_steps, spec.num_cameras
+            )
+            ideal = full["total"] / flops["total"]
+            speed = base / wall
+            den = statistics.median(s["denoise"])
+            results.append(
+                {
+                    "batch": batch,
+                    "method": method,
+                    "keep_ratio": ratio,
+                    "visual_tokens_kept": kept,
+                    "used_history": sum(s["history"]) / len(s["history"]),
+                    "chunk_ms": 1000 * wall,
+                    "prefix_ms": 1000 * statistics.median(s["prefix"]),
+                    "denoise_ms": 1000 * den,
+                    "chunks_per_s": batch / wall,
+                    "chunk_speedup": speed,
+                    "denoise_speedup": base_den / den if den else None,
+                    "flops_ideal_speedup": ideal,
+                    "flops_ideal_denoise_speedup": full["denoise"] / flops["denoise"],
+                    "share_of_ideal": share_of_ideal(speed, ideal),
+                    "select_share": statistics.median(s["select"]),
+                    "gflops": {k: v / 1e9 for k, v in flops.items()},
+                }
+            )
+    bar.close()
+    kv = kv_summary(decoder_report(llm)["kv_blocks"], layout)
+    shutdown_llm(llm)
+    out: dict[str, Any] = {
+        "model": str(model_dir),
+        "cameras": spec.num_cameras,
+        "visual_tokens": m,
+        "prompt_rows": rows_total,
+        "horizon": spec.horizon,
+        "action_dim": spec.action_dim,
+        "num_steps": spec.num_steps,
+        "layer_k": layer_k,
+        "window": window,
+        "repeats": repeats,
+        "load_before": _loadavg(),
+        "results": results,
+        "kv": kv,
+    }
+    out["load_after"] = _loadavg()
+    out["targets"] = [
+        {
+            "target": f"batch {r['batch']} {r['method']} keep 0.25: whole chunk >= 90% of "
+            "FLOPs-ideal speedup",
+            "value": r["share_of_ideal"],
+            "met": r["share_of_ideal"] is not None and r["share_of_ideal"] >= PI0_TARGET_SHARE,
+        }
+        for r in results
+        if r["method"] != "none" and r["keep_ratio"] == 0.25
+    ]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "engine-pi0.json").write_text(json.dumps(out, indent=2))
+    table = markdown_pi0(out)
+    (out_dir / "engine-pi0.md").write_text(table)
+    if print_table:
+        print(table)
+    return out
+
+
+def markdown_pi0(out: dict[str, Any]) -> str:
+    lines = [
+        f"pi0 engine benchmark: {out['model']} — {out['cameras']} cameras, "
+        f"{out['visual_tokens']} visual tokens, {out['prompt_rows']} prefix rows, horizon "
+        f"{out['horizon']} x {out['action_dim']}, {out['num_steps']} Euler steps, "
+        f"K={out['layer_k']}, median of {out['repeats']} interleaved runs; load average before "
+        f"{out['load_before']}, after {out['load_after']} (2 shared cores).",
+        "",
+        "| batch | method | keep | kept | chunk ms | prefix ms | denoise ms | chunks/s "
+        "| chunk speedup | FLOPs-ideal | share of ideal | denoise speedup | denoise ideal "
+        "| select share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in out["results"]:
+        share = "-" if r["share_of_ideal"] is None else f"{100 * r['share_of_ideal']:.0f}%"
+        den = "-" if r["denoise_speedup"] is None else f"{r['denoise_speedup']:.2f}x"
+        lines.append(
+            f"| {r['batch']} | {r['method']} | {r['keep_ratio']} | {r['visual_tokens_kept']} "
+            f"| {r['chunk_ms']:.1f} | {r['prefix_ms']:.1f} | {r['denoise_ms']:.1f} "
+            f"| {r['chunks_per_s']:.2f} | {r['chunk_speedup']:.2f}x "
+            f"| {r['flops_ideal_speedup']:.2f}x | {share} | {den} "
+            f"| {r['flops_ideal_denoise_speedup']:.2f}x | {100 * r['select_share']:.2f}% |"
+        )
+    lines += ["", "| target | value | |", "|---|---|---|"]
+    for t in out["targets"]:
+        v = "-" if t["value"] is None else f"{100 * t['value']:.1f}%"
+        lines.append(f"| {t['target']} | {v} | {'met' if t['met'] else 'missed'} |")
+    return "\n".join(lines + kv_table_lines(out["kv"])) + "\n"
