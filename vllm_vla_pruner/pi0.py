@@ -9,16 +9,18 @@ a false image mask removes its tokens from every key set and from the position c
 leaving it out computes the same chunk without paying for its 256 rows; likewise the language
 padding to ``max_token_len``). In the request's prefill forward:
 
-* the prefix runs through the Gemma LM's vLLM layers as a prefill: the attention kernel writes
-  every prefix row's K/V into the paged cache, and the rows' outputs are recomputed over the
-  whole prefix without a mask (``engine.action_block``: the prefix is one bidirectional
-  block); RoPE positions follow pi0's order (images first, then BOS and the text);
+* the prefix runs through the Gemma LM's vLLM layers as a prefill through paged attention:
+  the kernel writes every prefix row's K/V into the paged cache and, the step's attention
+  metadata being rebuilt with ``causal=False`` (``PrunedDecoder.prefix_lm``), attends over
+  the whole prefix in both directions (pi0's prefix is one block); RoPE positions follow
+  pi0's order (images first, then BOS and the text);
 * with pruning (``engine.runtime.PrunedDecoder``), layers >= K run only the kept visual rows
   and keep KV only for them;
 * each layer's K/V of the request's (kept) prefix rows is handed to the model
   (``kv_sink``), and then the action expert runs ``num_steps`` Euler steps (t = 1 -> 0,
   dt = -1/N, noise from the request's seed) over each request's suffix (state token + H
-  action tokens), attending to that prefix K/V and its own rows, batched over the requests;
+  action tokens), attending to that prefix K/V and its own rows, batched over the requests
+  (padded prefixes, one masked attention per layer and step);
 * the expert's action queries' attention to the visual keys at the action layer, averaged
   over the steps, is the request's VLA-Pruner action signal (into the robot's history);
 * the un-normalised chunk goes out as an :class:`ActionChunk` on the step channel (the
@@ -301,6 +303,7 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
         self.action_time_mlp_out = nn.Linear(we, we)
         self.action_out_proj = nn.Linear(we, a)
         self._step_ids: torch.Tensor | None = None
+        self._fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
         from vllm_vla_pruner.engine.runtime import PrunedDecoder
 
@@ -450,30 +453,50 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
         for steps, group in by_steps.items():
             self._denoise_group(group, steps)
 
-    def _prefix_kv(self, group: list[_Prefill], layer: int):
-        """[B, Hkv, N, D] K and V of the group's prefixes at ``layer`` (padded), key mask."""
+    def _prefix_kv(self, group: list[_Prefill], layer: int, s: int):
+        """The group's prefix K/V at ``layer`` in [B, Hkv, N + S, D] buffers (padded to the
+        longest prefix N, the last S slots left for the suffix's own K/V at each step) and the
+        [B, 1, S, N + S] attention mask (padding never a key; the state row does not see the
+        action rows)."""
         kv = [p.kv[layer] for p in group]
         n = max(k.shape[0] for k, _ in kv)
         b, hkv, d = len(group), self.num_kv_heads, self.head_dim
         ref = kv[0][0]
-        keys = ref.new_zeros(b, n, hkv * d)
-        vals = ref.new_zeros(b, n, hkv * d)
-        valid = torch.zeros(b, n, dtype=torch.bool, device=ref.device)
+        keys = ref.new_zeros(b, hkv, n + s, d)
+        vals = ref.new_zeros(b, hkv, n + s, d)
+        mask = torch.ones(b, 1, s, n + s, dtype=torch.bool, device=ref.device)
         for j, (k, v) in enumerate(kv):
-            keys[j, : k.shape[0]], vals[j, : v.shape[0]] = k, v
-            valid[j, : k.shape[0]] = True
-        return (
-            keys.view(b, n, hkv, d).transpose(1, 2),
-            vals.view(b, n, hkv, d).transpose(1, 2),
-            valid,
-        )
+            rows = k.shape[0]
+            keys[j, :, :rows] = k.view(rows, hkv, d).transpose(0, 1)
+            vals[j, :, :rows] = v.view(rows, hkv, d).transpose(0, 1)
+            mask[j, :, :, rows:n] = False
+        mask[:, :, 0, n + 1 :] = False
+        return keys, vals, mask, n
+
+    def _fused_expert(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per expert layer, q|k|v and gate|up weights stacked (one matmul each per step)."""
+        if getattr(self, "_fused", None) is None:
+            self._fused = [
+                (
+                    torch.cat(
+                        [
+                            lyr.self_attn.q_proj.weight,
+                            lyr.self_attn.k_proj.weight,
+                            lyr.self_attn.v_proj.weight,
+                        ]
+                    ).detach(),
+                    torch.cat([lyr.mlp.gate_proj.weight, lyr.mlp.up_proj.weight]).detach(),
+                )
+                for lyr in self.expert.layers
+            ]
+        return self._fused
 
     def _denoise_group(self, group: list[_Prefill], steps: int) -> None:
         spec, decoder = self.spec, self.pruned_decoder
         device, dtype = self.action_in_proj.weight.device, self.action_in_proj.weight.dtype
         b, h, s = len(group), spec.horizon, spec.suffix_len
-        num_layers = len(self.expert.layers)
-        prefix = [self._prefix_kv(group, i) for i in range(num_layers)]
+        prefix = [self._prefix_kv(group, i, s) for i in range(len(self.expert.layers))]
+        fused = self._fused_expert()
         act_layer = decoder.action_layer
         track = [p.req.plan is not None and p.req.plan.track_actions for p in group]
         attn_sum = None
@@ -481,13 +504,12 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
         prefix_len = torch.tensor([p.end - p.start for p in group], device=device)
         pos = (prefix_len[:, None] + torch.arange(s, device=device)[None]).flatten()
         rope = self.language_model.model.layers[0].self_attn.rotary_emb
-        suffix_vis = torch.ones(s, s, dtype=torch.bool, device=device)
-        suffix_vis[0, 1:] = False  # the state token does not see the action tokens
         x = torch.stack([pi0_noise(p.seed, h, spec.action_dim) for p in group]).to(device, dtype)
         states = torch.stack([self.normalizer.state(p.req.state) for p in group]).to(device, dtype)
         state_emb = self.state_proj(states)[:, None]
         dt = -1.0 / steps
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qs, kvs = hq * d, hkv * d
         for k_step in range(steps):
             te = time_embedding(1.0 - k_step / steps, spec.expert_width).to(device, dtype)
             a = self.action_in_proj(x)
@@ -495,33 +517,29 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
             mixed = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(mixed)))
             hid = torch.cat([state_emb, mixed], 1)  # [B, S, We]
             for i, layer in enumerate(self.expert.layers):
-                attn = layer.self_attn
-                xn = layer.input_layernorm(hid)
-                q = attn.q_proj(xn).reshape(b * s, hq * d).contiguous()
-                k = attn.k_proj(xn).reshape(b * s, hkv * d).contiguous()
-                v = attn.v_proj(xn).view(b, s, hkv, d).transpose(1, 2)
-                q, k = rope(pos, q, k)
+                w_qkv, w_gu = fused[i]
+                qkv = F.linear(layer.input_layernorm(hid), w_qkv).view(b * s, qs + 2 * kvs)
+                q, k, v = qkv.split([qs, kvs, kvs], -1)
+                q, k = rope(pos, q.contiguous(), k.contiguous())
                 q = q.view(b, s, hq, d).transpose(1, 2)
-                k = k.view(b, s, hkv, d).transpose(1, 2)
-                pk, pv, pvalid = prefix[i]
-                keys = torch.cat([pk, k], 2).repeat_interleave(hq // hkv, 1)
-                vals = torch.cat([pv, v], 2).repeat_interleave(hq // hkv, 1)
-                mask = torch.cat(
-                    [pvalid[:, None, :].expand(b, s, -1), suffix_vis[None].expand(b, s, s)], 2
-                )[:, None]  # [B, 1, S, N + S]
+                keys, vals, mask, n = prefix[i]
+                keys[:, :, n:] = k.view(b, s, hkv, d).transpose(1, 2)
+                vals[:, :, n:] = v.reshape(b, s, hkv, d).transpose(1, 2)
                 if i == act_layer and any(track):
-                    scores = (q.float() @ keys.float().transpose(-1, -2)) * d**-0.5
+                    g = hq // hkv
+                    kf, vf = keys.repeat_interleave(g, 1), vals.repeat_interleave(g, 1)
+                    scores = (q.float() @ kf.float().transpose(-1, -2)) * d**-0.5
                     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-                    o = (probs @ vals.float()).to(dtype)
+                    o = (probs @ vf.float()).to(dtype)
                     rows = probs.mean(1)[:, 1:]  # head mean, the action rows [B, H, N + S]
                     attn_sum = rows if attn_sum is None else attn_sum + rows
                 else:
                     o = F.scaled_dot_product_attention(
-                        q.float(), keys.float(), vals.float(), attn_mask=mask, scale=d**-0.5
-                    ).to(dtype)
-                o = o.transpose(1, 2).reshape(b, s, hq * d)
-                hid = hid + attn.o_proj(o)
-                hid = hid + layer.mlp(layer.post_attention_layernorm(hid))
+                        q, keys, vals, attn_mask=mask, scale=d**-0.5, enable_gqa=hq != hkv
+                    )
+                hid = hid + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, s, qs))
+                gate, up = F.linear(layer.post_attention_layernorm(hid), w_gu).chunk(2, -1)
+                hid = hid + layer.mlp.down_proj(F.gelu(gate, approximate="tanh") * up)
             v_t = self.action_out_proj(self.expert.norm(hid)[:, 1:])
             x = x + dt * v_t
         actions = self.normalizer.actions(x.float())

@@ -184,14 +184,26 @@ class PrunedDecoder:
         lm = self.model.language_model.model
         ctx = self.channel.current
         self.kept_now = {}
+        if self.prefix_lm and blocks and ctx is not None:
+            self._install_bidirectional_metadata(ctx)
         if ctx is None or not any(r.plan for r in ctx.requests):
             if blocks:
                 return self._plain_blocks(lm, embeds, positions, blocks, kv_sink)
             return self._plain(lm, embeds, positions)
         return self._pruned(lm, ctx, embeds, positions, blocks or [], kv_sink)
 
-    @staticmethod
+    def _block_layer(self, layer: Any, pos: torch.Tensor, hidden, residual, blocks):
+        """A layer whose blocks attend bidirectionally: (hidden, residual, q, k, v).
+
+        Prefix-LM steps run the kernel itself without the causal mask
+        (``_install_bidirectional_metadata``); other models' action blocks are recomputed
+        by hand (``action_block.layer_with_blocks``)."""
+        if self.prefix_lm:
+            return self._layer_with_qk(layer, pos, hidden, residual)
+        return layer_with_blocks(layer, pos, hidden, residual, blocks)
+
     def _plain_blocks(
+        self,
         lm: Any,
         hidden: torch.Tensor,
         positions: torch.Tensor,
@@ -200,13 +212,33 @@ class PrunedDecoder:
     ) -> torch.Tensor:
         residual = None
         for i, layer in enumerate(lm.layers):
-            hidden, residual, _, k, v = layer_with_blocks(
+            hidden, residual, _, k, v = self._block_layer(
                 layer, positions, hidden, residual, blocks
             )
             if kv_sink is not None:
                 kv_sink(i, blocks, k, v)
         hidden, _ = lm.norm(hidden, residual)
         return hidden
+
+    def _install_bidirectional_metadata(self, ctx: StepContext) -> None:
+        """Prefix-LM models (pi0): every layer attends without the causal mask in this step
+        (a prefill's whole prompt is one bidirectional block; a lone decode row sees all its
+        keys either way). vLLM's kernels take ``causal=False``; the step's recorded metadata
+        is updated too, so the compacted builds of layers >= K stay non-causal."""
+        from vllm.forward_context import get_forward_context
+
+        fc = get_forward_context()
+        for gid, groups in enumerate(ctx.runner.attn_groups):
+            cm = ctx.common_metadata.get(gid)
+            if cm is None:
+                raise RuntimeError(f"vla_pruner: no attention metadata recorded for group {gid}")
+            cm = dataclasses.replace(cm, causal=False)
+            ctx.common_metadata[gid] = cm
+            for g in groups:
+                with self.channel.not_recorded():
+                    metadata = g.build_metadata(cm, 0)
+                for n in g.layer_names:
+                    fc.attn_metadata[n] = metadata
 
     @staticmethod
     def _plain(lm: Any, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -289,7 +321,7 @@ class PrunedDecoder:
             capture_act = i == self.action_layer and bool(tracked)
             now = self._blocks_now(reqs) if blocks else []
             if now:
-                hidden, residual, q, k, v = layer_with_blocks(layer, pos, hidden, residual, now)
+                hidden, residual, q, k, v = self._block_layer(layer, pos, hidden, residual, now)
                 if kv_sink is not None:
                     kv_sink(i, now, k, v)
                 if capture_sem:
@@ -297,7 +329,7 @@ class PrunedDecoder:
                 if capture_act:
                     self._capture_actions(tracked, q, k, compacted=i >= self.K)
             elif capture_sem or capture_act:
-                hidden, residual, q, k = self._layer_with_qk(layer, pos, hidden, residual)
+                hidden, residual, q, k, _ = self._layer_with_qk(layer, pos, hidden, residual)
                 if capture_sem:
                     self._select(reqs, q, k, embeds)
                 if capture_act:
@@ -326,7 +358,7 @@ class PrunedDecoder:
         ]
 
     def _layer_with_qk(self, layer: Any, pos: torch.Tensor, hidden: torch.Tensor, residual):
-        """One Llama decoder layer, returning its post-RoPE q and k as well."""
+        """One decoder layer, returning its post-RoPE q and k and its v as well."""
         if residual is None:
             residual = hidden
             x = layer.input_layernorm(hidden)
@@ -336,11 +368,11 @@ class PrunedDecoder:
         qkv, _ = attn.qkv_proj(x)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(pos, q, k)
-        q_copy, k_copy = q.clone(), k.clone()
+        q_copy, k_copy, v_copy = q.clone(), k.clone(), v.clone()
         out = attn.attn(q, k, v)
         out, _ = attn.o_proj(out)
         x, residual = layer.post_attention_layernorm(out, residual)
-        return layer.mlp(x), residual, q_copy, k_copy
+        return layer.mlp(x), residual, q_copy, k_copy, v_copy
 
     # ------------------------------------------------------------------ selection (layer K-1)
 
