@@ -487,3 +487,62 @@ def test_fleet_backend_sends_the_http_body_to_the_sessions_replica():
     with pytest.raises(ApiError, match="instruction: too long") as info:
         asyncio.run(_fleet_backend(refused).predict_image(Image.fromarray(frame), "go"))
     assert info.value.status == 422
+
+
+# ----------------------------------------------------------------------------- pi0
+
+
+class ChunkEngine(RecordingEngine):
+    """Answers every request with a pi0 chunk (horizon x action_dim) in kv_transfer_params."""
+
+    def __init__(self, horizon: int, dim: int) -> None:
+        super().__init__()
+        self.horizon, self.dim = horizon, dim
+
+    async def generate(self, prompt, params, request_id, session_id=None):
+        from vllm_vla_pruner.engine.plan import ActionChunk
+
+        self.calls.append((prompt, params, session_id))
+        values = tuple(float(i) for i in range(self.horizon * self.dim))
+        chunk = ActionChunk(self.horizon, self.dim, values).to_public()
+        yield SimpleNamespace(
+            request_id=request_id,
+            outputs=[SimpleNamespace(token_ids=[0])],
+            metrics=None,
+            kv_transfer_params={"vla_actions": chunk},
+        )
+
+
+def test_pi0_over_openpi_masks_the_cameras_a_preset_lacks(tmp_path):
+    """A LIBERO robot (2 cameras + 8-dim state) on a 3-slot pi0 checkpoint: both cameras and
+    the state reach the engine (the third slot is a masked camera), the reply is the chunk."""
+    import hashlib
+
+    from vllm_vla_pruner.engine.plan import KEY_STATE
+    from vllm_vla_pruner.pi0_spec import pi0_prompt_token_ids
+    from vllm_vla_pruner.research.checkpoint import build_checkpoint
+
+    model = build_checkpoint("tiny-pi0", tmp_path / "pi0", seed=0)
+    engine = ChunkEngine(5, 7)
+    service = ActionService(engine, str(model), served_model_names=["pi0"])
+    app = FastAPI()
+    app.include_router(build_openpi_router())
+    server = OpenpiServer(service, OpenpiSettings(), [hashlib.sha256(b"secret").digest()])
+    setattr(app.state, STATE_KEY, server)
+    rng = np.random.default_rng(1)
+    obs = {
+        "observation/image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+        "observation/wrist_image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+        "observation/state": rng.standard_normal(8).astype(np.float32),
+        "prompt": "pick up the red block",
+    }
+    with TestClient(app) as client, client.websocket_connect("/", headers=AUTH) as ws:
+        meta = ours.unpackb(ws.receive_bytes())
+        assert meta["action"]["horizon"] == 5 and meta["action"]["dim"] == 7
+        ws.send_bytes(openpi_msgpack.packb(obs))
+        reply = openpi_msgpack.unpackb(ws.receive_bytes())
+    assert reply["actions"].shape == (5, 7)
+    prompt, params, _ = engine.calls[0]
+    assert len(prompt["multi_modal_data"]["image"]) == 2
+    assert prompt["prompt_token_ids"] == pi0_prompt_token_ids(service.tokenizer, obs["prompt"], 48)
+    assert np.allclose(params.extra_args[KEY_STATE], obs["observation/state"], atol=1e-6)

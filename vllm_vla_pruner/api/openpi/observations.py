@@ -117,6 +117,8 @@ class ModelInputs:
     cameras: int = 1
     state_dim: int = 0
     image_size: int | None = None
+    # pi0: camera slots a preset does not fill are masked cameras (not sent), not an error.
+    optional_cameras: bool = False
 
 
 @dataclass
@@ -229,7 +231,7 @@ def map_observation(
     """Pick and check what the model reads; keys it does not read are left alone."""
     if not isinstance(obs, Mapping):
         raise ObservationError("(observation)", f"expected a map, got {type(obs).__name__}")
-    if model.cameras > len(preset.cameras):
+    if model.cameras > len(preset.cameras) and not model.optional_cameras:
         raise ObservationError(
             "(preset)",
             f"preset {preset.name!r} has {len(preset.cameras)} camera(s), "

@@ -140,6 +140,7 @@ def model_inputs(service: Any) -> ModelInputs:
         cameras=int(getattr(service, "num_cameras", 1) or 1),
         state_dim=int(getattr(service, "state_dim", 0) or 0),
         image_size=getattr(service, "image_side", None),
+        optional_cameras=getattr(service, "pi0", None) is not None,
     )
 
 
@@ -243,7 +244,7 @@ class OpenpiServer:
         svc = self.service
         try:
             key = svc.resolve_unnorm_key(conn.unnorm_key)
-            horizon = svc.oft.chunk if getattr(svc, "oft", None) is not None else 1
+            horizon = getattr(svc, "chunk_len", None) or 1  # OFT chunk, pi0 horizon
             action = {"horizon": horizon, "dim": svc.action_dims[key], "unnorm_key": key}
         except ApiError:  # several keys and none chosen: every frame must name one
             action = {"horizon": 1, "dim": None, "unnorm_key": None, "dims": svc.action_dims}
@@ -318,8 +319,9 @@ class OpenpiServer:
         if "unnorm_key" in obs.extras:
             key = self._unnorm_key(obs.extras["unnorm_key"], "unnorm_key")
         views: dict[str, Any] = {"image": next(iter(obs.images.values()))}
-        if getattr(self.service, "oft", None) is not None:
-            # A chunk model (OFT): every camera in the model's order and the state.
+        if getattr(self.service, "chunk_len", None) is not None:
+            # A chunk model (OFT, pi0): the cameras in the model's order and the state (pi0:
+            # slots the preset does not fill are masked cameras).
             views = {
                 "images": list(obs.images.values()),
                 "state": None if obs.state is None else [float(x) for x in obs.state],
