@@ -140,6 +140,11 @@ def test_chunk_equals_oracle_and_seed_reproduces(server, ref, pi0_dir):
     assert again["actions"] == body["actions"]
     other = _post(server, _body(1, noise_seed=6)).json()
     assert other["actions"] != body["actions"]
+    assert body["noise_seed"] == 5
+    drawn = _post(server, _body(1)).json()  # no seed: the server draws one and says which
+    assert isinstance(drawn["noise_seed"], int)
+    replay = _post(server, _body(1, noise_seed=drawn["noise_seed"])).json()
+    assert replay["actions"] == drawn["actions"]
 
 
 def test_masked_camera_and_steps(server, ref, pi0_dir):

@@ -345,7 +345,7 @@ class ActionResponse(BaseModel):
 
 
 class ActionChunkResponse(BaseModel):
-    """Body of a successful ``POST /v1/actions`` to a parallel-decoding (OFT) checkpoint."""
+    """Body of a successful ``POST /v1/actions`` to a chunk (OFT, pi0) checkpoint."""
 
     id: str
     model: str
@@ -359,6 +359,11 @@ class ActionChunkResponse(BaseModel):
     session_id: str | None
     pruning: PruningReport
     timing: Timing
+    noise_seed: int | None = Field(
+        default=None,
+        description="Flow-matching checkpoints (pi0): the seed of this chunk's starting noise "
+        "(the request's, or the one the server drew); sending it back reproduces the chunk.",
+    )
 
 
 class ChunkInfo(BaseModel):

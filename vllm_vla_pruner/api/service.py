@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -476,6 +477,9 @@ class ActionService:
         model = self.check_model(model)
         key = self.resolve_unnorm_key(unnorm_key)
         rows = check_execute_steps(execute_steps, self.chunk_len)
+        if self.pi0 is not None and noise_seed is None:
+            # Drawn here, not in the worker, so the response can tell the robot the seed.
+            noise_seed = secrets.randbits(63)
         request = self.builder.build_chunk(
             instruction,
             list(images),
@@ -503,6 +507,7 @@ class ActionService:
             session_id=request.session_id,
             pruning=self._pruning_report(pruning, out),
             timing=self._timing(out, t0, t_pre, t_end),
+            noise_seed=noise_seed if self.pi0 is not None else None,
         )
 
     def _decode_views(self, images: Mapping[str, str]) -> list[Any]:
