@@ -114,3 +114,23 @@ def test_good_values_pass_everywhere() -> None:
         }
     )
     assert req.pruning.keep_ratio == 1.0 and req.new_episode is True
+
+
+def test_flow_settings_checked():
+    from vllm_vla_pruner.engine.settings import (
+        MAX_FLOW_STEPS,
+        InvalidPruningSetting,
+        validate_request_args,
+    )
+
+    validate_request_args({"vla_noise_seed": 0, "vla_num_steps": 10})
+    for bad in (
+        {"vla_noise_seed": -1},
+        {"vla_noise_seed": "7"},
+        {"vla_noise_seed": True},
+        {"vla_num_steps": 0},
+        {"vla_num_steps": MAX_FLOW_STEPS + 1},
+        {"vla_num_steps": 2.0},
+    ):
+        with pytest.raises(InvalidPruningSetting):
+            validate_request_args(bad)

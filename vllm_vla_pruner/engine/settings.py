@@ -28,7 +28,7 @@ REQUEST_KEYS = (KEY_METHOD, KEY_KEEP_RATIO, KEY_NEW_EPISODE, KEY_SESSION)
 KEY_NOISE_SEED = "vla_noise_seed"
 KEY_NUM_STEPS = "vla_num_steps"
 FLOW_KEYS = (KEY_NOISE_SEED, KEY_NUM_STEPS)
-MAX_FLOW_STEPS = 1000
+MAX_FLOW_STEPS = 100  # 10x pi0's default: one request's steps stall its whole batch
 #: Longest accepted session id (``vla_session_id``, the body's ``session_id``, X-Session-ID).
 MAX_SESSION_ID_CHARS = 256
 
