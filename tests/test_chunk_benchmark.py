@@ -102,3 +102,34 @@ def test_non_finite_chunk_is_an_error_not_an_action(tiny_oft: Path):
     policy = ChunkEnginePolicy(llm, tiny_oft, "none", 1.0, "t", 2)
     with pytest.raises(RuntimeError, match="non-finite"):
         policy(StepBatch([0], np.zeros((1, 0), np.uint8), ["go"], [True], [FakeEnv(0)]))
+
+
+def test_interleaved_configurations_call_the_engine_separately_in_turn(tiny_oft: Path):
+    """Each configuration's robots in their own engine call (its own time), the calls' order
+    rotating each step; episode ``e`` is configuration ``e // n`` on goal ``e % n``."""
+    from vllm_vla_pruner.research.sim.chunk_benchmark import (
+        ChunkEnginePolicy,
+        InterleavedPolicies,
+    )
+
+    llm = ChunkRecordingLLM([[0.0] * 7] * 3)
+    a = ChunkEnginePolicy(llm, tiny_oft, "none", 1.0, "a", execute_steps=1)
+    b = ChunkEnginePolicy(llm, tiny_oft, "fastv", 0.25, "b", execute_steps=1)
+    both = InterleavedPolicies([a, b], n_pairs=2)
+    envs = [FakeEnv(i) for i in range(4)]
+    callers = []
+    for step in range(3):
+        before = len(llm.requests)
+        acts = both(
+            StepBatch([0, 1, 2, 3], np.zeros((4, 0), np.uint8), ["go"] * 4, [step == 0] * 4, envs)
+        )
+        assert acts.shape == (4, 7)
+        callers.append([p.extra_args["vla_session_id"][0] for _, p in llm.requests[before:]])
+    assert callers == [["a", "a", "b", "b"], ["b", "b", "a", "a"], ["a", "a", "b", "b"]]
+    assert a.rec.engine_calls == b.rec.engine_calls == 3
+    assert [p.extra_args["vla_session_id"] for _, p in llm.requests[:4]] == [
+        "a/0",
+        "a/1",
+        "b/0",
+        "b/1",
+    ]

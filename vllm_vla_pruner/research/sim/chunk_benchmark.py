@@ -221,6 +221,83 @@ def run_chunked(
     return rec
 
 
+class InterleavedPolicies:
+    """Several configurations' robots in one lockstep roll-out. Episode ``e`` belongs to
+    configuration ``e // n_pairs`` (its goal is pair ``e % n_pairs``); each step, each
+    configuration's robots that need a chunk go to the engine in a call of their own, so every
+    call's time is one configuration's, and the calls' order rotates step by step: a change
+    in machine load hits every configuration alike (run one after the other, the unpruned
+    and pruned runs would see different loads)."""
+
+    def __init__(self, policies: Sequence[ChunkEnginePolicy], n_pairs: int) -> None:
+        self.policies = list(policies)
+        self.n_pairs = n_pairs
+        self.steps = 0
+
+    def __call__(self, batch: StepBatch) -> np.ndarray:
+        from .evaluate import StepBatch
+
+        out: list[np.ndarray | None] = [None] * len(batch.episodes)
+        n = len(self.policies)
+        for c in [(self.steps + i) % n for i in range(n)]:
+            idx = [j for j, e in enumerate(batch.episodes) if e // self.n_pairs == c]
+            if not idx:
+                continue
+            sub = StepBatch(
+                episodes=[batch.episodes[j] % self.n_pairs for j in idx],
+                images=batch.images[idx],
+                instructions=[batch.instructions[j] for j in idx],
+                first=[batch.first[j] for j in idx],
+                envs=[batch.envs[j] for j in idx],
+            )
+            for j, action in zip(idx, self.policies[c](sub), strict=True):
+                out[j] = action
+        self.steps += 1
+        return np.stack(out)
+
+
+def run_interleaved(
+    policies: Sequence[ChunkEnginePolicy],
+    tasks: Sequence[str],
+    episodes_per_task: int,
+    max_steps: int | None = None,
+    progress: bool = True,
+    image_size: int = 64,
+    goals: str = "heldout",
+) -> list[ChunkRunRecord]:
+    """Every configuration on the same goals in one lockstep roll-out (``InterleavedPolicies``);
+    needs ``len(policies) * episodes`` <= ``MAX_PARALLEL``."""
+    from .evaluate import _result, rollout_lockstep
+    from .metaworld_env import GOAL_SETS
+
+    pairs = [(t, s) for t in tasks for s in GOAL_SETS[goals](episodes_per_task)]
+    every = pairs * len(policies)
+    if len(every) > MAX_PARALLEL:
+        raise ValueError(f"{len(every)} episodes do not fit one lockstep batch ({MAX_PARALLEL})")
+    results: list[tuple[bool, int]] = []
+    names = ["unpruned" if p.method == "none" else f"{p.method}@{p.keep_ratio}" for p in policies]
+    rollout_lockstep(
+        InterleavedPolicies(policies, len(pairs)),
+        every,
+        image_size,
+        max_steps,
+        progress=progress,
+        max_parallel=len(every),
+        desc=" + ".join(names),
+        render=False,
+        pair_results=results,
+    )
+    for c, policy in enumerate(policies):
+        mine = results[c * len(pairs) : (c + 1) * len(pairs)]
+        outcomes: dict[str, list[tuple[bool, int]]] = {t: [] for t in tasks}
+        for (task, _), r in zip(pairs, mine, strict=True):
+            outcomes[task].append(r)
+        steps = sum(n for _, n in mine)
+        # Engine time only, per executed action, as run_chunked.
+        policy.rec.result = _result(outcomes, policy.rec.engine_seconds, 0.0, steps, 0.0)
+    return [p.rec for p in policies]
+
+
 def _summary_row(
     policy: str, kind: str, rec: Any, execute_steps: int, visual_total: int
 ) -> dict[str, Any]:
@@ -286,7 +363,9 @@ def evaluate_oft(
     trace_path: Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[ChunkRunRecord], dict[str, Any]]:
     """Every ``(method, keep)`` of ``configs`` (the first must be ``("none", 1.0)``) on one
-    engine: the summary rows, the records and the pruning settings the engine ran."""
+    engine: the summary rows, the records and the pruning settings the engine ran. When all
+    configurations' episodes fit one lockstep batch they run interleaved
+    (``run_interleaved``), else one after the other."""
     from vllm_vla_pruner.api.protocol import check_execute_steps
     from vllm_vla_pruner.config import (
         image_size,
@@ -302,26 +381,37 @@ def evaluate_oft(
     layers = cfg["text_config"]["num_hidden_layers"]
     pruning = {"layer": settings.layer, "action_layer": settings.action_layer_for(layers)}
     _set_trace(trace_path)
+    interleaved = len(configs) * len(tasks) * episodes_per_task <= MAX_PARALLEL
     llm = _start(model_dir, len(tasks) * episodes_per_task, pruning)
-    rows, records = [], []
+    rows: list[dict[str, Any]] = []
+    records: list[ChunkRunRecord] = []
     try:
         warm = ChunkEnginePolicy(llm, model_dir, "none", 1.0, "warmup", execute_steps)
         side, n = image_size(cfg), min(MAX_PARALLEL, len(tasks) * episodes_per_task)
         views = [np.zeros((side, side, 3), np.uint8)] * warm.spec.num_images
         state = [0.0] * warm.spec.proprio_dim
         _warm_up(llm, [warm.request(views, state, "warm up", e, True) for e in range(n)])
-        for i, (method, keep) in enumerate(configs):
-            policy = ChunkEnginePolicy(llm, model_dir, method, keep, f"oft{i}", execute_steps)
-            rec = run_chunked(
-                policy, tasks, episodes_per_task, max_steps, progress, image_size(cfg), goals
-            )
-            records.append(rec)
-            total = num_visual_tokens(cfg) * policy.spec.num_images
-            rows.append(_summary_row(model_dir.name, "oft", rec, policy.execute_steps, total))
+        policies = [
+            ChunkEnginePolicy(llm, model_dir, method, keep, f"oft{i}", execute_steps)
+            for i, (method, keep) in enumerate(configs)
+        ]
+        run = (side, goals)
+        if interleaved:
+            records = run_interleaved(policies, tasks, episodes_per_task, max_steps, progress, *run)
+        else:
+            records = [
+                run_chunked(p, tasks, episodes_per_task, max_steps, progress, *run)
+                for p in policies
+            ]
+        total = num_visual_tokens(cfg) * warm.spec.num_images
+        rows = [
+            _summary_row(model_dir.name, "oft", rec, warm.execute_steps, total) for rec in records
+        ]
     finally:
         shutdown_llm(llm)
     _compare(rows, [r.result for r in records])
     meta = {**pruning, "semantic_rows": settings.semantic_rows, "window": settings.window}
+    meta["interleaved"] = interleaved
     return rows, records, meta
 
 
@@ -488,8 +578,8 @@ def markdown(result: dict[str, Any]) -> str:
         "ask again; AR policies ask every step. *engine ms / call*: wall time of one engine "
         "call (the running episodes' requests batched; an OFT call returns a chunk per "
         "episode); *engine ms / "
-        "control step*: engine wall time / executed actions; both measured in this run, "
-        "configurations one after the other on one engine. "
+        "control step*: engine wall time / executed actions; both measured in this run on one "
+        "engine per policy. "
         "*rel.*: success relative to the same policy unpruned, paired bootstrap 95% CI; "
         "*lost / gained*: episodes only the unpruned policy / only this row solved.",
         "",
@@ -525,9 +615,15 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     for p in result["policies"]:
+        how = (
+            "configurations interleaved step by step in one roll-out"
+            if p.get("interleaved")
+            else "configurations one after the other"
+        )
         lines.append(
             f"- {p['policy']} ({p['kind']}): K={p['layer']}, action layer {p['action_layer']}, "
-            f"semantic rows {p['semantic_rows']!r}, warm-up window {p['window']} requests"
+            f"semantic rows {p['semantic_rows']!r}, warm-up window {p['window']} requests; "
+            f"{how}"
         )
     return "\n".join(lines) + "\n"
 

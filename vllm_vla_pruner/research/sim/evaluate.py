@@ -223,11 +223,13 @@ def rollout_lockstep(
     max_parallel: int = 50,
     desc: str = "closed-loop eval (batched)",
     render: bool = True,
+    pair_results: list[tuple[bool, int]] | None = None,
 ) -> EvalResult:
     """Run one episode per ``(task, seed)`` pair, all running ones in one policy call per
     step, at most ``max_parallel`` per call. ``StepBatch.episodes`` holds each episode's
     index in ``pairs``. ``render=False``: no fixed-camera frames in ``StepBatch.images``
     (the policy observes ``StepBatch.envs`` itself, e.g. only when it asks for a chunk).
+    ``pair_results``: filled with ``(success, steps)`` per pair, in ``pairs`` order.
 
     Chunks interleave the tasks (round-robin), so each holds about ``max_parallel / T``
     episodes of each of the T tasks; as ``lockstep_envs`` pools envs per task (~100-170 MB
@@ -282,6 +284,8 @@ def rollout_lockstep(
             results[e] = (success[i], envs[i].steps)
     bar.close()
     wall = time.perf_counter() - start
+    if pair_results is not None:
+        pair_results[:] = results
     outcomes: dict[str, list[tuple[bool, int]]] = {t: [] for t, _ in pairs}
     for (task, _), r in zip(pairs, results):
         outcomes[task].append(r)
