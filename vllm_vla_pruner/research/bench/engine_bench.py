@@ -27,6 +27,13 @@ from vllm_vla_pruner.metrics import ModelDims, prefill_flops
 INSTRUCTION = "put the red block in the drawer"
 
 
+def _fresh_seed(batch: int, config: int, rep: int) -> int:
+    """An image seed used once per (batch size, configuration, repeat), above the warm-up's:
+    vLLM caches processed images and encoder outputs by content, so a frame timed twice
+    would skip the vision towers the second time."""
+    return 1000 + 1000 * (100 * batch + config) + rep
+
+
 def _images(n: int, side: int, seed: int) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [
@@ -95,9 +102,12 @@ def run(
             c: {"prefill": [], "action": [], "select": []} for c in configs
         }
         for rep in range(repeats):
-            for c in configs:  # interleaved: drift hits every configuration alike
-                pre, sel = timed(batch, *c, sessions[c], 1, seed=100 + rep)
-                act, sel_a = timed(batch, *c, sessions[c], n_act, seed=200 + rep)
+            for ci, c in enumerate(configs):  # interleaved: drift hits every configuration alike
+                # Frames never seen before: a repeated image would reuse vLLM's cached
+                # processor and encoder outputs and time a configuration without its towers.
+                seed = _fresh_seed(batch, ci, rep)
+                pre, sel = timed(batch, *c, sessions[c], 1, seed=seed)
+                act, sel_a = timed(batch, *c, sessions[c], n_act, seed=seed + 500)
                 samples[c]["prefill"].append(pre)
                 samples[c]["action"].append(act)
                 samples[c]["select"].append(sel_a / act)
@@ -361,8 +371,10 @@ def run_oft(
             c: {"wall": [], "select": [], "kept": [], "history": []} for c in configs
         }
         for rep in range(repeats):
-            for c in configs:  # interleaved: drift hits every configuration alike
-                wall, sel, kept, hist = step(batch, *c, sessions[c], seed=100 + rep)
+            for ci, c in enumerate(configs):  # interleaved: drift hits every configuration alike
+                # Unseen frames (no cached processor or encoder outputs), as in `run`.
+                seed = _fresh_seed(batch, ci, rep)
+                wall, sel, kept, hist = step(batch, *c, sessions[c], seed=seed)
                 samples[c]["wall"].append(wall)
                 samples[c]["select"].append(sel / wall)
                 samples[c]["kept"] += kept
