@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dagger-betas", default="0.3,0.0")
     p.add_argument("--dagger-seeds", type=int, default=8, help="roll-outs per task per round")
     p.add_argument("--val-every", type=int, default=500)
-    p.add_argument("--val-episodes", type=int, default=4, help="validation episodes per task")
+    p.add_argument(
+        "--val-episodes", type=int, default=4, help="validation episodes per task (0: none)"
+    )
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--execute", type=int, default=4, help="chunk actions executed per request")
     p.add_argument("--chunk", type=int, default=CHUNK)
@@ -290,9 +292,12 @@ def train(args: argparse.Namespace, command: str) -> None:
     work.mkdir(parents=True, exist_ok=True)
     tasks = args.tasks.split(",")
     state_path = work / "state.pt"
+    commands = [command]  # every invocation of this run, resumptions included
     resumed = args.resume and state_path.exists()
 
-    data = load_dataset(work / "data.npz" if resumed else args.demos)
+    # DAgger rounds save the aggregated data; before the first one the demos are the data.
+    aggregated = work / "data.npz"
+    data = load_dataset(aggregated if resumed and aggregated.exists() else args.demos)
     if list(data["tasks"]) != tasks:
         raise ValueError(f"dataset tasks {data['tasks']} != --tasks {tasks}")
     n_eps = len(np.unique(data["episode_ids"]))
@@ -345,6 +350,7 @@ def train(args: argparse.Namespace, command: str) -> None:
         step, best = saved["step"], saved["best"]
         history, train_time, rollout_time = saved["history"], saved["train_s"], saved["rollout_s"]
         rng.bit_generator.state = saved["rng"]
+        commands = saved.get("commands", []) + commands
         torch.set_rng_state(saved["torch_rng"])
         print(f"resumed at step {step} ({len(data['actions'])} frames)", flush=True)
     print(
@@ -378,7 +384,7 @@ def train(args: argparse.Namespace, command: str) -> None:
 
     def write_meta(tag: str, result: Any) -> None:
         meta = {
-            "command": command,
+            "commands": commands,
             "tasks": {t: TASK_INSTRUCTIONS[t] for t in tasks},
             "unnorm_key": NORM_KEY,
             "args": vars(args),
@@ -398,6 +404,10 @@ def train(args: argparse.Namespace, command: str) -> None:
 
     def validate(tag: str) -> None:
         nonlocal best, rollout_time
+        if args.val_episodes == 0:  # no closed loop (tests): keep the latest weights
+            save_oft_checkpoint(model, out, step, tok_files)
+            write_meta(f"{tag} (not validated)", None)
+            return
         t0 = time.time()
         _, per_task = dagger_rollouts(
             policy,
@@ -436,6 +446,7 @@ def train(args: argparse.Namespace, command: str) -> None:
                 "rollout_s": rollout_time,
                 "rng": rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(),
+                "commands": commands,
             },
             tmp,
         )
