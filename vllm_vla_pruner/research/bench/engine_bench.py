@@ -303,7 +303,8 @@ def run_oft(
 ) -> dict[str, Any]:
     """Whole-chunk time pruned vs unpruned on an OFT checkpoint (interleaved, medians), then
     the unpruned AR ``bench`` model's time per action on a second engine for comparison.
-    ``progress`` / ``print_table``: off when a caller (``vla-pruner demo``) summarises."""
+    ``progress`` (the bars) / ``print_table``: off when a caller (``vla-pruner demo``)
+    summarises."""
     from vllm import SamplingParams
 
     from vllm_vla_pruner.actions import ActionDecoder
@@ -326,7 +327,7 @@ def run_oft(
     settings = PruningSettings.resolve(cfg.get("vla_pruner"))
     layer_k, window = settings.layer, settings.window
     # The engine defaults select the OFT architecture and one image per camera view.
-    llm = make_llm(model_dir, max_num_seqs=max(batch_sizes))
+    llm = make_llm(model_dir, max_num_seqs=max(batch_sizes), use_tqdm_on_load=progress)
     layout = kv_layout(llm)
     state = [0.0] * spec.proprio_dim
     configs = [("none", 1.0)] + [(meth, r) for meth in methods for r in keep_ratios if r < 1.0]

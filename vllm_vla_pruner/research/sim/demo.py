@@ -55,7 +55,7 @@ def run_bench(out: Path, keep: float, repeats: int) -> dict[str, Any]:
         methods=("vlapruner",),
         repeats=repeats,
         ar_model=None,
-        progress=True,
+        progress=False,
         print_table=False,
     )
     rows = {r["method"]: r for r in res["results"]}
@@ -148,6 +148,13 @@ def demo(argv: list[str] | None = None) -> int:
         max_steps=a.max_steps,
         print_table=False,
     )
-    bench = None if a.no_bench else run_bench(a.out / "bench-oft", a.keep, a.bench_repeats)
+    bench = None
+    if not a.no_bench:
+        print(
+            f"timing one chunk at OpenVLA-OFT-7B's token layout ({BENCH_PRESET}), unpruned vs "
+            f"VLA-Pruner @ keep {a.keep}, {a.bench_repeats} interleaved repeats ...",
+            flush=True,
+        )
+        bench = run_bench(a.out / "bench-oft", a.keep, a.bench_repeats)
     print(summary(res, bench, a.keep, time.perf_counter() - t0, a.out))
     return 0
