@@ -184,3 +184,18 @@ def test_bad_inputs_name_the_field_and_others_are_served(server):
         ok = _post(server, good)
         assert ok.status_code == 200, ok.text
         assert len(ok.json()["actions"]) == 3
+
+
+def test_execute_steps_answers_the_first_rows_of_the_same_chunk(server):
+    """A robot executing k of the chunk's rows gets exactly those rows of the chunk the
+    engine computed (same request); k outside 1..chunk is a 422 naming the field."""
+    full = _post(server, _body(60))
+    assert full.status_code == 200, full.text
+    part = _post(server, _body(60, execute_steps=2))
+    assert part.status_code == 200, part.text
+    rows = full.json()["actions"]
+    assert len(rows) == 3 and part.json()["chunk"] == 3
+    np.testing.assert_allclose(part.json()["actions"], rows[:2], atol=1e-6)
+    for bad in (4, 0, "2"):
+        r = _post(server, _body(60, execute_steps=bad))
+        assert r.status_code == 422 and r.json()["error"]["field"] == "execute_steps", r.text
