@@ -9,6 +9,7 @@ injected into the *executed* action (labels stay clean) to widen the visited sta
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,21 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .metaworld_env import ACTION_DIM, DEFAULT_MAX_STEPS, EVAL_SEED_OFFSET, lockstep_envs, make_task
+from .metaworld_env import (
+    ACTION_DIM,
+    DEFAULT_MAX_STEPS,
+    EVAL_SEED_OFFSET,
+    MetaWorldTask,
+    lockstep_envs,
+    make_task,
+)
 
 NORM_STATS_KEY = "metaworld"
 Dataset = dict[str, Any]
 # policy(images[B,S,S,3], task_ids[B]) -> actions[B,4] (batched, for DAgger roll-outs)
 BatchPolicy = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# record(env) -> one frame's observation rows, e.g. {"images": fixed camera}
+FrameRecorder = Callable[[MetaWorldTask], dict[str, np.ndarray]]
 
 
 def empty_dataset(tasks: Sequence[str], image_size: int) -> Dataset:
@@ -48,6 +58,11 @@ def concat(a: Dataset, b: Dataset) -> Dataset:
     return out
 
 
+def fixed_view(env: MetaWorldTask) -> dict[str, np.ndarray]:
+    """What the AR policy's frames record: the fixed camera."""
+    return {"images": env.render()}
+
+
 def collect_expert(
     tasks: Sequence[str],
     episodes_per_task: int,
@@ -57,21 +72,25 @@ def collect_expert(
     noisy_fraction: float = 0.5,
     max_steps: int | None = None,
     progress: bool = True,
+    record: FrameRecorder = fixed_view,
+    stack: Callable[[dict[str, list], Sequence[str], int], Dataset] | None = None,
+    rng_offset: int = 12345,
+    desc: str = "expert demos",
 ) -> Dataset:
     """Expert episodes on training goals (seeds ``seed .. seed + episodes_per_task - 1``).
 
     A ``noisy_fraction`` of the episodes execute ``expert + N(0, noise_std)`` (clipped);
     every frame is labelled with the clean expert action. Stops at success or the step cap.
+    ``record(env)`` gives each frame's observation rows (default: the fixed camera);
+    ``stack`` turns the rows into a dataset (default: this module's layout).
     """
     if seed + episodes_per_task > EVAL_SEED_OFFSET:
         raise ValueError("training seeds would overlap the held-out evaluation seeds")
-    rng = np.random.default_rng(seed + 12345)
-    rows: dict[str, list] = {
-        k: [] for k in ("images", "actions", "task_ids", "episode_ids", "steps")
-    }
+    rng = np.random.default_rng(seed + rng_offset)
+    rows: dict[str, list] = defaultdict(list)
     n_success, episode = 0, 0
     jobs = [(t, e) for e in range(episodes_per_task) for t in range(len(tasks))]
-    for task_id, e in tqdm(jobs, desc="expert demos", disable=not progress):
+    for task_id, e in tqdm(jobs, desc=desc, disable=not progress):
         env = make_task(tasks[task_id], image_size)
         env.max_steps = max_steps or DEFAULT_MAX_STEPS
         obs = env.reset(seed + e)
@@ -79,7 +98,8 @@ def collect_expert(
         done = success = False
         while not done:
             action = env.expert_action(obs)
-            rows["images"].append(env.render())
+            for key, value in record(env).items():
+                rows[key].append(value)
             rows["actions"].append(action)
             rows["task_ids"].append(task_id)
             rows["episode_ids"].append(episode)
@@ -91,12 +111,12 @@ def collect_expert(
         n_success += int(success)
         episode += 1
     if progress:
-        print(f"expert success {n_success}/{len(jobs)}, {len(rows['images'])} frames")
-    return _stack(rows, tasks, image_size)
+        print(f"expert success {n_success}/{len(jobs)}, {len(rows['actions'])} frames")
+    return (stack or _stack)(rows, tasks, image_size)
 
 
 def _stack(rows: dict[str, list], tasks: Sequence[str], image_size: int) -> Dataset:
-    if not rows["images"]:
+    if not rows.get("images"):
         return empty_dataset(tasks, image_size)
     return {
         "images": np.stack(rows["images"]).astype(np.uint8),

@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .data import load_dataset, save_dataset
+from .data import collect_expert, load_dataset, save_dataset
 from .metaworld_env import (
     ACTION_DIM,
-    DEFAULT_MAX_STEPS,
     EVAL_SEED_OFFSET,
     PROPRIO_DIM,
+    MetaWorldTask,
     lockstep_envs,
-    make_task,
 )
 
 __all__ = [
@@ -73,6 +72,12 @@ def _stack(rows: dict[str, list], tasks: Sequence[str], image_size: int) -> Data
     }
 
 
+def views_and_proprio(env: MetaWorldTask) -> dict[str, np.ndarray]:
+    """What the OFT-style policy's frames record: both camera views and the robot state."""
+    fixed, wrist = env.render_views()
+    return {"images": fixed, "wrist": wrist, "state": env.proprio()}
+
+
 def collect_expert_views(
     tasks: Sequence[str],
     episodes_per_task: int,
@@ -83,42 +88,22 @@ def collect_expert_views(
     max_steps: int | None = None,
     progress: bool = True,
 ) -> Dataset:
-    """Expert episodes on training goals (seeds ``seed ..``), both views and proprio per frame.
-
-    A ``noisy_fraction`` of the episodes execute ``expert + N(0, noise_std)`` (clipped); every
-    frame is labelled with the clean expert action. Stops at success or the step cap.
-    """
-    if seed + episodes_per_task > EVAL_SEED_OFFSET:
-        raise ValueError("training seeds would overlap the held-out evaluation seeds")
-    rng = np.random.default_rng(seed + 54321)
-    rows: dict[str, list] = {k: [] for k in _ROW_KEYS}
-    n_success, episode = 0, 0
-    jobs = [(t, e) for e in range(episodes_per_task) for t in range(len(tasks))]
-    for task_id, e in tqdm(jobs, desc="expert demos (2 views)", disable=not progress):
-        env = make_task(tasks[task_id], image_size)
-        env.max_steps = max_steps or DEFAULT_MAX_STEPS
-        obs = env.reset(seed + e)
-        noisy = noise_std > 0 and rng.random() < noisy_fraction
-        done = success = False
-        while not done:
-            action = env.expert_action(obs)
-            fixed, wrist = env.render_views()
-            rows["images"].append(fixed)
-            rows["wrist"].append(wrist)
-            rows["state"].append(env.proprio())
-            rows["actions"].append(action)
-            rows["task_ids"].append(task_id)
-            rows["episode_ids"].append(episode)
-            rows["steps"].append(env.steps)
-            executed = action
-            if noisy:
-                executed = np.clip(action + rng.normal(0, noise_std, ACTION_DIM), -1, 1)
-            obs, success, done = env.step(executed)
-        n_success += int(success)
-        episode += 1
-    if progress:
-        print(f"expert success {n_success}/{len(jobs)}, {len(rows['images'])} frames")
-    return _stack(rows, tasks, image_size)
+    """Expert episodes on training goals (seeds ``seed ..``), both views and proprio per frame:
+    :func:`~.data.collect_expert` recording :func:`views_and_proprio`."""
+    return collect_expert(
+        tasks,
+        episodes_per_task,
+        image_size,
+        seed=seed,
+        noise_std=noise_std,
+        noisy_fraction=noisy_fraction,
+        max_steps=max_steps,
+        progress=progress,
+        record=views_and_proprio,
+        stack=_stack,
+        rng_offset=54321,
+        desc="expert demos (2 views)",
+    )
 
 
 def dagger_rollouts(
