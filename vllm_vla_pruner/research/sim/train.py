@@ -59,6 +59,17 @@ def dagger_seeds(stage: int, round_index: int, n: int) -> list[int]:
     return list(range(start, start + n))
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model-shape options :func:`model_overrides` reads (both Meta-World trainers)."""
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--vision-width", type=int, default=128)
+    p.add_argument("--vision-depth", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--init-gain", type=float, default=0.6)
+
+
 def model_overrides(args: argparse.Namespace, norm_stats: dict[str, Any]) -> dict[str, Any]:
     """Checkpoint-factory overrides of the ``tiny`` preset for the embedded model."""
     from vllm_vla_pruner.config import VisionTowerSpec
@@ -92,6 +103,16 @@ def model_overrides(args: argparse.Namespace, norm_stats: dict[str, Any]) -> dic
     }
 
 
+def augment(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Random shifts of up to ``shift`` px (edge padding), one per image."""
+    if shift <= 0:
+        return images
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
+    dx, dy = rng.integers(0, 2 * shift + 1, n), rng.integers(0, 2 * shift + 1, n)
+    return np.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+
+
 class Batcher:
     """Turns dataset rows into (pixel_values, input_ids, labels) for teacher forcing."""
 
@@ -112,15 +133,7 @@ class Batcher:
         return np.asarray([self.decoder.encode(a, NORM_STATS_KEY) for a in actions], np.int64)
 
     def augment(self, images: np.ndarray) -> np.ndarray:
-        """Random shifts of up to ``shift`` px (edge padding), one per image."""
-        s = self.shift
-        if s <= 0:
-            return images
-        n, h, w, _ = images.shape
-        padded = np.pad(images, ((0, 0), (s, s), (s, s), (0, 0)), mode="edge")
-        dx = self.rng.integers(0, 2 * s + 1, n)
-        dy = self.rng.integers(0, 2 * s + 1, n)
-        return np.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+        return augment(images, self.shift, self.rng)
 
     def __call__(self, images: np.ndarray, task_ids: np.ndarray, act_tokens: np.ndarray) -> tuple:
         torch = self.torch
@@ -246,13 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--shift", type=int, default=3, help="random-shift augmentation (px)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--vision-width", type=int, default=128)
-    p.add_argument("--vision-depth", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--init-gain", type=float, default=0.6)
+    add_model_args(p)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--replot", help="only redraw plots: LOG1,LOG2:META1,META2 of chained stages")

@@ -43,7 +43,7 @@ from .oft_data import (
     proprio_norm_stats,
     save_dataset,
 )
-from .train import dagger_seeds, lr_at, model_overrides
+from .train import add_model_args, augment, dagger_seeds, lr_at, model_overrides
 
 NORM_KEY = "metaworld"
 CHUNK = 8
@@ -178,16 +178,6 @@ def _bounds(model: Any, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.asarray(low, np.float32), np.asarray(high, np.float32), np.asarray(mask, bool)
 
 
-def augment(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
-    """Random shifts of up to ``shift`` px (edge padding), one per image."""
-    if shift <= 0:
-        return images
-    n, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
-    dx, dy = rng.integers(0, 2 * shift + 1, n), rng.integers(0, 2 * shift + 1, n)
-    return np.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
-
-
 def save_oft_checkpoint(model: Any, out: Path, step: int, tok_files: dict[str, bytes]) -> None:
     """The published OFT layout: OpenVLA files + head / projector state dicts + statistics."""
     import torch
@@ -260,13 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--shift", type=int, default=3, help="random-shift augmentation (px)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--vision-width", type=int, default=128)
-    p.add_argument("--vision-depth", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--init-gain", type=float, default=0.6)
+    add_model_args(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--bf16", action="store_true", help="bfloat16 autocast (float32 weights; CPU AVX512-BF16)"
