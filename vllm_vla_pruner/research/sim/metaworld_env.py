@@ -207,11 +207,16 @@ _TASK_CACHE: dict[tuple[str, int], MetaWorldTask] = {}
 
 
 def make_task(task: str, image_size: int = 64, **kwargs: Any) -> MetaWorldTask:
-    """A cached :class:`MetaWorldTask` (envs are kept alive: closing them can break EGL)."""
+    """A cached :class:`MetaWorldTask` (envs are kept alive: closing them can break EGL).
+
+    The step cap is set on every call (``max_steps``, default :data:`DEFAULT_MAX_STEPS`), so
+    a cap an earlier caller chose never leaks into the next one's episodes."""
     key = (task, image_size)
     if key not in _TASK_CACHE:
         _TASK_CACHE[key] = MetaWorldTask(task, image_size=image_size, **kwargs)
-    return _TASK_CACHE[key]
+    env = _TASK_CACHE[key]
+    env.max_steps = kwargs.get("max_steps") or DEFAULT_MAX_STEPS
+    return env
 
 
 _LOCKSTEP_POOL: dict[tuple[str, int], list[MetaWorldTask]] = {}
