@@ -14,6 +14,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "vllm_vla_pruner.research.bench.engine_bench:main",
         "pruned vs unpruned on the real engine",
     ),
+    "size-sweep": (
+        "vllm_vla_pruner.research.bench.size_sweep:main",
+        "OFT policy sizes: where pruning pays on this machine, and what training costs",
+    ),
     "pruning": (
         "vllm_vla_pruner.research.bench.pruning_bench:main",
         "scoring + selection cost alone",

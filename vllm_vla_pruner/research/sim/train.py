@@ -70,6 +70,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-gain", type=float, default=0.6)
 
 
+def max_positions(visual_per_view: int, views: int = 2, text_rows: int = 128) -> int:
+    """The Llama's position limit: 256 (the shipped policies) unless two views' visual
+    tokens plus prompt, proprio and action rows need more, then the next power of two; a
+    fixed 256 made ``--image-size 128`` (256 tokens per view) unservable."""
+    need, limit = views * visual_per_view + text_rows, 256
+    while limit < need:
+        limit *= 2
+    return limit
+
+
 def model_overrides(args: argparse.Namespace, norm_stats: dict[str, Any]) -> dict[str, Any]:
     """Checkpoint-factory overrides of the ``tiny`` preset for the embedded model."""
     from vllm_vla_pruner.config import VisionTowerSpec
@@ -95,7 +105,7 @@ def model_overrides(args: argparse.Namespace, norm_stats: dict[str, Any]) -> dic
         "num_attention_heads": max(1, args.hidden // 64),
         "num_key_value_heads": max(1, args.hidden // 64),
         "tokenizer_vocab_size": 1024,
-        "max_position_embeddings": 256,
+        "max_position_embeddings": max_positions((args.image_size // args.patch_size) ** 2),
         "dtype": "float32",
         "norm_stats": norm_stats,
         "action_dims": {NORM_STATS_KEY: 4},
