@@ -1,4 +1,5 @@
-"""One two-replica Ray Serve fleet on the ``tiny`` checkpoint per test module.
+"""One two-replica Ray Serve fleet on the ``tiny`` checkpoint per test module (and, for the
+chunk form, a one-replica fleet on ``tiny-oft``).
 
 Imported by ``tests/conftest.py``. Ray is imported only when a test asks for the fleet, so
 the rest of the suite does not pay for it. The pytest process is the Ray driver (a private,
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["AUTH", "FLEET_KEY", "FLEET_KEY_ENV", "ray_fleet"]
+__all__ = ["AUTH", "FLEET_KEY", "FLEET_KEY_ENV", "ray_fleet", "ray_fleet_oft"]
 
 FLEET_KEY_ENV = "VLA_TEST_FLEET_API_KEY"
 FLEET_KEY = "test-fleet-key-" + secrets.token_hex(8)
@@ -36,14 +37,47 @@ def _free_port() -> int:
 def ray_fleet(tiny_ckpt: Path) -> Iterator[object]:
     """A started ``Fleet``: 2 engine replicas, fast health checks, API key :data:`FLEET_KEY`."""
     pytest.importorskip("ray.serve")
-    from vllm_vla_pruner.serve.config import parse_config
     from vllm_vla_pruner.serve.fleet import start_fleet, stop_fleet
 
-    cfg = parse_config(
+    cfg = _config("test-fleet", tiny_ckpt, replicas=2, http={"port": _free_port()})
+    t0 = time.perf_counter()
+    fleet = start_fleet(cfg, timeout_s=900.0, environ={FLEET_KEY_ENV: FLEET_KEY})
+    print(f"\n[ray_fleet] 2-replica fleet ready in {time.perf_counter() - t0:.1f} s ({fleet.url})")
+    try:
+        yield fleet
+    finally:
+        stop_fleet(fleet)
+
+
+@pytest.fixture(scope="module")
+def ray_fleet_oft(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A one-replica fleet on a ``tiny-oft`` checkpoint (seed 7), same settings and key as
+    ``ray_fleet``. Its own Ray: deployed beside ``ray_fleet`` (three engines at once) it had
+    Ray's memory monitor kill the Serve controller on a 23 GB machine shared with other work."""
+    pytest.importorskip("ray.serve")
+    from vllm_vla_pruner.research.checkpoint import build_checkpoint
+    from vllm_vla_pruner.serve.fleet import start_fleet, stop_fleet
+
+    ckpt = build_checkpoint("tiny-oft", tmp_path_factory.mktemp("tiny_oft_fleet"), seed=7)
+    cfg = _config("test-fleet-oft", ckpt, replicas=1, http={"port": _free_port()})
+    t0 = time.perf_counter()
+    fleet = start_fleet(cfg, timeout_s=900.0, environ={FLEET_KEY_ENV: FLEET_KEY})
+    print(f"\n[ray_fleet_oft] 1-replica tiny-oft fleet ready in {time.perf_counter() - t0:.1f} s")
+    try:
+        yield fleet
+    finally:
+        stop_fleet(fleet)
+
+
+def _config(name: str, ckpt: Path, replicas: int, http: dict) -> object:
+    """The test fleets' config: fast health checks, bounded requests, the test key."""
+    from vllm_vla_pruner.serve.config import parse_config
+
+    return parse_config(
         {
-            "name": "test-fleet",
-            "model": {"path": str(tiny_ckpt)},
-            "replicas": 2,
+            "name": name,
+            "model": {"path": str(ckpt)},
+            "replicas": replicas,
             "replica": {
                 "num_cpus": 1,
                 "max_ongoing_requests": 16,
@@ -52,16 +86,9 @@ def ray_fleet(tiny_ckpt: Path) -> Iterator[object]:
             },
             "routing": {"num_fallback_replicas": 1},
             "ingress": {"request_timeout_s": 30.0, "max_attempts": 3},
-            "http": {"port": _free_port()},
+            "http": http,
             "metrics": {"report_interval_s": 0.5},
             "ray": {"num_cpus": 4},
             "auth": {"api_key_env": FLEET_KEY_ENV},
         }
     )
-    t0 = time.perf_counter()
-    fleet = start_fleet(cfg, timeout_s=900.0, environ={FLEET_KEY_ENV: FLEET_KEY})
-    print(f"\n[ray_fleet] 2-replica fleet ready in {time.perf_counter() - t0:.1f} s ({fleet.url})")
-    try:
-        yield fleet
-    finally:
-        stop_fleet(fleet)

@@ -1,7 +1,9 @@
 """``VLAIngress``: the fleet's HTTP front (FastAPI), one replica.
 
-- ``POST /v1/actions``: validated here (garbage never reaches an engine), then sent to the
-  replica that owns the robot's session (``serve.routing``: consistent hashing on the
+- ``POST /v1/actions``: validated here (garbage never reaches an engine) by the endpoint's own
+  validator with the served model's inputs (AR: ``image``; OFT / pi0: the chunk form with
+  ``images``, ``state``, ``execute_steps``, ...), then sent to the replica that owns the
+  robot's session (``serve.routing``: consistent hashing on the
   body's ``session_id`` or the ``X-Session-ID`` header; ``serve.forward``: retry on the
   session's next replica if one dies, within the request's time bound). Every response,
   errors included, names who answered in ``X-VLA-Replica``.
@@ -66,7 +68,7 @@ class FleetIngress:
     """
 
     def __init__(self, engine: Any, settings: dict[str, Any] | None = None) -> None:
-        from vllm_vla_pruner.api.service import ServiceLimits, available_pruners
+        from vllm_vla_pruner.api.service import ServiceLimits
 
         s = dict(settings or {})
         self.app_name = serve.get_replica_context().app_name
@@ -80,7 +82,7 @@ class FleetIngress:
         self.sessions = SessionTable(float(s.get("session_window_s", 60.0)))
         self.api_key_sha256: str | None = s.get("api_key_sha256")
         self.limits = ServiceLimits()
-        self.pruners = available_pruners() or None
+        self._validation: dict[str, Any] | None = None  # see _validation_context
         self._openpi: Any = None  # the openpi WebSocket server, built on first connection
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -121,10 +123,29 @@ class FleetIngress:
 
     # -- helpers
 
-    def _parse(self, body: bytes, header: str | None) -> tuple[dict[str, Any], str | None]:
+    async def _validation_context(self) -> dict[str, Any]:
+        """``parse_action_request``'s arguments for the served model (pruners, unnorm keys,
+        cameras, state size, chunk, flow) exactly as the replicas' ``ActionService`` gives
+        them to the single-server endpoint: one validator and one context decide everywhere.
+
+        Asked of a replica once per ingress replica (every replica of the application serves
+        the one checkpoint of the config's ``model``, as the openpi backend also assumes);
+        503 while no replica answers, as forwarding the request would.
+        """
+        if self._validation is None:
+            try:
+                out = await self.forwarder.call("info")
+            except Exception as exc:  # noqa: BLE001 - timeout or no replica yet
+                raise ApiError(
+                    503, f"no replica answered: {type(exc).__name__}", type="unavailable"
+                ) from None
+            self._validation = dict(out["validation"])
+        return self._validation
+
+    async def _parse(self, body: bytes, header: str | None) -> tuple[dict[str, Any], str | None]:
         """Body bytes -> (decoded body, session id), or the 4xx naming the field."""
-        data = parse_json_body(body)
-        req = parse_action_request(data, pruners=self.pruners)
+        data = parse_json_body(body)  # 400 for non-JSON before any replica is asked
+        req = parse_action_request(data, **await self._validation_context())
         sid = req.session_id
         if sid is None and header is not None:
             try:
@@ -147,7 +168,7 @@ class FleetIngress:
             header = request.headers.get(SESSION_ID_HEADER)
             try:
                 body = await read_body_limited(request, self.limits.max_body_bytes)
-                data, sid = self._parse(body, header)
+                data, sid = await self._parse(body, header)
             except ApiError as err:
                 self.metrics.observe(route, err.status, time.perf_counter() - t0, err.type)
                 return _error(err)

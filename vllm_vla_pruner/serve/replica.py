@@ -160,8 +160,15 @@ class EngineReplica:
         return {"status": status, "body": out, "replica": self.replica_id}
 
     async def info(self) -> dict[str, Any]:
+        """``/v1/actions/info``'s body, who answered, and ``validation``: the arguments of
+        ``parse_action_request`` for this model, so that the ingress validates bodies exactly
+        as this replica (and the single-server endpoint) does."""
         self._ensure_poller()
-        return {"info": self.service.info().model_dump(mode="json"), **self.describe_dict}
+        return {
+            "info": self.service.info().model_dump(mode="json"),
+            "validation": self.service.validation_context(),
+            **self.describe_dict,
+        }
 
     async def describe(self) -> dict[str, Any]:
         self._ensure_poller()
