@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from vllm_vla_pruner.pi0_spec import (
@@ -14,6 +16,7 @@ from vllm_vla_pruner.pi0_spec import (
     is_pi0_checkpoint,
     pi0_noise,
     pi0_spec,
+    resize_with_pad,
     spec_from_config,
 )
 from vllm_vla_pruner.research.checkpoint import build_checkpoint, preset_names
@@ -144,3 +147,33 @@ def test_flops_model_reproduces_pi0_spec_numbers():
         kept = 816 - 768 + round(768 * keep)
         part = flow_chunk_flops(lm, expert, 816, kept, 3, 51, 10, vision)
         assert abs(part["total"] / full["total"] - ratio) < 0.01
+
+
+@pytest.mark.parametrize(
+    "h, w, out_h, out_w",
+    [(48, 80, 64, 64), (80, 48, 64, 64), (37, 100, 64, 64), (65, 63, 64, 64),
+     (480, 640, 224, 224), (32, 32, 64, 64), (64, 64, 64, 64), (90, 120, 224, 160)],
+)  # fmt: skip
+def test_resize_with_pad_is_openpis(h, w, out_h, out_w):
+    """Pixel for pixel openpi-client's resize (what openpi's robots send pi0)."""
+    from openpi_client.image_tools import resize_with_pad as openpi_resize
+
+    img = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    ours = np.asarray(resize_with_pad(Image.fromarray(img), out_h, out_w))
+    assert ours.shape == (out_h, out_w, 3)
+    np.testing.assert_array_equal(ours, openpi_resize(img, out_h, out_w))
+
+
+def test_non_square_camera_is_padded_not_stretched():
+    """A 48 x 80 frame on a 64-pixel tower: scaled to 38 x 64, black bands of 13 rows above
+    and below; the engine's processor gives exactly those pixels in [-1, 1] (SigLIP)."""
+    from vllm_vla_pruner.pi0 import Pi0ImageProcessor
+
+    img = np.full((48, 80, 3), 200, dtype=np.uint8)
+    padded = np.asarray(resize_with_pad(Image.fromarray(img), 64, 64))
+    assert (padded[:13] == 0).all() and (padded[13 + 38 :] == 0).all()
+    assert (padded[13 : 13 + 38] == 200).all()
+    pixels = Pi0ImageProcessor(image_size=64)([Image.fromarray(img)])["pixel_values"][0, 3:6]
+    want = torch.from_numpy(padded.astype(np.float32) / 255.0 * 2 - 1).permute(2, 0, 1)
+    torch.testing.assert_close(pixels, want, atol=1e-6, rtol=0)
+    assert (pixels[:, :13] == -1).all()

@@ -162,3 +162,35 @@ def test_bad_state_fails_only_its_request(llm, ref, tokenizer):
     for out in outs[1:]:
         chunk = _chunk(out)
         assert chunk.values == () and "state must be 8 numbers" in chunk.error
+
+
+def test_non_square_cameras_are_padded_as_openpi(llm, ref, tokenizer):
+    """Cameras of other shapes than the tower's square: the engine's chunk is the oracle's on
+    openpi-client's ``resize_with_pad`` of each camera (aspect kept, black bands), not on a
+    stretched frame (which gives a visibly other chunk)."""
+    from openpi_client.image_tools import resize_with_pad as openpi_resize
+    from vllm import SamplingParams
+
+    side = ref.image_size
+    rng = np.random.default_rng(21)
+    shapes = [(48, 80), (80, 48), (30, 30)]
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    ids = pi0_prompt_token_ids(tokenizer, "open the drawer", ref.spec.max_token_len)
+    prompt = {
+        "prompt_token_ids": ids,
+        "multi_modal_data": {"image": [Image.fromarray(i) for i in images]},
+    }
+    params = SamplingParams(
+        max_tokens=1, temperature=0.0, extra_args={KEY_STATE: STATE, KEY_NOISE_SEED: 9}
+    )
+    (out,) = llm.generate([prompt], [params], use_tqdm=False)
+    noise = pi0_noise(9, ref.spec.horizon, ref.spec.action_dim)
+
+    def oracle(frames: list[np.ndarray]) -> object:
+        inputs = ref.build_inputs([_pixels(f) for f in frames], [True] * 3, ids, STATE)
+        return ref.sample(inputs, noise)
+
+    got = _check(ref, out, oracle([openpi_resize(i, side, side) for i in images]))
+    stretched = [np.asarray(Image.fromarray(i).resize((side, side), Image.BICUBIC)) for i in images]
+    other = oracle(stretched).normalized[:, : ref.spec.robot_action_dim].double()
+    assert (got - other).abs().max() > 100 * TOL

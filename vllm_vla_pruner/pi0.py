@@ -34,8 +34,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ from vllm.model_executor.models.utils import (
     maybe_prefix,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.transformers_utils.processors.openvla import OpenVLAImageProcessor, to_rgb_image
 
 from vllm_vla_pruner.config import VisionTowerSpec, image_size, num_visual_tokens, tower_specs
 from vllm_vla_pruner.engine.action_block import ActionBlock
@@ -66,6 +68,7 @@ from vllm_vla_pruner.pi0_spec import (
     load_norm_stats,
     pi0_noise,
     pi0_spec,
+    resize_with_pad,
 )
 from vllm_vla_pruner.pruning import action_scores
 
@@ -82,8 +85,30 @@ _HEADS = (
 )
 
 
+class Pi0ImageProcessor(OpenVLAImageProcessor):
+    """openpi's camera preprocessing: each image resized to the tower's square with its
+    aspect ratio kept and black padding (:func:`pi0_spec.resize_with_pad`), then vLLM's
+    OpenVLA pixel normalisation (whose own resize is then a no-op); the model reads the
+    SigLIP channels, pi0's [-1, 1] pixels."""
+
+    def __call__(self, images: Any | None = None, **kwargs: object) -> dict[str, object]:
+        if images is None:
+            return super().__call__(images, **kwargs)
+        if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+            images = [images]
+        side = self.image_size
+        padded = [resize_with_pad(to_rgb_image(im), side, side) for im in images]
+        return super().__call__(padded, **kwargs)
+
+
 class Pi0ProcessingInfo(VLAProcessingInfo):
-    """OpenVLA-style processing with pi0's cameras: up to ``num_cameras`` images a prompt."""
+    """OpenVLA-style processing with pi0's cameras (up to ``num_cameras`` images a prompt)
+    and openpi's aspect-preserving resize (:class:`Pi0ImageProcessor`)."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        side = self.hf_processor.image_processor.image_size
+        self.hf_processor.image_processor = Pi0ImageProcessor(image_size=side)
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": pi0_spec(self.ctx.model_config.model).num_cameras}

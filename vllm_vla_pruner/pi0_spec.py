@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 PI0_ARCH = "Pi0ForActionPrediction"
 #: pi0's camera slots, in prefix order (openpi's ``IMAGE_KEYS``).
@@ -169,6 +170,28 @@ def pi0_prompt_token_ids(tokenizer: Any, instruction: str, max_token_len: int) -
     return [int(t) for t in ids[:max_token_len]]
 
 
+def resize_with_pad(image: Image.Image, height: int, width: int) -> Image.Image:
+    """openpi's camera resize: the image scaled (bilinear) by the larger of its two side
+    ratios so that it fits ``height`` x ``width`` with its aspect ratio kept, centred on
+    black; an image of that size already comes back as is.
+
+    Why: openpi's robots and policies resize every camera this way
+    (``openpi_client.image_tools.resize_with_pad``, tf.image.resize_with_pad's behaviour), so
+    a pi0 checkpoint was trained on padded frames; stretching a 4:3 camera to the square
+    tower would show it a geometry it never saw. A side that would round to 0 pixels is kept
+    at 1 (openpi fails there instead); everything else is pixel-for-pixel openpi's (test).
+    """
+    w, h = image.size
+    if (w, h) == (width, height):
+        return image
+    scale = max(w / width, h / height)
+    new_w, new_h = max(1, int(w / scale)), max(1, int(h / scale))
+    canvas = Image.new(image.mode, (width, height), 0)
+    left, top = (width - new_w) // 2, (height - new_h) // 2
+    canvas.paste(image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR), (left, top))
+    return canvas
+
+
 def engine_positions(num_images: int, num_visual_per_image: int, prompt_len: int) -> torch.Tensor:
     """pi0 RoPE positions of an engine prompt ``[BOS, images..., text...]``.
 
@@ -195,5 +218,6 @@ __all__ = [
     "pi0_noise",
     "pi0_prompt_token_ids",
     "pi0_spec",
+    "resize_with_pad",
     "spec_from_config",
 ]
