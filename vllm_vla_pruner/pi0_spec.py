@@ -140,11 +140,20 @@ class Pi0Normalizer:
         ]
 
     def state(self, state: Any) -> torch.Tensor:
-        """Raw robot state -> the model's padded, normalised state (float32 [action_dim])."""
+        """Raw robot state [..., state_dim] -> the model's padded, normalised state (float32
+        [..., action_dim])."""
         mean, std = self._state
-        x = torch.as_tensor(state, dtype=torch.float64)
-        out = torch.zeros(self.spec.action_dim, dtype=torch.float64)
-        out[: self.spec.state_dim] = (x - mean) / (std + 1e-6)
+        return self._pad((torch.as_tensor(state, dtype=torch.float64) - mean) / (std + 1e-6))
+
+    def normalize_actions(self, actions: Any) -> torch.Tensor:
+        """The inverse of :meth:`actions`: the robot's chunk [..., robot_action_dim] -> the
+        model's padded, normalised chunk (float32 [..., action_dim]); training targets."""
+        mean, std = self._act
+        return self._pad((torch.as_tensor(actions, dtype=torch.float64) - mean) / (std + 1e-6))
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*x.shape[:-1], self.spec.action_dim, dtype=torch.float64)
+        out[..., : x.shape[-1]] = x
         return out.float()
 
     def actions(self, x: torch.Tensor) -> torch.Tensor:

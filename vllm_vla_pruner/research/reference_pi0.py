@@ -43,14 +43,19 @@ _V = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
 _P = "paligemma_with_expert.paligemma.model.multi_modal_projector.linear."
 _L = "paligemma_with_expert.paligemma.model.language_model."
 _E = "paligemma_with_expert.gemma_expert.model."
+_HEADS = ("state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out")
 
 
-def time_embedding(t: float, width: int, min_period: float = 4e-3, max_period: float = 4.0):
-    """pi0's sin-cos embedding of the flow time (float64 math, float32 result) [width]."""
+def time_embedding(
+    t: float | Tensor, width: int, min_period: float = 4e-3, max_period: float = 4.0
+) -> Tensor:
+    """pi0's sin-cos embedding of the flow time (float64 math, float32 result): [width] for
+    a number, [..., width] for a tensor of times (the trainer's one t per sample)."""
     frac = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float64)
     period = min_period * (max_period / min_period) ** frac
-    x = torch.tensor(float(t), dtype=torch.float64) * (2 * math.pi / period)
-    return torch.cat([torch.sin(x), torch.cos(x)]).float()
+    tt = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+    x = tt[..., None] * (2 * math.pi / period)
+    return torch.cat([torch.sin(x), torch.cos(x)], -1).float()
 
 
 def euler_times(num_steps: int) -> list[float]:
@@ -143,19 +148,13 @@ class ReferencePi0(nn.Module):
         config = json.loads((model_dir / "config.json").read_text())
         model = cls(config, load_norm_stats(model_dir, spec_from_config(config)))
         w = load_file(str(model_dir / "model.safetensors"))
-        parts: list[tuple[nn.Module, str, bool]] = [
-            (model.vision, _V, True),
-            (model.projector, _P, True),
-            (model.lm, _L, True),
-            (model.expert, _E, False),  # no embedding table
-        ]
-        for module, prefix, strict in parts:
+        for module, prefix, strict in model._parts():
             state = {k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)}
             missing, unexpected = module.load_state_dict(state, strict=False)
             missing = [m for m in missing if strict or not m.startswith("embed_tokens")]
             if missing or unexpected:
                 raise ValueError(f"{prefix}: missing {missing}, unexpected {unexpected}")
-        for name in ("state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out"):
+        for name in _HEADS:
             getattr(model, name).load_state_dict(
                 {"weight": w[f"{name}.weight"], "bias": w[f"{name}.bias"]}
             )
@@ -163,6 +162,28 @@ class ReferencePi0(nn.Module):
             {"weight": w["action_out_proj.weight"], "bias": w["action_out_proj.bias"]}
         )
         return model.float().eval()
+
+    def _parts(self) -> list[tuple[nn.Module, str, bool]]:
+        """Each transformer part and its openpi name prefix (strict: it has every tensor)."""
+        return [
+            (self.vision, _V, True),
+            (self.projector, _P, True),
+            (self.lm, _L, True),
+            (self.expert, _E, False),  # no embedding table
+        ]
+
+    def openpi_state_dict(self) -> dict[str, Tensor]:
+        """Every weight under its openpi name: what :meth:`from_pretrained` reads (the
+        Meta-World pi0 trainer writes its checkpoints with it)."""
+        w: dict[str, Tensor] = {}
+        for module, prefix, strict in self._parts():
+            for k, v in module.state_dict().items():
+                if strict or not k.startswith("embed_tokens"):
+                    w[prefix + k] = v.detach().float().contiguous()
+        for name in (*_HEADS, "action_out_proj"):
+            for k, v in getattr(self, name).state_dict().items():
+                w[f"{name}.{k}"] = v.detach().float().contiguous()
+        return w
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -265,11 +286,14 @@ class ReferencePi0(nn.Module):
             ids.append(vis_ids)
         return kv, ids, int(valid.sum())
 
-    def suffix_embeds(self, state: Tensor, x: Tensor, t: float) -> Tensor:
+    def suffix_embeds(self, state: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
+        """The expert's input rows: state token, then H action tokens. One request (state
+        [A], x [H, A], t a number) or a batch (state [B, A], x [B, H, A], t [B])."""
         a = self.action_in_proj(x)
-        te = time_embedding(t, a.shape[-1]).expand_as(a)
+        te = time_embedding(t, a.shape[-1]).to(a.device)
+        te = (te.unsqueeze(-2) if te.dim() > 1 else te).expand_as(a)
         mixed = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([a, te], -1))))
-        return torch.cat([self.state_proj(state)[None], mixed])
+        return torch.cat([self.state_proj(state).unsqueeze(-2), mixed], -2)
 
     @torch.no_grad()
     def sample(

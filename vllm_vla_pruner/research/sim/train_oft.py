@@ -198,7 +198,13 @@ def save_oft_checkpoint(model: Any, out: Path, step: int, tok_files: dict[str, b
     model.train()
 
 
-def plot(history: dict[str, Any], out: Path) -> None:
+def plot(
+    history: dict[str, Any],
+    out: Path,
+    ylabel: str = "L1 loss (normalised chunk)",
+    title: str = "OFT-style Meta-World policy (2 cameras, proprio, chunk 8; dotted: DAgger)",
+) -> None:
+    """loss.png: training loss and validation success (the pi0 trainer's too)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,7 +218,7 @@ def plot(history: dict[str, Any], out: Path) -> None:
         ax[0].plot(steps[k - 1 :], smooth)
     for s in history["dagger_steps"]:
         ax[0].axvline(s, color="gray", ls=":", lw=1)
-    ax[0].set(xlabel="optimizer step", ylabel="L1 loss (normalised chunk)", yscale="log")
+    ax[0].set(xlabel="optimizer step", ylabel=ylabel, yscale="log")
     evals = history["evals"]
     if evals:
         xs = [e["step"] for e in evals]
@@ -221,7 +227,7 @@ def plot(history: dict[str, Any], out: Path) -> None:
         ax[1].plot(xs, [e["mean"] for e in evals], marker="s", color="k", lw=2.5, label="mean")
         ax[1].legend(fontsize=6, loc="lower right")
     ax[1].set(xlabel="optimizer step", ylabel="success (validation goals)", ylim=(-0.02, 1.02))
-    fig.suptitle("OFT-style Meta-World policy (2 cameras, proprio, chunk 8; dotted: DAgger)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)

@@ -1,0 +1,152 @@
+"""The pi0-style Meta-World trainer: the batched forward against the plain-PyTorch oracle, the
+flow-matching loss, and a run that stops and resumes into the pi0 layout the plugin serves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from vllm_vla_pruner.pi0_spec import (
+    is_pi0_checkpoint,
+    load_norm_stats,
+    pi0_prompt_token_ids,
+    pi0_spec,
+)
+from vllm_vla_pruner.research.reference_pi0 import ReferencePi0
+from vllm_vla_pruner.research.sim.metaworld_env import DEFAULT_TASKS, TASK_INSTRUCTIONS
+from vllm_vla_pruner.research.sim.oft_data import save_dataset
+from vllm_vla_pruner.research.sim.train_pi0 import (
+    FlowNet,
+    build_init_checkpoint,
+    main,
+    norm_stats,
+    sample_time,
+    siglip_pixels,
+)
+
+TASKS = list(DEFAULT_TASKS)
+
+
+def _fake_dataset(n: int = 60, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "images": rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),
+        "wrist": rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),
+        "state": rng.uniform(-0.3, 0.7, (n, 4)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, (n, 4)).astype(np.float32),
+        "task_ids": rng.integers(0, len(TASKS), n).astype(np.int16),
+        "episode_ids": np.repeat(np.arange(n // 10), 10).astype(np.int32),
+        "steps": np.tile(np.arange(10), n // 10).astype(np.int16),
+        "tasks": TASKS,
+    }
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory: pytest.TempPathFactory):
+    args = argparse.Namespace(
+        image_size=64,
+        patch_size=8,
+        vision_width=64,
+        vision_depth=2,
+        hidden=128,
+        layers=2,
+        init_gain=0.6,
+        expert_width=64,
+        chunk=8,
+        seed=0,
+    )
+    out = tmp_path_factory.mktemp("pi0") / "init"
+    return build_init_checkpoint(out, args, norm_stats(_fake_dataset()))
+
+
+def test_init_checkpoint_is_a_two_camera_pi0(init_dir) -> None:
+    spec = pi0_spec(init_dir)
+    assert spec.cameras == ("base_0_rgb", "left_wrist_0_rgb")
+    assert (spec.horizon, spec.action_dim, spec.robot_action_dim, spec.state_dim) == (8, 4, 4, 4)
+    stats = load_norm_stats(init_dir, spec)
+    data = _fake_dataset()
+    np.testing.assert_allclose(stats["actions"]["mean"], data["actions"].mean(0), atol=1e-5)
+
+
+def test_batched_forward_equals_reference(init_dir) -> None:
+    """Mixed tasks (prompts of different lengths, so padded rows) in one batch: every Euler
+    step of the batched flow (one prefix, t = 1, 0.9, ...) gives each sample's oracle chunk
+    for the same noise, and one step (t = 1, x_t = noise) the oracle's velocity."""
+    model = ReferencePi0.from_pretrained(init_dir)
+    tok = AutoTokenizer.from_pretrained(str(init_dir))
+    net = FlowNet(model, tok, TASKS)
+    data = _fake_dataset(seed=1)
+    rows, tids = [0, 7, 13], np.array([0, 4, 6])
+    cams = [siglip_pixels(data["images"][rows]), siglip_pixels(data["wrist"][rows])]
+    assert len({len(net.ids[t].nonzero()) for t in tids}) > 1  # padding is exercised
+    state = model.norm.state(data["state"][rows])
+    noise = torch.randn(3, 8, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ten = net.sample(cams, tids, state, noise, 10)
+        one = net.sample(cams, tids, state, noise, 1)
+    for i, row in enumerate(rows):
+        ids = pi0_prompt_token_ids(tok, TASK_INSTRUCTIONS[TASKS[tids[i]]], 48)
+        inputs = model.build_inputs([cams[0][i], cams[1][i]], [True, True], ids, data["state"][row])
+        ref = model.sample(inputs, noise[i])
+        assert ref.normalized.abs().mean() > 0.05
+        torch.testing.assert_close(ten[i], ref.normalized, atol=1e-5, rtol=0)
+        ref1 = model.sample(inputs, noise[i], num_steps=1)
+        torch.testing.assert_close(one[i], ref1.normalized, atol=1e-5, rtol=0)
+
+
+def test_loss_is_pi0s_flow_matching(init_dir) -> None:
+    """The loss equals MSE(v(x_t, t), noise - actions) recomputed from the same draws, and
+    k draws per frame on one prefix equal the frames repeated k times."""
+    model = ReferencePi0.from_pretrained(init_dir)
+    net = FlowNet(model, AutoTokenizer.from_pretrained(str(init_dir)), TASKS)
+    data = _fake_dataset(seed=2)
+    rows, tids = [1, 2], np.array([3, 5])
+    cams = [siglip_pixels(data["images"][rows]), siglip_pixels(data["wrist"][rows])]
+    state = model.norm.state(data["state"][rows])
+    actions = torch.randn(2, 8, 4)
+    with torch.no_grad():
+        got = net.loss(cams, tids, state, actions, 3, torch.Generator().manual_seed(5))
+        gen = torch.Generator().manual_seed(5)
+        t = sample_time(6, gen)
+        noise = torch.randn(6, 8, 4, generator=gen)
+        a = actions.repeat_interleave(3, 0)
+        x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * a
+        rep = [c.repeat_interleave(3, 0) for c in cams]
+        kv, valid, n_valid = net.prefix(rep, np.repeat(tids, 3))
+        v = net.velocity(kv, valid, n_valid, state.repeat_interleave(3, 0), x_t, t)
+    torch.testing.assert_close(got, ((v - (noise - a)) ** 2).mean(), atol=1e-6, rtol=1e-5)
+    assert (t > 0.001 - 1e-9).all() and (t <= 1.0).all()
+    big = sample_time(20000, torch.Generator().manual_seed(0))
+    assert abs(float(big.mean()) - (0.001 + 0.999 * 0.6)) < 0.01  # Beta(1.5, 1) mean 0.6
+
+
+def test_stop_and_resume_writes_the_pi0_layout(tmp_path) -> None:
+    demos = tmp_path / "demos.npz"
+    save_dataset(_fake_dataset(), demos)
+    out = tmp_path / "ckpt"
+    common = [
+        "--out", str(out), "--demos", str(demos), "--batch", "4", "--val-episodes", "0",
+        "--vision-width", "64", "--vision-depth", "2", "--hidden", "128", "--layers", "2",
+        "--save-every", "2", "--warmup", "1", "--noise-samples", "2", "--no-progress",
+    ]  # fmt: skip
+    main([*common, "--steps", "2"])
+    first = torch.load(out / "_work" / "state.pt", weights_only=False)
+    assert first["step"] == 2
+    main([*common, "--steps", "4", "--resume"])
+    state = torch.load(out / "_work" / "state.pt", weights_only=False)
+    assert state["step"] == 4 and len(state["history"]["loss"]) == 4
+    assert len(state["commands"]) == 2 and "--resume" in state["commands"][1]
+    assert is_pi0_checkpoint(out)
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["optimizer_steps"] == 4
+    served = ReferencePi0.from_pretrained(out)
+    for name, value in state["model"].items():
+        if not name.startswith("expert.embed_tokens"):  # pi0's expert has no token table
+            torch.testing.assert_close(served.state_dict()[name], value)
+    changed = [k for k in state["model"] if not torch.equal(state["model"][k], first["model"][k])]
+    assert changed  # steps 3-4 trained
