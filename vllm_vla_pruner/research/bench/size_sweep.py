@@ -41,6 +41,8 @@ EXECUTE_STEPS = 4
 #: Lockstep robots per engine call in the Meta-World closed loop (chunk_benchmark runs
 #: ~14-35 running episodes per call; 16 is the lower, 2-core-affordable end).
 CLOSED_LOOP_BATCH = 16
+#: Engine starts per size (a shared machine's memory comes and goes).
+ENGINE_ATTEMPTS = 3
 #: "Pruning pays": engine time per control step unpruned / pruned at least this.
 PAYS = 1.3
 
@@ -155,7 +157,9 @@ def smallest_paying(rows: list[dict[str, Any]], batch: int, threshold: float = P
     ]
     if not paying:
         return None
-    return min(paying, key=lambda r: r["train"]["ratio_to_shipped"])["size"]["name"]
+    return min(paying, key=lambda r: r["train"].get("ratio_to_shipped", float("inf")))["size"][
+        "name"
+    ]
 
 
 # --- checkpoints and measurements ---------------------------------------------------------
@@ -282,6 +286,16 @@ def time_training(
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     mine = _Trainer(model_dir, size, batch, mem_budget_gb)
+    params = sum(p.numel() for p in mine.model.parameters())
+    # Weights, gradients and AdamW's two moments (fp32), plus one micro-batch's activations.
+    need_gb = (16 * params + mine.micro * activation_bytes(size, mine.rows)) / 2**30
+    if not _wait_for_memory(need_gb + 1.0):
+        return {
+            "parameters": params,
+            "rows": mine.rows,
+            "skipped": f"less than "
+            f"{need_gb + 1:.1f} GB available for 10 min: not timed (others' jobs)",
+        }
     ref = _Trainer(reference_dir, SIZES[0], batch, mem_budget_gb)
     mine.step(min(max_samples, mine.micro))
     ref.step(batch)
@@ -327,17 +341,25 @@ def measure_size(
     cfg = load_config_json(ckpt)
     load_before = _loadavg()
     t0 = time.time()
-    out = run_oft(
-        ckpt,
-        work / size.name / "engine",
-        batches,
-        (keep,),
-        ("vlapruner",),
-        repeats,
-        None,
-        progress=False,
-        print_table=False,
-    )
+    for attempt in range(ENGINE_ATTEMPTS):
+        try:
+            out = run_oft(
+                ckpt,
+                work / size.name / "engine",
+                batches,
+                (keep,),
+                ("vlapruner",),
+                repeats,
+                None,
+                progress=False,
+                print_table=False,
+            )
+            break
+        except RuntimeError as e:  # vLLM refuses to start when others hold the memory
+            if attempt + 1 == ENGINE_ATTEMPTS:
+                raise
+            print(f"[size-sweep] {size.name}: engine failed ({e}); retrying in 60 s", flush=True)
+            time.sleep(60)
     engine_s = time.time() - t0
     dims = ModelDims.from_config(cfg)
     tower = cfg["vision_towers"][0]
@@ -387,6 +409,24 @@ def measure_size(
         "engine_seconds": round(engine_s, 1),
         "train_seconds": round(time.time() - t1, 1),
     }
+
+
+def _mem_available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def _wait_for_memory(gb: float, patience_s: float = 600.0) -> bool:
+    """Wait until ``gb`` GB are available (the machine is shared: an out-of-memory kill
+    could hit someone else's job); False after ``patience_s``."""
+    t0 = time.time()
+    while _mem_available_gb() < gb:
+        if time.time() - t0 > patience_s:
+            return False
+        time.sleep(15)
+    return True
 
 
 def _loadavg() -> list[float]:
@@ -446,12 +486,16 @@ def markdown(result: dict[str, Any]) -> str:
                 if i == 0
                 else "| | | | | |"
             )
-            tail = (
-                f"| {t['s_per_step']:.1f} ({t['micro_batch']}) | {t['ratio_to_shipped']:.1f}x "
-                f"| {t['anchored_schedule_hours']:.1f} h | {r['load_before'][0]:.0f} |"
-                if i == 0
-                else "| | | | |"
-            )
+            if i:
+                tail = "| | | | |"
+            elif "skipped" in t:
+                tail = f"| not timed | - | - | {r['load_before'][0]:.0f} |"
+            else:
+                tail = (
+                    f"| {t['s_per_step']:.1f} ({t['micro_batch']}) "
+                    f"| {t['ratio_to_shipped']:.1f}x | {t['anchored_schedule_hours']:.1f} h "
+                    f"| {r['load_before'][0]:.0f} |"
+                )
             lines.append(
                 f"{head} | {b} | {e['unpruned_ms_per_control_step']:.2f} "
                 f"| {e['pruned_ms_per_control_step']:.2f} | **{e['speedup']:.2f}x** "
@@ -476,6 +520,12 @@ def conclusion(rows: list[dict[str, Any]], batches: tuple[int, ...]) -> list[str
             continue
         r = by_name[name]
         e, t = r["engine"][str(b)], r["train"]
+        if "skipped" in t:
+            out.append(
+                f"- Batch {b}: the cheapest paying size is **{name}** ({e['speedup']:.2f}x); "
+                f"its training was {t['skipped']}."
+            )
+            continue
         out.append(
             f"- Batch {b}: the cheapest size to train that reaches {PAYS}x per control step is "
             f"**{name}** ({e['speedup']:.2f}x, FLOPs-ideal {e['flops_ideal_whole']:.2f}x whole "
@@ -529,12 +579,27 @@ def run(
     mem_budget_gb: float = 2.0,
     threads: int = 1,
     work: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     work = work or Path(tempfile.gettempdir()) / "vla-pruner-size-sweep"
     t0 = time.time()
     load_before = _loadavg()
+    done = (
+        json.loads((work / "rows.json").read_text())
+        if resume and (work / "rows.json").exists()
+        else []
+    )
+    done = {
+        r["size"]["name"]: r
+        for r in done
+        if r["repeats"] == repeats and sorted(r["engine"]) == sorted(map(str, batches))
+    }
     rows = []
     for size in sizes:
+        if size.name in done:
+            print(f"[size-sweep] {size.name}: measured earlier in {work} (--resume)", flush=True)
+            rows.append(done[size.name])
+            continue
         print(f"[size-sweep] {size.name}: load {_loadavg()}", flush=True)
         rows.append(
             measure_size(size, work, batches, keep, repeats, train_steps, mem_budget_gb, threads)
@@ -547,7 +612,7 @@ def run(
                 f"(ideal {r['engine'][str(b)]['flops_ideal_whole']:.2f}x)"
                 for b in batches
             )
-            + f"; train {r['train']['s_per_step']:.2f} s/step "
+            + f"; train {r['train'].get('s_per_step', 'not timed')} s/step "
             f"({r['engine_seconds']} s engine, {r['train_seconds']} s train)",
             flush=True,
         )
@@ -593,6 +658,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads of the trainer timing (1: 2 OpenMP threads spin badly on busy cores)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the sizes already measured in WORK/rows.json (same repeats and batches)",
+    )
     p.add_argument("--work", help="where the checkpoints are built (default: temp dir)")
     args = p.parse_args(argv)
     if not 0 < args.keep < 1:
@@ -608,5 +678,6 @@ def main(argv: list[str] | None = None) -> int:
         args.mem_gb,
         args.train_threads,
         Path(args.work) if args.work else None,
+        args.resume,
     )
     return 0
