@@ -203,3 +203,25 @@ def test_demo_options_reach_the_demo_in_order():
     argv = ["demo", "--episodes", "1", "--tasks", "drawer-open-v3", "--verbose"]
     args, extra = build_parser().parse_known_args(argv)
     assert args.command == "demo" and extra == argv[1:]
+
+
+def test_vllm_import_warnings_follow_vllm_logging_level():
+    """vLLM logs while being imported, before its handler exists (on CPU: "Triton is installed,
+    but doesn't include CPU backend"); a process that imports the CLI first (every process of
+    a ``vla-pruner`` command, spawned engine processes included) honours VLLM_LOGGING_LEVEL."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import vllm_vla_pruner.cli, vllm.triton_utils"
+
+    def stderr(level: str) -> str:
+        env = {**os.environ, "VLLM_LOGGING_LEVEL": level}
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stderr
+
+    loud = stderr("WARNING")
+    if "Triton is installed" not in loud:
+        pytest.skip("this vLLM / Triton logs nothing while being imported")
+    assert "Triton is installed" not in stderr("ERROR")

@@ -22,6 +22,27 @@ from dataclasses import dataclass
 __all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "build_serve_args", "main"]
 
 
+def _vllm_import_log_level() -> None:
+    """Give vLLM's loggers ``VLLM_LOGGING_LEVEL`` (when set) before vLLM is imported.
+
+    vLLM 0.32 installs its log handler only when an engine is built; what its modules log while
+    being imported (on CPU: "Triton is installed, but doesn't include CPU backend. Disabling
+    Triton.", once per process) reaches stderr through Python's last-resort handler whatever
+    ``VLLM_LOGGING_LEVEL`` says. Called when this module is imported, which is first in every
+    process of a ``vla-pruner`` command, the engine's spawned core and worker included (spawn
+    re-imports the console script, which imports this module, before it unpickles the engine);
+    vLLM's own configuration later sets the same level.
+    """
+    import logging
+
+    level = os.environ.get("VLLM_LOGGING_LEVEL", "").strip().upper()
+    if isinstance(logging.getLevelName(level), int):
+        logging.getLogger("vllm").setLevel(level)
+
+
+_vllm_import_log_level()
+
+
 @dataclass(frozen=True)
 class Subcommand:
     """One ``vla-pruner NAME`` command.
@@ -184,6 +205,7 @@ def _demo_run(args: argparse.Namespace, extra: list[str]) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # third-party deprecation noise
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's NUMA-binding notice
+        _vllm_import_log_level()  # this process imported the module before the line above
     from vllm_vla_pruner.research.sim.demo import demo
 
     return demo(argv)
