@@ -60,6 +60,25 @@ def test_attention_rows_matches_naive_gqa_and_causal(hq, hkv):
     assert torch.equal(got[2], torch.tensor([1.0] + [0.0] * (t - 1)))
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 1)])
+def test_attention_rows_bidirectional_sees_every_key(hq, hkv, monkeypatch):
+    """pi0's prefix rows attend both ways: every row over all T keys (the naive loop with
+    each row at the last position), whatever the row block size; bit-equal to the causal
+    path given positions that hide no key."""
+    g = torch.Generator().manual_seed(hq + hkv)
+    t, d = 11, 8
+    q = torch.randn(t, hq, d, generator=g)
+    k = torch.randn(t, hkv, d, generator=g)
+    rows = torch.arange(t)  # row i at position i: a causal call would hide keys > i
+    got = attention_rows(q, k, rows, bidirectional=True)
+    want = naive_rows(q, k, torch.full((t,), t - 1))
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    assert torch.all(got[0, 1:] > 0)  # the first row sees the keys after it
+    assert torch.equal(got, attention_rows(q, k, torch.full((t,), t - 1)))
+    monkeypatch.setattr(scores_mod, "_MAX_BLOCK_ELEMS", hq * t * 2)  # two rows per block
+    torch.testing.assert_close(attention_rows(q, k, rows, bidirectional=True), got)
+
+
 def test_attention_rows_compacted_keys_and_scale():
     g = torch.Generator().manual_seed(1)
     q = torch.randn(3, 4, 8, generator=g)

@@ -543,9 +543,9 @@ def select_from_qk(requests: Sequence[QKRequest]) -> list[Tensor]:
         rows = needed_rows(method, inputs.layout)
         if len(rows):
             positions = torch.arange(rows.start, rows.stop, device=k.device)
-            if bidirectional:
-                positions = positions.new_full((len(rows),), k.shape[0] - 1)
-            attn = attention_rows(q[rows.start : rows.stop], k, positions)
+            attn = attention_rows(
+                q[rows.start : rows.stop], k, positions, bidirectional=bidirectional
+            )
         else:
             attn = inputs.attn
         items.append((replace(inputs, attn=attn, row_positions=rows), method, budget))

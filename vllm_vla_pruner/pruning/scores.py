@@ -28,8 +28,10 @@ __all__ = [
 SEMANTIC_ROWS: tuple[str, ...] = ("all", "last", "text")
 
 # Bound on the [Hq, rows, T] float32 score block materialised at once by attention_rows
-# (elements); larger requests are processed in row chunks so a long prompt cannot spike memory.
-_MAX_BLOCK_ELEMS = 1 << 24
+# (elements): larger requests are processed in row chunks, so a long prompt cannot spike
+# memory and each block's logits -> softmax -> head mean stays in cache (4 MB: a pi0 prefix's
+# 816 x 816 x 8 heads ran 1.4x faster than in one 21 MB block, same bits).
+_MAX_BLOCK_ELEMS = 1 << 20
 
 
 def attention_rows(
@@ -38,6 +40,7 @@ def attention_rows(
     q_positions: Tensor,
     k_positions: Tensor | None = None,
     scale: float | None = None,
+    bidirectional: bool = False,
 ) -> Tensor:
     """Head-averaged causal attention probabilities of R query rows over T keys.
 
@@ -53,6 +56,8 @@ def attention_rows(
         k_positions: ``[T]`` positions of the keys; default ``0..T-1`` (keys in order, no
             gaps). Pass it when the key set is compacted (e.g. after pruning).
         scale: softmax scale; default ``1 / sqrt(D)``.
+        bidirectional: every row sees every key (a prefix-LM prompt such as pi0's); the
+            positions are then only shape-checked and no mask is built.
 
     Returns:
         ``[R, T]`` float32 probabilities (each row sums to 1 over its visible keys, 0 on
@@ -82,7 +87,7 @@ def attention_rows(
             raise ValueError(f"k_positions must be [T]=[{t}], got shape {tuple(k_positions.shape)}")
         key_pos = k_positions.to(k.device)
     q_pos = q_positions.to(k.device)
-    if checks.enabled() and bool((q_pos < key_pos.min()).any()):
+    if not bidirectional and checks.enabled() and bool((q_pos < key_pos.min()).any()):
         raise ValueError("q_positions: some query row sees no key (position before every key)")
     require_finite("q", q)
     require_finite("k", k)
@@ -101,10 +106,14 @@ def attention_rows(
         e = min(r, s + chunk)
         n = e - s
         qc = qf[:, :, s:e, :].reshape(hkv, group * n, d)
-        # Additive causal mask fused into the scaled matmul (cheaper than masked_fill).
-        bias = torch.zeros(n, t, dtype=torch.float32, device=k.device)
-        bias.masked_fill_(key_pos.view(1, t) > q_pos[s:e].view(-1, 1), float("-inf"))
-        logits = torch.baddbmm(bias.repeat(group, 1).unsqueeze(0), qc, kf, alpha=scale)
+        if bidirectional:  # no mask: a broadcast zero bias (same kernel, same bits)
+            zero = qc.new_zeros(1, 1, 1).expand(hkv, group * n, t)
+            logits = torch.baddbmm(zero, qc, kf, alpha=scale)
+        else:
+            # Additive causal mask fused into the scaled matmul (cheaper than masked_fill).
+            bias = torch.zeros(n, t, dtype=torch.float32, device=k.device)
+            bias.masked_fill_(key_pos.view(1, t) > q_pos[s:e].view(-1, 1), float("-inf"))
+            logits = torch.baddbmm(bias.repeat(group, 1).unsqueeze(0), qc, kf, alpha=scale)
         probs = torch.softmax(logits, dim=-1)
         out[s:e] = probs.view(hq, n, t).mean(dim=0)
     return out
