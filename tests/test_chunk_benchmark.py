@@ -133,3 +133,32 @@ def test_interleaved_configurations_call_the_engine_separately_in_turn(tiny_oft:
         "b/0",
         "b/1",
     ]
+
+
+def test_pi0_requests_carry_a_noise_seed_per_episode_and_chunk(tmp_path: Path, tiny_oft: Path):
+    """A pi0 checkpoint goes through the same policy: every configuration's n-th chunk of an
+    episode is denoised from the same seed (paired comparisons, reproducible runs), a new
+    episode starts the count again; OFT requests carry no seed."""
+    from vllm_vla_pruner.engine.settings import KEY_NOISE_SEED
+    from vllm_vla_pruner.research.checkpoint import build_checkpoint
+    from vllm_vla_pruner.research.sim.chunk_benchmark import ChunkEnginePolicy, chunk_length
+
+    pi0 = build_checkpoint("tiny-pi0", tmp_path / "pi0", seed=1)  # horizon 5, 7 action dims
+    assert chunk_length(pi0) == 5 and chunk_length(tiny_oft) == 3
+    seeds = {}
+    for method, keep in (("none", 1.0), ("vlapruner", 0.25)):
+        llm = ChunkRecordingLLM([[0.0] * 7] * 5)
+        policy = ChunkEnginePolicy(llm, pi0, method, keep, method, execute_steps=2)
+        assert (policy.kind, policy.num_images, policy.chunk) == ("pi0", 3, 5)
+        envs = [FakeEnv(0), FakeEnv(1)]
+        for step in range(6):
+            first = step in (0, 4)  # episode restarts at step 4
+            policy(StepBatch([4, 9], np.zeros((2, 0), np.uint8), ["go"] * 2, [first] * 2, envs))
+        seeds[method] = [p.extra_args[KEY_NOISE_SEED] for _, p in llm.requests]
+        assert len(llm.requests[0][0]["multi_modal_data"]["image"]) == 2  # the cameras sent
+    assert seeds["none"] == [4000, 9000, 4001, 9001, 4000, 9000]
+    assert seeds["vlapruner"] == seeds["none"]
+    oft_llm = ChunkRecordingLLM([[0.0] * 7] * 3)
+    oft = ChunkEnginePolicy(oft_llm, tiny_oft, "none", 1.0, "o", execute_steps=2)
+    oft(StepBatch([0], np.zeros((1, 0), np.uint8), ["go"], [True], [FakeEnv(0)]))
+    assert KEY_NOISE_SEED not in oft_llm.requests[0][1].extra_args

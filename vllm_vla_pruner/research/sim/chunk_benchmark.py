@@ -1,19 +1,22 @@
-"""Closed-loop Meta-World evaluation of an OpenVLA-OFT policy through the real vLLM engine.
+"""Closed-loop Meta-World evaluation of chunk policies (OpenVLA-OFT, pi0) through the real
+vLLM engine.
 
 Each robot asks the engine for an action chunk exactly as a ``/v1/actions`` client of an OFT
-checkpoint would (``RequestBuilder.build_chunk``: both camera views in the model's order, the
-raw proprio state, the instruction), executes the first ``execute_steps`` rows, then asks
-again. One session per episode, so VLA-Pruner's history is the episode's previous chunks and
-its warm-up is the episode's first ``window`` chunks, as deployed. All running episodes share
-one engine call whenever any of them needs a new chunk (``rollout_lockstep``).
+or pi0 checkpoint would (``RequestBuilder.build_chunk``: both camera views in the model's
+order, the raw proprio state, the instruction; for pi0 also a noise seed, fixed per episode
+and chunk so that every configuration denoises from the same noise), executes the first
+``execute_steps`` rows, then asks again. One session per episode, so VLA-Pruner's history
+is the episode's previous chunks and its warm-up is the episode's first ``window`` chunks,
+as deployed. All running episodes share one engine call whenever any of them needs a new
+chunk (``rollout_lockstep``).
 
 Reports, per policy: success per task with 95% intervals, success relative to the same
 policy unpruned with paired 95% CIs, and engine time per *control step* (engine wall time /
 executed actions) for every configuration measured in the same run. An AR checkpoint given
 beside the OFT one is run by ``sim.benchmark`` on its own engine, so one table holds both.
 
-``vla-pruner bench metaworld-oft --models OFT_DIR [AR_DIR] ...``; ``vla-pruner demo`` runs a
-short version (``sim/demo.py``).
+``vla-pruner bench metaworld-oft --models OFT_DIR [PI0_DIR] [AR_DIR] ...``; ``vla-pruner
+demo`` runs a short version (``sim/demo.py``).
 """
 
 from __future__ import annotations
@@ -83,10 +86,12 @@ class ChunkRunRecord:
     chunks: list[np.ndarray] = field(default_factory=list)
     action_min: np.ndarray | None = None  # per action dimension, over every chunk returned
     action_max: np.ndarray | None = None
+    resumed: bool = False  # loaded from an earlier invocation's run store (--resume)
 
 
 class ChunkEnginePolicy:
-    """A lockstep policy (``rollout_lockstep``) that asks the engine for OFT action chunks.
+    """A lockstep policy (``rollout_lockstep``) that asks the engine for action chunks of an
+    OFT or a pi0 checkpoint (``kind``).
 
     Per episode it keeps the rows of its last chunk still to execute; an episode whose queue
     is empty (or that just started) is observed - ``render_views()``, ``proprio()`` - and asks
@@ -108,14 +113,21 @@ class ChunkEnginePolicy:
 
         self.llm = llm
         self.builder = RequestBuilder.from_pretrained(model_dir)
-        if self.builder.oft is None:
-            raise ValueError(f"{model_dir} is not an OpenVLA-OFT checkpoint (no action head)")
-        self.spec = self.builder.oft
+        oft, pi0 = self.builder.oft, self.builder.pi0
+        if oft is not None:
+            self.kind, self.num_images = "oft", oft.num_images
+            self.chunk, self.state_dim = oft.chunk, oft.proprio_dim
+        elif pi0 is not None:
+            self.kind, self.num_images = "pi0", pi0.num_cameras
+            self.chunk, self.state_dim = pi0.horizon, pi0.state_dim
+        else:
+            raise ValueError(f"{model_dir} is neither an OpenVLA-OFT nor a pi0 checkpoint")
         # The same bound the endpoint's `execute_steps` field has (1..chunk).
-        self.execute_steps = check_execute_steps(execute_steps, self.spec.chunk)
+        self.execute_steps = check_execute_steps(execute_steps, self.chunk)
         self.method, self.keep_ratio, self.tag = method, keep_ratio, tag
         self.record_episode = record_episode
         self.queues: dict[int, list[np.ndarray]] = {}
+        self.asked: dict[int, int] = {}  # chunks requested so far, per episode
         self.rec = ChunkRunRecord(method, keep_ratio, None)
 
     def request(
@@ -126,7 +138,11 @@ class ChunkEnginePolicy:
         episode: int,
         new: bool,
     ) -> EngineRequest:
-        """One episode's chunk request: what ``/v1/actions`` sends for the same body."""
+        """One episode's chunk request: what ``/v1/actions`` sends for the same body. pi0's
+        noise seed is the episode's goal and chunk number (not the configuration): every
+        configuration's n-th chunk of an episode starts from the same noise."""
+        self.asked[episode] = 0 if new else self.asked.get(episode, 0) + 1
+        seed = 1000 * episode + self.asked[episode] if self.kind == "pi0" else None
         return self.builder.build_chunk(
             instruction,
             list(views),
@@ -135,6 +151,7 @@ class ChunkEnginePolicy:
             keep_ratio=None if self.method == "none" else self.keep_ratio,
             session_id=f"{self.tag}/{episode}",
             new_episode=bool(new),
+            noise_seed=seed,
         )
 
     def infer(self, reqs: Sequence[EngineRequest]) -> tuple[list[np.ndarray], list[Any]]:
@@ -330,6 +347,7 @@ def _summary_row(
         "visual_tokens_kept_mean": kept_mean,
         "chunk_shapes": [list(s) for s in sorted(getattr(rec, "chunk_shapes", ()))],
         "action_range": _range(rec),
+        "resumed": bool(getattr(rec, "resumed", False)),
     }
 
 
@@ -361,35 +379,48 @@ def evaluate_oft(
     max_steps: int | None = None,
     progress: bool = True,
     trace_path: Path | None = None,
+    runs_dir: Path | None = None,
+    resume: bool = False,
 ) -> tuple[list[dict[str, Any]], list[ChunkRunRecord], dict[str, Any]]:
-    """Every ``(method, keep)`` of ``configs`` (the first must be ``("none", 1.0)``) on one
-    engine: the summary rows, the records and the pruning settings the engine ran. When all
-    configurations' episodes fit one lockstep batch they run interleaved
-    (``run_interleaved``), else one after the other."""
+    """An OFT or pi0 checkpoint: every ``(method, keep)`` of ``configs`` (the first must be
+    ``("none", 1.0)``) on one engine: the summary rows, the records and the pruning settings
+    the engine ran. When all configurations' episodes fit one lockstep batch they run
+    interleaved (``run_interleaved``), else one after the other; then each finished
+    configuration is saved under ``runs_dir`` and, with ``resume``, one saved by an earlier
+    invocation under the same settings is loaded instead of run (``run_store``)."""
     from vllm_vla_pruner.api.protocol import check_execute_steps
-    from vllm_vla_pruner.config import (
-        image_size,
-        load_config_json,
-        num_visual_tokens,
-        oft_spec,
-    )
+    from vllm_vla_pruner.config import image_size, load_config_json, num_visual_tokens
     from vllm_vla_pruner.engine.local import shutdown_llm
 
-    check_execute_steps(execute_steps, oft_spec(model_dir).chunk)  # before the engine starts
+    check_execute_steps(execute_steps, chunk_length(model_dir))  # before the engine starts
     cfg = load_config_json(model_dir)
     settings = pruning_settings_for(cfg)
     layers = cfg["text_config"]["num_hidden_layers"]
     pruning = {"layer": settings.layer, "action_layer": settings.action_layer_for(layers)}
     _set_trace(trace_path)
     interleaved = len(configs) * len(tasks) * episodes_per_task <= MAX_PARALLEL
+    store = None
+    if runs_dir is not None and not interleaved:
+        from .run_store import RunSettings, RunStore
+
+        run_settings = RunSettings.of(
+            model=str(model_dir.resolve()),
+            goals=goals,
+            tasks=tasks,
+            episodes_per_task=episodes_per_task,
+            execute_steps=execute_steps,
+            max_steps=max_steps,
+            pruning={**pruning, "semantic_rows": settings.semantic_rows, "window": settings.window},
+        )
+        store = RunStore(runs_dir, run_settings, resume)
     llm = _start(model_dir, len(tasks) * episodes_per_task, pruning)
     rows: list[dict[str, Any]] = []
     records: list[ChunkRunRecord] = []
     try:
         warm = ChunkEnginePolicy(llm, model_dir, "none", 1.0, "warmup", execute_steps)
         side, n = image_size(cfg), min(MAX_PARALLEL, len(tasks) * episodes_per_task)
-        views = [np.zeros((side, side, 3), np.uint8)] * warm.spec.num_images
-        state = [0.0] * warm.spec.proprio_dim
+        views = [np.zeros((side, side, 3), np.uint8)] * warm.num_images
+        state = [0.0] * warm.state_dim
         _warm_up(llm, [warm.request(views, state, "warm up", e, True) for e in range(n)])
         policies = [
             ChunkEnginePolicy(llm, model_dir, method, keep, f"oft{i}", execute_steps)
@@ -399,13 +430,19 @@ def evaluate_oft(
         if interleaved:
             records = run_interleaved(policies, tasks, episodes_per_task, max_steps, progress, *run)
         else:
-            records = [
-                run_chunked(p, tasks, episodes_per_task, max_steps, progress, *run)
-                for p in policies
-            ]
-        total = num_visual_tokens(cfg) * warm.spec.num_images
+            for p in policies:
+                rec = store.load(p.method, p.keep_ratio, ChunkRunRecord) if store else None
+                if rec is not None:
+                    rec.resumed = True
+                else:
+                    rec = run_chunked(p, tasks, episodes_per_task, max_steps, progress, *run)
+                    if store is not None:
+                        store.save(rec)
+                records.append(rec)
+        total = num_visual_tokens(cfg) * warm.num_images
         rows = [
-            _summary_row(model_dir.name, "oft", rec, warm.execute_steps, total) for rec in records
+            _summary_row(model_dir.name, warm.kind, rec, warm.execute_steps, total)
+            for rec in records
         ]
     finally:
         shutdown_llm(llm)
@@ -413,6 +450,16 @@ def evaluate_oft(
     meta = {**pruning, "semantic_rows": settings.semantic_rows, "window": settings.window}
     meta["interleaved"] = interleaved
     return rows, records, meta
+
+
+def chunk_length(model_dir: Path) -> int:
+    """Rows of the checkpoint's chunk: OFT's chunk, pi0's horizon."""
+    from vllm_vla_pruner.config import oft_spec
+    from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint, pi0_spec
+
+    return (
+        pi0_spec(model_dir).horizon if is_pi0_checkpoint(model_dir) else oft_spec(model_dir).chunk
+    )
 
 
 def evaluate_ar(
@@ -499,11 +546,13 @@ def evaluate_policies(
     max_steps: int | None = None,
     progress: bool = True,
     print_table: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Each model (OFT or AR, detected from its files) unpruned and with every ``method`` at
+    """Each model (OFT, pi0 or AR, detected from its files) unpruned and with every ``method`` at
     every ``keep``, on the same goals; writes ``metaworld-oft.{json,md}``, plots and the
     kept-patch figure (OFT: both cameras) under ``out``."""
     from vllm_vla_pruner.config import grid_shape, is_oft_checkpoint, load_config_json
+    from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint
 
     from .metaworld_env import DEFAULT_TASKS
 
@@ -518,7 +567,7 @@ def evaluate_policies(
         model = Path(model)
         trace = out / f"pruning_trace-{model.name}.jsonl"
         common = {"goals": goals, "max_steps": max_steps, "progress": progress}
-        if is_oft_checkpoint(model):
+        if is_oft_checkpoint(model) or is_pi0_checkpoint(model):
             r, recs, meta = evaluate_oft(
                 model,
                 configs,
@@ -526,12 +575,14 @@ def evaluate_policies(
                 episodes_per_task,
                 execute_steps=execute_steps,
                 trace_path=trace,
+                runs_dir=out / "runs" / model.name,
+                resume=resume,
                 **common,
             )
             cfg = load_config_json(model)
             fig = save_chunk_overlays(recs, _trace(trace), grid_shape(cfg)[0], out, model.name)
             figures[f"kept_patches_{model.name}"] = str(fig)
-            kind = "oft"
+            kind = r[0]["kind"]
         else:
             r, recs, meta = evaluate_ar(
                 model, configs, tasks, episodes_per_task, trace_path=trace, **common
@@ -574,9 +625,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Meta-World closed loop through the vLLM engine: {len(tasks)} tasks x "
         f"{result['episodes_per_task']} {GOAL_NAMES[result['goals']]} episodes each (the same "
-        f"goals for every row). OFT policies execute the first {ex} rows of each chunk, then "
-        "ask again; AR policies ask every step. *engine ms / call*: wall time of one engine "
-        "call (the running episodes' requests batched; an OFT call returns a chunk per "
+        f"goals for every row). Chunk policies (OFT, pi0) execute the first {ex} rows of each "
+        "chunk, then ask again; AR policies ask every step. *engine ms / call*: wall time of "
+        "one engine call (the running episodes' requests batched; an OFT call returns a chunk per "
         "episode); *engine ms / "
         "control step*: engine wall time / executed actions; both measured in this run on one "
         "engine per policy. "
@@ -602,6 +653,8 @@ def markdown(result: dict[str, Any]) -> str:
         kept = s["visual_tokens_kept_mean"]
         kept_s = "-" if kept is None else f"{kept:.0f}/{s['visual_tokens_total']}"
         speed = "-" if s["speedup_vs_unpruned"] is None else f"{s['speedup_vs_unpruned']:.2f}x"
+        if s.get("resumed"):
+            speed += " *"
         lines.append(
             f"| {s['policy']} ({s['kind']}) | {s['method']} | {s['keep_ratio']} | {kept_s} "
             f"| {s['success']:.0%} ({s['ci95'][0]:.0%}-{s['ci95'][1]:.0%}) | {rel} "
@@ -609,6 +662,14 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {s['engine_ms_per_call']:.1f} ({s['mean_batch']:.1f}) "
             f"| {s['engine_ms_per_control_step']:.2f} | {speed} |"
         )
+    if any(s.get("resumed") for s in result["summary"]):
+        lines += [
+            "",
+            "\\* run by an earlier invocation of this benchmark (``--resume``, same goals and "
+            "settings): its success is paired with the same goals, but its engine times come "
+            "from another engine process under another load, so its speedup is not a "
+            "side-by-side measurement.",
+        ]
     lines += [
         "",
         "Pruning settings per policy (checkpoint recommendation over the engine defaults):",
@@ -694,7 +755,8 @@ def save_chunk_overlays(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in records if r.method == "none" or r.keep_ratio == keep]
+    # Records loaded by --resume carry no frames: the figure shows the ones run now.
+    rows = [r for r in records if (r.method == "none" or r.keep_ratio == keep) and r.views]
     n_req = min((len(r.views) for r in rows), default=0)
     cols = [c for c in chunks if c < n_req] or [0]
     n_views = len(rows[0].views[0]) if rows and rows[0].views else 2
@@ -768,6 +830,12 @@ def main(argv: list[str] | None = None) -> int:
         help="OFT: chunk rows executed before asking again, 1..chunk",
     )
     p.add_argument("--max-steps", type=int, default=None, help="episode cap (default 200)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the configurations an earlier run with the same --out and settings "
+        "finished (saved under OUT/runs/); without it they are cleared",
+    )
     a = p.parse_args(argv)
     unknown = sorted(set(a.methods or []) - set(registry_pruners()))
     if unknown:
@@ -785,5 +853,6 @@ def main(argv: list[str] | None = None) -> int:
         execute_steps=a.execute_steps,
         goals=a.goals,
         max_steps=a.max_steps,
+        resume=a.resume,
     )
     return 0
