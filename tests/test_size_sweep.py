@@ -9,6 +9,7 @@ from vllm_vla_pruner.metrics import ModelDims, prefill_flops, vit_flops
 from vllm_vla_pruner.research.bench.size_sweep import (
     SIZES,
     Size,
+    best_of_ratio,
     conclusion,
     markdown,
     micro_batch,
@@ -28,6 +29,11 @@ def test_control_step_time_divides_by_every_executed_action() -> None:
     assert ms_per_control_step(400.0, 1) == 100.0
     assert ms_per_control_step(400.0, 16) == 6.25
     assert ms_per_control_step(400.0, 2, execute=8) == 25.0
+
+
+def test_best_of_ratio_compares_the_least_disturbed_repeats() -> None:
+    assert best_of_ratio([100.0, 400.0, 120.0], [50.0, 55.0, 300.0]) == 2.0
+    assert best_of_ratio([10.0], [20.0]) == 0.5  # a slowdown stays a slowdown
 
 
 def test_whole_step_ideal_is_pulled_towards_one_by_the_unpruned_tower() -> None:
@@ -59,6 +65,7 @@ def _row(name: str, speed1: float, speed16: float, train_ratio: float) -> dict:
             "unpruned_ms_per_control_step": 10.0 * s,
             "pruned_ms_per_control_step": 10.0,
             "speedup": s,
+            "speedup_median": s - 0.05,
             "flops_ideal_decoder": 2.0,
             "flops_ideal_whole": 1.8,
             "vision_share_of_flops": 0.1,

@@ -396,6 +396,9 @@ def run_oft(
                     "visual_tokens_kept": kept,
                     "used_history": sum(samples[c]["history"]) / len(samples[c]["history"]),
                     "chunk_ms": 1000 * wall,
+                    # Every repeat, in run order: a shared machine's interference only adds
+                    # time, so a caller may also compare the least-disturbed repeats.
+                    "chunk_ms_samples": [1000 * w for w in samples[c]["wall"]],
                     "ms_per_action": 1000 * wall / spec.chunk,
                     "actions_per_s": batch * spec.chunk / wall,
                     "chunk_speedup": speed,
