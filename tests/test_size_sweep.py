@@ -16,6 +16,7 @@ from vllm_vla_pruner.research.bench.size_sweep import (
     ms_per_control_step,
     sizes_by_name,
     smallest_paying,
+    spread,
     step_flops,
     trainer_args,
     whole_step_ideal,
@@ -34,6 +35,7 @@ def test_control_step_time_divides_by_every_executed_action() -> None:
 def test_best_of_ratio_compares_the_least_disturbed_repeats() -> None:
     assert best_of_ratio([100.0, 400.0, 120.0], [50.0, 55.0, 300.0]) == 2.0
     assert best_of_ratio([10.0], [20.0]) == 0.5  # a slowdown stays a slowdown
+    assert spread([100.0, 400.0, 120.0]) == 4.0
 
 
 def test_whole_step_ideal_is_pulled_towards_one_by_the_unpruned_tower() -> None:
@@ -69,6 +71,8 @@ def _row(name: str, speed1: float, speed16: float, train_ratio: float) -> dict:
             "flops_ideal_decoder": 2.0,
             "flops_ideal_whole": 1.8,
             "vision_share_of_flops": 0.1,
+            "unpruned_chunk_ms_samples": [10.0 * s, 20.0 * s],
+            "pruned_chunk_ms_samples": [10.0, 15.0],
         }
 
     size = next(s for s in SIZES if s.name == name)
@@ -106,7 +110,12 @@ def test_report_states_a_missed_bar_and_names_the_paying_size() -> None:
         "load_after": [1, 1, 1], "minutes": 3.0, "conclusion": text,
     }  # fmt: skip
     md = markdown(result)
-    assert md.count("| shipped |") == 1 and "**1.50x**" in md and "6.0 h" in md
+    assert (
+        md.count("| shipped |") == 1
+        and "**1.50x**" in md
+        and "6.0 h" in md
+        and "| 2.0 / 1.5 |" in md
+    )
 
 
 def test_sizes_by_name_keeps_sweep_order_and_names_the_valid_ones() -> None:

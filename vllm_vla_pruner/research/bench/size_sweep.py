@@ -102,6 +102,11 @@ def best_of_ratio(base_ms: list[float], pruned_ms: list[float]) -> float:
     return min(base_ms) / min(pruned_ms)
 
 
+def spread(samples_ms: list[float]) -> float:
+    """Slowest / fastest repeat of one configuration: how much the load disturbed it."""
+    return max(samples_ms) / min(samples_ms)
+
+
 def whole_step_ideal(decoder_full: float, decoder_pruned: float, vision: float) -> float:
     """FLOPs-ideal speedup of a whole chunk: the vision towers run in both configurations
     (visual tokens are made before the LLM prunes them)."""
@@ -460,7 +465,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "- *speedup*: unpruned / pruned time of each configuration's fastest repeat (on a shared "
         "machine interference only adds time); *median*: the same from the medians (what "
-        "`bench engine` prints). Where the two disagree widely the load disturbed that size.",
+        "`bench engine` prints); *spread*: slowest / fastest repeat, unpruned / pruned (how "
+        "much the load disturbed that size: 1.0 would be a quiet machine).",
         "",
         f"- *ms / step*: engine wall time of one call (fastest repeat) / (batch x "
         f"{EXECUTE_STEPS} executed actions), i.e. engine time per control step per robot.",
@@ -485,10 +491,10 @@ def markdown(result: dict[str, Any]) -> str:
         "(speedup, x shipped) are each measured side by side in one run.",
         "",
         "| size | axis | tokens/cam | width | depth | params | batch | unpruned ms/step "
-        "| pruned ms/step | speedup | median | FLOPs-ideal dec / whole | vision "
+        "| pruned ms/step | speedup | median | spread | FLOPs-ideal dec / whole | vision "
         "| train s/step (micro) "
         f"| x shipped | {SCHEDULE_STEPS} steps | load 1 min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, t = r["size"], r["train"]
@@ -514,6 +520,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{head} | {b} | {e['unpruned_ms_per_control_step']:.2f} "
                 f"| {e['pruned_ms_per_control_step']:.2f} | **{e['speedup']:.2f}x** "
                 f"| {e['speedup_median']:.2f}x "
+                f"| {spread(e['unpruned_chunk_ms_samples']):.1f} / "
+                f"{spread(e['pruned_chunk_ms_samples']):.1f} "
                 f"| {e['flops_ideal_decoder']:.2f}x / {e['flops_ideal_whole']:.2f}x "
                 f"| {100 * e['vision_share_of_flops']:.0f}% {tail}"
             )
