@@ -98,6 +98,7 @@ def run_pi0(
     from vllm_vla_pruner.engine.settings import KEY_NOISE_SEED, PruningSettings
     from vllm_vla_pruner.pi0_spec import pi0_prompt_token_ids, pi0_spec
 
+    load_before = _loadavg()  # before the engine starts (the old code read it at the end)
     cfg = load_config_json(model_dir)
     spec = pi0_spec(model_dir)
     m = num_visual_tokens(cfg) * spec.num_cameras
@@ -235,23 +236,12 @@ def run_pi0(
         "layer_k": layer_k,
         "window": window,
         "repeats": repeats,
-        "load_before": _loadavg(),
+        "load_before": load_before,
         "results": results,
         "kv": kv,
     }
     out["load_after"] = _loadavg()
-    out["targets"] = [
-        {
-            "target": f"batch {r['batch']} {r['method']} keep 0.25: whole chunk >= 90% of "
-            "FLOPs-ideal speedup",
-            "value": r["share_of_ideal"],
-            "ratio": r["ratio_to_ideal"],
-            "cpu_value": r["cpu_share_of_ideal"],
-            "met": r["share_of_ideal"] is not None and r["share_of_ideal"] >= PI0_TARGET_SHARE,
-        }
-        for r in results
-        if r["method"] != "none" and r["keep_ratio"] == 0.25
-    ]
+    out["targets"] = pi0_targets(results)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "engine-pi0.json").write_text(json.dumps(out, indent=2))
@@ -260,6 +250,29 @@ def run_pi0(
     if print_table:
         print(table)
     return out
+
+
+def pi0_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 17's target per pruner at keep 0.25. Met only when both the wall share and the
+    worker-CPU share reach it: on a shared machine another process's burst can stretch one
+    configuration's wall median (it did: an unpruned chunk of 0.9 s CPU took 3.3 s wall),
+    and the wall share alone would then report a gain the model did not make."""
+
+    def ok(x: float | None) -> bool:
+        return x is not None and x >= PI0_TARGET_SHARE
+
+    return [
+        {
+            "target": f"batch {r['batch']} {r['method']} keep 0.25: whole chunk >= 90% of "
+            "FLOPs-ideal speedup",
+            "value": r["share_of_ideal"],
+            "ratio": r["ratio_to_ideal"],
+            "cpu_value": r["cpu_share_of_ideal"],
+            "met": ok(r["share_of_ideal"]) and ok(r["cpu_share_of_ideal"]),
+        }
+        for r in results
+        if r["method"] != "none" and r["keep_ratio"] == 0.25
+    ]
 
 
 def markdown_pi0(out: dict[str, Any]) -> str:
