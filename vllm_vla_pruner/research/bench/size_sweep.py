@@ -43,6 +43,7 @@ EXECUTE_STEPS = 4
 CLOSED_LOOP_BATCH = 16
 #: Engine starts per size (a shared machine's memory comes and goes).
 ENGINE_ATTEMPTS = 3
+ENGINE_MEMORY_GB = 3.0
 #: "Pruning pays": engine time per control step unpruned / pruned at least this.
 PAYS = 1.3
 
@@ -354,6 +355,7 @@ def measure_size(
     load_before = _loadavg()
     t0 = time.time()
     for attempt in range(ENGINE_ATTEMPTS):
+        _wait_for_memory(ENGINE_MEMORY_GB)  # vLLM asks for its KV pool up front
         try:
             out = run_oft(
                 ckpt,
@@ -525,7 +527,14 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {e['flops_ideal_decoder']:.2f}x / {e['flops_ideal_whole']:.2f}x "
                 f"| {100 * e['vision_share_of_flops']:.0f}% {tail}"
             )
-    lines += ["", "## Conclusion", "", *result["conclusion"], ""]
+    cmd = (
+        "nice -n 5 vla-pruner bench size-sweep --batch "
+        + " ".join(map(str, batches))
+        + f" --keep {result['keep']} --repeats {result['repeats']}"
+        + f" --train-steps {result.get('train_steps', 2)} --mem-gb {result['mem_budget_gb']}"
+    )
+    lines += ["", f"Reproduce: `{cmd}` (add `--resume` to continue a stopped run).", ""]
+    lines += ["## Conclusion", "", *result["conclusion"], ""]
     return "\n".join(lines)
 
 
@@ -652,6 +661,7 @@ def run(
         "repeats": repeats,
         "mem_budget_gb": mem_budget_gb,
         "train_threads": threads,
+        "train_steps": train_steps,
         "shipped_recorded_s_per_step": shipped_seconds_per_step(),
         "load_before": load_before,
         "load_after": _loadavg(),
