@@ -58,13 +58,13 @@ def test_check_execute_steps_defaults_to_the_whole_chunk():
 def test_service_answers_the_first_rows_and_validates_its_context(oft_dir: Path):
     engine = RecordingEngine(ROWS)
     svc = ActionService(engine, str(oft_dir))
-    ctx = svc.validation_context()
-    assert ctx["chunk"] == 3
-    resp = asyncio.run(svc.predict(parse_action_request(_chunk_body(execute_steps=2), **ctx)))
+    ctx = svc.request_context()
+    assert ctx.chunk == 3
+    resp = asyncio.run(svc.predict(ctx.parse(_chunk_body(execute_steps=2))))
     assert resp.actions == ROWS[:2] and resp.chunk == 3
-    whole = asyncio.run(svc.predict(parse_action_request(_chunk_body(), **ctx)))
+    whole = asyncio.run(svc.predict(ctx.parse(_chunk_body())))
     assert whole.actions == ROWS
-    assert _refused(_chunk_body(execute_steps=4), **ctx).field == "execute_steps"
+    assert _refused(_chunk_body(execute_steps=4), **vars(ctx)).field == "execute_steps"
     # Callers that skip the body parser (predict_chunk directly) get the same check.
     with pytest.raises(ApiError) as ei:
         views = [Image.new("RGB", (64, 64)), Image.new("RGB", (64, 64))]

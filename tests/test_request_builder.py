@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vllm_vla_pruner.api.protocol import ApiError, parse_action_request
+from vllm_vla_pruner.api.protocol import ApiError
 from vllm_vla_pruner.api.request_builder import RequestBuilder
 from vllm_vla_pruner.api.service import ActionService
 
@@ -80,7 +80,7 @@ def test_benchmark_request_equals_endpoint_request(tiny_ckpt: Path, method: str,
         "new_episode": True,
         "pruning": {"method": method, "keep_ratio": None if method == "none" else keep},
     }
-    req = parse_action_request(body, **service.validation_context())
+    req = service.request_context().parse(body)
     asyncio.run(service.predict(req))
     [(api_prompt, api_params)] = engine.requests
 
@@ -179,7 +179,7 @@ def test_oft_benchmark_request_equals_endpoint_request(
 
     engine = RecordingEngine(rows)
     service = ActionService(engine, str(tiny_oft_ckpt), served_model_names=["tiny-oft"])
-    cams = service.validation_context()["cameras"]
+    cams = service.request_context().cameras
     body = {
         "images": {cam: png_b64(v) for cam, v in zip(cams, views)},
         "state": state,
@@ -189,7 +189,7 @@ def test_oft_benchmark_request_equals_endpoint_request(
         "pruning": {"method": method, "keep_ratio": None if method == "none" else keep},
         "execute_steps": 2,
     }
-    req = parse_action_request(body, **service.validation_context())
+    req = service.request_context().parse(body)
     resp = asyncio.run(service.predict(req))
     [call] = engine.calls
     api_prompt, api_params = call["prompt"], call["params"]

@@ -28,7 +28,6 @@ from vllm_vla_pruner.api.protocol import (
     ActionResponse,
     ApiError,
     InfoResponse,
-    parse_action_request,
 )
 from vllm_vla_pruner.api.service import ActionService, ServiceLimits
 
@@ -63,7 +62,7 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
 def parse_body(service: ActionService, body: bytes) -> ActionRequest:
     """JSON bytes -> validated request; 400 for non-JSON or a nesting bomb, 422 naming the
     field otherwise."""
-    return parse_action_request(parse_json_body(body), **service.validation_context())
+    return service.request_context().parse(parse_json_body(body))
 
 
 async def handle_action_body(

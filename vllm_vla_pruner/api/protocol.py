@@ -52,6 +52,7 @@ __all__ = [
     "Pi0Info",
     "PruningReport",
     "PruningSettings",
+    "RequestContext",
     "ServiceLimits",
     "Timing",
     "check_execute_steps",
@@ -562,3 +563,33 @@ def parse_action_request(
         raise validation_error_to_api_error(exc) from None
     check_model_inputs(req, cameras, state_dim, chunk, flow)
     return req
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What an action body is validated against: the served model's inputs (cameras, state
+    size, chunk length, flow matching) and the values it allows (pruners, unnorm keys).
+
+    ``ActionService.request_context()`` builds it once per model; a fleet replica hands it
+    to the ingress (it pickles), so the single server, the replica and the ingress all
+    validate a body with the one :func:`parse_action_request` and the same inputs.
+    """
+
+    pruners: frozenset[str] | None = None
+    unnorm_keys: frozenset[str] | None = None
+    cameras: tuple[str, ...] | None = None  # None: a single-frame (``image``) model
+    state_dim: int = 0
+    chunk: int | None = None
+    flow: bool = False
+
+    def parse(self, data: Any) -> ActionRequest:
+        """:func:`parse_action_request` with this model's inputs."""
+        return parse_action_request(
+            data,
+            pruners=self.pruners,
+            unnorm_keys=self.unnorm_keys,
+            cameras=self.cameras,
+            state_dim=self.state_dim,
+            chunk=self.chunk,
+            flow=self.flow,
+        )

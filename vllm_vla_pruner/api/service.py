@@ -29,6 +29,7 @@ from vllm_vla_pruner.api.protocol import (
     Pi0Info,
     PruningReport,
     PruningSettings,
+    RequestContext,
     ServiceLimits,
     Timing,
     check_execute_steps,
@@ -291,17 +292,16 @@ class ActionService:
         except ValueError as exc:
             raise ApiError(422, f"{SESSION_ID_HEADER} header: {exc}", field="session_id") from None
 
-    def validation_context(self) -> dict[str, Any]:
-        """Allowed values for :func:`parse_action_request` (pruners, unnorm_key) and the
-        model's inputs (OFT: cameras and state dim; None: one ``image``)."""
-        return {
-            "pruners": self.pruners or None,
-            "unnorm_keys": self.unnorm_keys or None,
-            "cameras": list(self.cameras) if self.cameras is not None else None,
-            "state_dim": self.state_dim,
-            "chunk": self.chunk_len,
-            "flow": self.pi0 is not None,
-        }
+    def request_context(self) -> RequestContext:
+        """This model's inputs and allowed values, for validating action bodies."""
+        return RequestContext(
+            pruners=frozenset(self.pruners) if self.pruners else None,
+            unnorm_keys=frozenset(self.unnorm_keys) if self.unnorm_keys else None,
+            cameras=tuple(self.cameras) if self.cameras is not None else None,
+            state_dim=self.state_dim,
+            chunk=self.chunk_len,
+            flow=self.pi0 is not None,
+        )
 
     # -- the call
 
@@ -460,7 +460,7 @@ class ActionService:
 
         The chunk is computed by the request's one prefill forward and reported by the
         worker in the final output's ``kv_transfer_params`` (``ActionChunk``); the inputs
-        must already be validated (``parse_action_request`` with :meth:`validation_context`).
+        must already be validated (:meth:`request_context`'s ``parse``).
         ``execute_steps``: answer only the chunk's first rows, the ones the robot executes
         before asking again (the engine request is the same). pi0: ``images`` holds the
         present cameras only, in model order (a camera left out is masked); ``noise_seed`` /

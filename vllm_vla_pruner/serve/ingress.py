@@ -33,8 +33,8 @@ from vllm_vla_pruner.api.json_body import parse_json_body
 from vllm_vla_pruner.api.protocol import (
     SESSION_ID_HEADER,
     ApiError,
+    RequestContext,
     check_session_id,
-    parse_action_request,
 )
 from vllm_vla_pruner.metrics import CONTENT_TYPE_LATEST, IngressMetrics, render
 from vllm_vla_pruner.serve import discovery
@@ -82,7 +82,7 @@ class FleetIngress:
         self.sessions = SessionTable(float(s.get("session_window_s", 60.0)))
         self.api_key_sha256: str | None = s.get("api_key_sha256")
         self.limits = ServiceLimits()
-        self._validation: dict[str, Any] | None = None  # see _validation_context
+        self._validation: RequestContext | None = None  # see _request_context
         self._openpi: Any = None  # the openpi WebSocket server, built on first connection
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -123,10 +123,10 @@ class FleetIngress:
 
     # -- helpers
 
-    async def _validation_context(self) -> dict[str, Any]:
-        """``parse_action_request``'s arguments for the served model (pruners, unnorm keys,
-        cameras, state size, chunk, flow) exactly as the replicas' ``ActionService`` gives
-        them to the single-server endpoint: one validator and one context decide everywhere.
+    async def _request_context(self) -> RequestContext:
+        """The served model's inputs and allowed values (pruners, unnorm keys, cameras, state
+        size, chunk, flow) exactly as the replicas' ``ActionService`` gives them to the
+        single-server endpoint: one validator and one context decide everywhere.
 
         Asked of a replica once per ingress replica (every replica of the application serves
         the one checkpoint of the config's ``model``, as the openpi backend also assumes);
@@ -139,13 +139,13 @@ class FleetIngress:
                 raise ApiError(
                     503, f"no replica answered: {type(exc).__name__}", type="unavailable"
                 ) from None
-            self._validation = dict(out["validation"])
+            self._validation = out["validation"]
         return self._validation
 
     async def _parse(self, body: bytes, header: str | None) -> tuple[dict[str, Any], str | None]:
         """Body bytes -> (decoded body, session id), or the 4xx naming the field."""
         data = parse_json_body(body)  # 400 for non-JSON before any replica is asked
-        req = parse_action_request(data, **await self._validation_context())
+        req = (await self._request_context()).parse(data)
         sid = req.session_id
         if sid is None and header is not None:
             try:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ray import serve
 
-from vllm_vla_pruner.api.protocol import ApiError, parse_action_request
+from vllm_vla_pruner.api.protocol import ApiError
 from vllm_vla_pruner.metrics import ModelDims, ReplicaMetrics
 from vllm_vla_pruner.serve import discovery
 from vllm_vla_pruner.serve.sessions import FrameGaps
@@ -137,7 +137,7 @@ class EngineReplica:
         self.metrics.in_flight.inc()
         status, err_type = 200, None
         try:
-            req = parse_action_request(body, **self.service.validation_context())
+            req = self.service.request_context().parse(body)
             sid = self.service.resolve_session(req, session_header)
             if sid is not None:
                 stale = self.frames.stale(sid, seq)
@@ -160,13 +160,13 @@ class EngineReplica:
         return {"status": status, "body": out, "replica": self.replica_id}
 
     async def info(self) -> dict[str, Any]:
-        """``/v1/actions/info``'s body, who answered, and ``validation``: the arguments of
-        ``parse_action_request`` for this model, so that the ingress validates bodies exactly
+        """``/v1/actions/info``'s body, who answered, and ``validation``: the typed
+        ``RequestContext`` of this model, so that the ingress validates bodies exactly
         as this replica (and the single-server endpoint) does."""
         self._ensure_poller()
         return {
             "info": self.service.info().model_dump(mode="json"),
-            "validation": self.service.validation_context(),
+            "validation": self.service.request_context(),
             **self.describe_dict,
         }
 
