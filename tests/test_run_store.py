@@ -74,3 +74,69 @@ def test_other_settings_are_refused_naming_the_setting(tmp_path):
 def test_a_fresh_run_clears_the_old_one(tmp_path):
     RunStore(tmp_path, _settings(), resume=False).save(_record("none", 1.0, [True] * 6))
     assert RunStore(tmp_path, _settings(), resume=False).load("none", 1.0, ChunkRunRecord) is None
+
+
+def test_report_only_tables_what_the_store_holds_without_an_engine(tmp_path):
+    """A stopped registry run still gives its table: ``--report-only`` reads the store, pairs
+    every finished row with the unpruned one, stars rows another process ran, lists the
+    configurations not run yet, and never starts an engine."""
+    from vllm_vla_pruner.config import load_config_json
+    from vllm_vla_pruner.research.sim.chunk_benchmark import (
+        OFT_MODEL,
+        evaluate_policies,
+        resolved_pruning,
+    )
+
+    tasks = ["drawer-open-v3", "window-open-v3"]
+    out = tmp_path / "bench"
+    settings = RunSettings.of(
+        model=str(OFT_MODEL.resolve()),
+        goals="heldout",
+        tasks=tasks,
+        episodes_per_task=3,
+        execute_steps=4,
+        max_steps=None,
+        pruning=resolved_pruning(load_config_json(OFT_MODEL)),
+    )
+    store = RunStore(out / "runs" / OFT_MODEL.name, settings, resume=False)
+    base = _record("none", 1.0, [True, True, False, True, False, True])
+    same = _record("fastv", 0.25, [True, False, False, True, True, True])
+    other = _record("random", 0.25, [True] * 6)
+    base.invocation = same.invocation = "run-a"
+    other.invocation = "run-b"
+    for rec in (base, same, other):
+        store.save(rec)
+
+    with pytest.raises(ValueError, match="AR checkpoint"):
+        evaluate_policies(
+            [OFT_MODEL.parent / "metaworld-vla"],
+            out,
+            ["fastv"],
+            [0.25],
+            tasks,
+            3,
+            report_only=True,
+            print_table=False,
+            progress=False,
+        )
+    res = evaluate_policies(
+        [OFT_MODEL],
+        out,
+        ["fastv", "random", "divprune"],
+        [0.25],
+        tasks,
+        3,
+        report_only=True,
+        print_table=False,
+        progress=False,
+    )
+    rows = {r["method"]: r for r in res["summary"]}
+    assert set(rows) == {"none", "fastv", "random"}
+    assert rows["fastv"]["relative_success"] == pytest.approx((4 / 6) / (4 / 6))
+    assert rows["fastv"]["paired"] == {"only_unpruned_succeeded": 1, "only_this_succeeded": 1}
+    assert rows["fastv"]["same_run_as_unpruned"] and not rows["random"]["same_run_as_unpruned"]
+    assert res["policies"][0]["missing"] == ["divprune@0.25"]
+    table = (out / "metaworld-oft.md").read_text()
+    assert "Not run yet for metaworld-oft: divprune@0.25" in table
+    random_line = next(line for line in table.splitlines() if "| random |" in line)
+    assert random_line.rstrip().endswith("x * |")

@@ -86,7 +86,9 @@ class ChunkRunRecord:
     chunks: list[np.ndarray] = field(default_factory=list)
     action_min: np.ndarray | None = None  # per action dimension, over every chunk returned
     action_max: np.ndarray | None = None
-    resumed: bool = False  # loaded from an earlier invocation's run store (--resume)
+    # Which process ran it (``run_store``): rows run by another process than their
+    # unpruned row are compared in success, not side by side in speed.
+    invocation: str = ""
 
 
 class ChunkEnginePolicy:
@@ -347,7 +349,7 @@ def _summary_row(
         "visual_tokens_kept_mean": kept_mean,
         "chunk_shapes": [list(s) for s in sorted(getattr(rec, "chunk_shapes", ()))],
         "action_range": _range(rec),
-        "resumed": bool(getattr(rec, "resumed", False)),
+        "invocation": getattr(rec, "invocation", ""),
     }
 
 
@@ -366,6 +368,7 @@ def _compare(rows: list[dict[str, Any]], results: list[Any]) -> None:
         row["paired"] = {"only_unpruned_succeeded": c["lost"], "only_this_succeeded": c["gained"]}
         ms = row["engine_ms_per_control_step"]
         row["speedup_vs_unpruned"] = base_row["engine_ms_per_control_step"] / ms if ms else None
+        row["same_run_as_unpruned"] = row.get("invocation") == base_row.get("invocation")
 
 
 def evaluate_oft(
@@ -381,26 +384,26 @@ def evaluate_oft(
     trace_path: Path | None = None,
     runs_dir: Path | None = None,
     resume: bool = False,
+    report_only: bool = False,
 ) -> tuple[list[dict[str, Any]], list[ChunkRunRecord], dict[str, Any]]:
     """An OFT or pi0 checkpoint: every ``(method, keep)`` of ``configs`` (the first must be
     ``("none", 1.0)``) on one engine: the summary rows, the records and the pruning settings
     the engine ran. When all configurations' episodes fit one lockstep batch they run
     interleaved (``run_interleaved``), else one after the other; then each finished
     configuration is saved under ``runs_dir`` and, with ``resume``, one saved by an earlier
-    invocation under the same settings is loaded instead of run (``run_store``)."""
+    invocation under the same settings is loaded instead of run (``run_store``).
+    ``report_only``: no engine; the table of the configurations the store holds so far."""
     from vllm_vla_pruner.api.protocol import check_execute_steps
     from vllm_vla_pruner.config import image_size, load_config_json, num_visual_tokens
     from vllm_vla_pruner.engine.local import shutdown_llm
 
     check_execute_steps(execute_steps, chunk_length(model_dir))  # before the engine starts
     cfg = load_config_json(model_dir)
-    settings = pruning_settings_for(cfg)
-    layers = cfg["text_config"]["num_hidden_layers"]
-    pruning = {"layer": settings.layer, "action_layer": settings.action_layer_for(layers)}
-    _set_trace(trace_path)
+    engine_pruning = resolved_pruning(cfg)
+    pruning = {k: engine_pruning[k] for k in ("layer", "action_layer")}
     interleaved = len(configs) * len(tasks) * episodes_per_task <= MAX_PARALLEL
     store = None
-    if runs_dir is not None and not interleaved:
+    if runs_dir is not None and (report_only or not interleaved):
         from .run_store import RunSettings, RunStore
 
         run_settings = RunSettings.of(
@@ -410,9 +413,27 @@ def evaluate_oft(
             episodes_per_task=episodes_per_task,
             execute_steps=execute_steps,
             max_steps=max_steps,
-            pruning={**pruning, "semantic_rows": settings.semantic_rows, "window": settings.window},
+            pruning=engine_pruning,
         )
-        store = RunStore(runs_dir, run_settings, resume)
+        store = RunStore(runs_dir, run_settings, resume or report_only)
+    meta = {**engine_pruning, "interleaved": interleaved}
+    if report_only:
+        if store is None:
+            raise ValueError("--report-only reads the run store of a run one config at a time")
+        spec = ChunkEnginePolicy(None, model_dir, "none", 1.0, "report", execute_steps)
+        loaded = [store.load(m, k, ChunkRunRecord) for m, k in configs]
+        records = [r for r in loaded if r is not None]
+        if not records or records[0].method != "none":
+            raise ValueError(f"--report-only: no finished unpruned run under {runs_dir}")
+        total = num_visual_tokens(cfg) * spec.num_images
+        rows = [
+            _summary_row(model_dir.name, spec.kind, rec, spec.execute_steps, total)
+            for rec in records
+        ]
+        _compare(rows, [r.result for r in records])
+        meta["missing"] = [f"{m}@{k}" for (m, k), r in zip(configs, loaded) if r is None]
+        return rows, records, meta
+    _set_trace(trace_path)
     llm = _start(model_dir, len(tasks) * episodes_per_task, pruning)
     rows: list[dict[str, Any]] = []
     records: list[ChunkRunRecord] = []
@@ -432,11 +453,10 @@ def evaluate_oft(
         else:
             for p in policies:
                 rec = store.load(p.method, p.keep_ratio, ChunkRunRecord) if store else None
-                if rec is not None:
-                    rec.resumed = True
-                else:
+                if rec is None:
                     rec = run_chunked(p, tasks, episodes_per_task, max_steps, progress, *run)
                     if store is not None:
+                        rec.invocation = store.invocation
                         store.save(rec)
                 records.append(rec)
         total = num_visual_tokens(cfg) * warm.num_images
@@ -447,9 +467,20 @@ def evaluate_oft(
     finally:
         shutdown_llm(llm)
     _compare(rows, [r.result for r in records])
-    meta = {**pruning, "semantic_rows": settings.semantic_rows, "window": settings.window}
-    meta["interleaved"] = interleaved
     return rows, records, meta
+
+
+def resolved_pruning(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The pruning settings a checkpoint runs with (its recommendation over the engine
+    defaults): what the table reports and what a saved run must match to be resumed."""
+    settings = pruning_settings_for(cfg)
+    layers = cfg["text_config"]["num_hidden_layers"]
+    return {
+        "layer": settings.layer,
+        "action_layer": settings.action_layer_for(layers),
+        "semantic_rows": settings.semantic_rows,
+        "window": settings.window,
+    }
 
 
 def chunk_length(model_dir: Path) -> int:
@@ -547,6 +578,7 @@ def evaluate_policies(
     progress: bool = True,
     print_table: bool = True,
     resume: bool = False,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Each model (OFT, pi0 or AR, detected from its files) unpruned and with every ``method`` at
     every ``keep``, on the same goals; writes ``metaworld-oft.{json,md}``, plots and the
@@ -577,12 +609,17 @@ def evaluate_policies(
                 trace_path=trace,
                 runs_dir=out / "runs" / model.name,
                 resume=resume,
+                report_only=report_only,
                 **common,
             )
-            cfg = load_config_json(model)
-            fig = save_chunk_overlays(recs, _trace(trace), grid_shape(cfg)[0], out, model.name)
-            figures[f"kept_patches_{model.name}"] = str(fig)
+            if any(rec.views for rec in recs):  # records loaded from the store have no frames
+                cfg = load_config_json(model)
+                grid = grid_shape(cfg)[0]
+                fig = save_chunk_overlays(recs, _trace(trace), grid, out, model.name)
+                figures[f"kept_patches_{model.name}"] = str(fig)
             kind = r[0]["kind"]
+        elif report_only:
+            raise ValueError(f"--report-only: {model} is an AR checkpoint (no run store)")
         else:
             r, recs, meta = evaluate_ar(
                 model, configs, tasks, episodes_per_task, trace_path=trace, **common
@@ -653,7 +690,7 @@ def markdown(result: dict[str, Any]) -> str:
         kept = s["visual_tokens_kept_mean"]
         kept_s = "-" if kept is None else f"{kept:.0f}/{s['visual_tokens_total']}"
         speed = "-" if s["speedup_vs_unpruned"] is None else f"{s['speedup_vs_unpruned']:.2f}x"
-        if s.get("resumed"):
+        if not s.get("same_run_as_unpruned", True):
             speed += " *"
         lines.append(
             f"| {s['policy']} ({s['kind']}) | {s['method']} | {s['keep_ratio']} | {kept_s} "
@@ -662,14 +699,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {s['engine_ms_per_call']:.1f} ({s['mean_batch']:.1f}) "
             f"| {s['engine_ms_per_control_step']:.2f} | {speed} |"
         )
-    if any(s.get("resumed") for s in result["summary"]):
+    if not all(s.get("same_run_as_unpruned", True) for s in result["summary"]):
         lines += [
             "",
-            "\\* run by an earlier invocation of this benchmark (``--resume``, same goals and "
-            "settings): its success is paired with the same goals, but its engine times come "
-            "from another engine process under another load, so its speedup is not a "
-            "side-by-side measurement.",
+            "\\* run by another invocation of this benchmark than its unpruned row "
+            "(``--resume``, same goals and settings): its success is paired on the same goals, "
+            "but its engine times come from another engine process under another load, so "
+            "its speedup is not a side-by-side measurement.",
         ]
+    for p in result["policies"]:
+        if p.get("missing"):
+            lines += ["", f"Not run yet for {p['policy']}: {', '.join(p['missing'])}."]
     lines += [
         "",
         "Pruning settings per policy (checkpoint recommendation over the engine defaults):",
@@ -714,8 +754,9 @@ def plot_results(result: dict[str, Any], out: Path) -> Path:
                 ys = [s[key] for _, s in pts]
                 if key == "success":
                     err = [
-                        [y - s["ci95"][0] for y, (_, s) in zip(ys, pts)],
-                        [s["ci95"][1] - y for y, (_, s) in zip(ys, pts)],
+                        # max(0, .): Wilson's bound at 100% is 1 - 1e-16 in floats.
+                        [max(0.0, y - s["ci95"][0]) for y, (_, s) in zip(ys, pts)],
+                        [max(0.0, s["ci95"][1] - y) for y, (_, s) in zip(ys, pts)],
                     ]
                     ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
                 else:
@@ -836,6 +877,11 @@ def main(argv: list[str] | None = None) -> int:
         help="reuse the configurations an earlier run with the same --out and settings "
         "finished (saved under OUT/runs/); without it they are cleared",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no engine: write the table of the configurations OUT/runs/ holds so far",
+    )
     a = p.parse_args(argv)
     unknown = sorted(set(a.methods or []) - set(registry_pruners()))
     if unknown:
@@ -854,5 +900,6 @@ def main(argv: list[str] | None = None) -> int:
         goals=a.goals,
         max_steps=a.max_steps,
         resume=a.resume,
+        report_only=a.report_only,
     )
     return 0

@@ -11,6 +11,7 @@ an error naming the setting, never a silently mixed table.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class RunStore:
 
     def __init__(self, root: Path, settings: RunSettings, resume: bool) -> None:
         self.root, self.settings = root, settings
+        self.invocation = uuid.uuid4().hex[:12]  # this process's runs, side by side in time
         root.mkdir(parents=True, exist_ok=True)
         if not resume:  # a fresh run never mixes with an older one's files
             for f in root.glob("*.json"):
@@ -70,6 +72,7 @@ class RunStore:
             "settings": self.settings.to_json(),
             "method": record.method,
             "keep_ratio": record.keep_ratio,
+            "invocation": record.invocation or self.invocation,
             "result": record.result.to_dict(),
             "engine_seconds": record.engine_seconds,
             "engine_calls": record.engine_calls,
@@ -113,4 +116,5 @@ class RunStore:
             chunk_shapes={tuple(s) for s in body["chunk_shapes"]},
             action_min=arr(body["action_min"]),
             action_max=arr(body["action_max"]),
+            invocation=body.get("invocation", ""),
         )
