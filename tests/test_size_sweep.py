@@ -82,7 +82,8 @@ def _row(name: str, speed1: float, speed16: float, train_ratio: float) -> dict:
         "engine": {"1": eng(speed1), "16": eng(speed16)},
         "train": {"parameters": 1e6, "s_per_step": 1.0, "micro_batch": 32,
                   "ratio_to_shipped": train_ratio, "anchored_schedule_hours": train_ratio},
-        "layer_k": 2, "window": 3, "load_before": [3.0, 3.0, 3.0],
+        "layer_k": 2, "window": 3, "load_before": [3.0, 3.0, 3.0], "engine_seconds": 60.0,
+        "train_seconds": 60.0,
     }  # fmt: skip
 
 

@@ -454,6 +454,8 @@ def _loadavg() -> list[float]:
 
 def markdown(result: dict[str, Any]) -> str:
     rows, batches = result["rows"], result["batches"]
+    loads = [r["load_before"][0] for r in rows]
+    minutes = sum(r.get("engine_seconds", 0) + r.get("train_seconds", 0) for r in rows) / 60
     lines = [
         "# Where pruning pays: OFT policy size sweep on this machine",
         "",
@@ -486,11 +488,11 @@ def markdown(result: dict[str, Any]) -> str:
         "schedule, optimiser only (DAgger and validation roll-outs come on top: 25 min for "
         "the shipped run, growing with inference cost).",
         "",
-        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load averages below; the "
-        f"lead's Meta-World benchmark and tests ran throughout); run under `nice -n 5`; load "
-        f"average before {result['load_before']}, after {result['load_after']}; "
-        f"{result['minutes']:.1f} min in all. Absolute times move with the load; the ratios "
-        "(speedup, x shipped) are each measured side by side in one run.",
+        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (a Meta-World benchmark, "
+        "engine tests, a training run); run under `nice -n 5`; 1-minute load average at each "
+        f"size's start {min(loads):.0f}-{max(loads):.0f} (last column); "
+        f"{minutes:.0f} min of measurement in all. Absolute times move with the load; the "
+        "ratios (speedup, x shipped) are each measured side by side in one run.",
         "",
         "| size | axis | tokens/cam | width | depth | params | batch | unpruned ms/step "
         "| pruned ms/step | speedup | median | spread | FLOPs-ideal dec / whole | vision "
@@ -612,13 +614,17 @@ def run(
     out_dir: Path,
     batches: tuple[int, ...] = (1, CLOSED_LOOP_BATCH),
     keep: float = 0.25,
-    repeats: int = 2,
+    repeats: int = 5,
     train_steps: int = 2,
     mem_budget_gb: float = 2.0,
     threads: int = 1,
     work: Path | None = None,
     resume: bool = False,
+    report_only: bool = False,
 ) -> dict[str, Any]:
+    """Measure every size (``resume``: keep those already in WORK/rows.json; ``report_only``:
+    measure nothing, report those) and write the report."""
+    resume = resume or report_only
     work = work or Path(tempfile.gettempdir()) / "vla-pruner-size-sweep"
     t0 = time.time()
     load_before = _loadavg()
@@ -637,6 +643,9 @@ def run(
         if size.name in done:
             print(f"[size-sweep] {size.name}: measured earlier in {work} (--resume)", flush=True)
             rows.append(done[size.name])
+            continue
+        if report_only:
+            print(f"[size-sweep] {size.name}: not measured (--report-only)", flush=True)
             continue
         print(f"[size-sweep] {size.name}: load {_loadavg()}", flush=True)
         rows.append(
@@ -688,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", help=f"subset of {[s.name for s in SIZES]} (default: all)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, CLOSED_LOOP_BATCH])
     p.add_argument("--keep", type=float, default=0.25)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=2, help="timed optimiser steps per size")
     p.add_argument("--mem-gb", type=float, default=2.0, help="activation budget of a step")
     p.add_argument(
@@ -701,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
         "--resume",
         action="store_true",
         help="keep the sizes already measured in WORK/rows.json (same repeats and batches)",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="measure nothing: report WORK/rows.json"
     )
     p.add_argument("--work", help="where the checkpoints are built (default: temp dir)")
     args = p.parse_args(argv)
@@ -718,5 +730,6 @@ def main(argv: list[str] | None = None) -> int:
         args.train_threads,
         Path(args.work) if args.work else None,
         args.resume,
+        args.report_only,
     )
     return 0
