@@ -3,14 +3,12 @@ vLLM engine (``vla-pruner bench metaworld-oft --models .../metaworld-pi0``, in s
 camera views, the proprio state and a noise seed per chunk request, the chunk's first rows
 executed, unpruned and VLA-Pruner at keep 0.25 (pruning once its warm-up is over).
 
-The shipped checkpoint (``vllm_vla_pruner/assets/metaworld-pi0``) is used when it is there;
-otherwise the trainer's random initial checkpoint of the same layout. ``VLA_TEST_PI0_MODEL``
+The shipped checkpoint (``vllm_vla_pruner/assets/metaworld-pi0``); ``VLA_TEST_PI0_MODEL``
 names another.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -27,29 +25,8 @@ PI0_MODEL = Path(__file__).resolve().parents[1] / "vllm_vla_pruner" / "assets" /
 
 
 @pytest.fixture(scope="module")
-def pi0_model(tmp_path_factory) -> Path:
-    named = os.environ.get("VLA_TEST_PI0_MODEL")
-    if named:
-        return Path(named)
-    if (PI0_MODEL / "config.json").is_file():
-        return PI0_MODEL
-    from vllm_vla_pruner.research.sim.train_pi0 import build_init_checkpoint
-
-    args = argparse.Namespace(
-        image_size=64,
-        patch_size=8,
-        vision_width=128,
-        vision_depth=4,
-        hidden=128,
-        layers=4,
-        init_gain=0.6,
-        expert_width=64,
-        chunk=8,
-        seed=0,
-    )
-    entry = {"mean": [0.0] * 4, "std": [1.0] * 4, "q01": [-1.0] * 4, "q99": [1.0] * 4}
-    stats = {"norm_stats": {"state": entry, "actions": entry}}
-    return build_init_checkpoint(tmp_path_factory.mktemp("metaworld_pi0_standin"), args, stats)
+def pi0_model() -> Path:
+    return Path(os.environ.get("VLA_TEST_PI0_MODEL") or PI0_MODEL)
 
 
 def test_one_pi0_episode_through_the_engine(pi0_model: Path, tmp_path: Path):
