@@ -3,22 +3,20 @@ and a run that stops and resumes into the checkpoint layout the plugin serves.""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from tests.chunk_fixtures import TASKS, fake_dataset, stop_and_resume, tiny_model_args
 from vllm_vla_pruner.config import is_oft_checkpoint, oft_spec
 from vllm_vla_pruner.research.reference_oft import ReferenceOFT
 from vllm_vla_pruner.research.sim.data import action_norm_stats
 from vllm_vla_pruner.research.sim.evaluate import pixel_values_from_uint8
-from vllm_vla_pruner.research.sim.metaworld_env import DEFAULT_TASKS, TASK_INSTRUCTIONS
-from vllm_vla_pruner.research.sim.oft_data import chunk_index, proprio_norm_stats, save_dataset
+from vllm_vla_pruner.research.sim.metaworld_env import TASK_INSTRUCTIONS
+from vllm_vla_pruner.research.sim.oft_data import chunk_index, proprio_norm_stats
 from vllm_vla_pruner.research.sim.train_oft import ChunkNet, build_init_checkpoint, main
-
-TASKS = list(DEFAULT_TASKS)
 
 
 def test_chunk_index_stays_inside_each_episode() -> None:
@@ -29,36 +27,12 @@ def test_chunk_index_stays_inside_each_episode() -> None:
     assert (np.diff(idx, axis=1) >= 0).all()
 
 
-def _fake_dataset(n: int = 60, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "images": rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),
-        "wrist": rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),
-        "state": rng.uniform(-0.3, 0.7, (n, 4)).astype(np.float32),
-        "actions": rng.uniform(-1, 1, (n, 4)).astype(np.float32),
-        "task_ids": rng.integers(0, len(TASKS), n).astype(np.int16),
-        "episode_ids": np.repeat(np.arange(n // 10), 10).astype(np.int32),
-        "steps": np.tile(np.arange(10), n // 10).astype(np.int16),
-        "tasks": TASKS,
-    }
-
-
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory: pytest.TempPathFactory):
-    data = _fake_dataset()
+    data = fake_dataset()
     stats = action_norm_stats(data["actions"], 6)
     stats["proprio"] = proprio_norm_stats(data["state"])
-    args = argparse.Namespace(
-        image_size=64,
-        patch_size=8,
-        vision_width=64,
-        vision_depth=2,
-        hidden=128,
-        layers=2,
-        init_gain=0.6,
-        chunk=8,
-        seed=0,
-    )
+    args = tiny_model_args()
     return build_init_checkpoint(tmp_path_factory.mktemp("oft") / "init", args, stats)
 
 
@@ -67,7 +41,7 @@ def test_batched_forward_equals_reference(init_dir) -> None:
     reference chunk: the attention contract and the head's row shift are the served ones."""
     model = ReferenceOFT.from_pretrained(init_dir, "metaworld")
     net = ChunkNet(model, TASKS)
-    data = _fake_dataset(seed=1)
+    data = fake_dataset(seed=1)
     rows = [0, 7, 13]
     tids = np.array([0, 4, 6])
     fixed = pixel_values_from_uint8(data["images"][rows])
@@ -85,21 +59,7 @@ def test_batched_forward_equals_reference(init_dir) -> None:
 
 
 def test_stop_and_resume_writes_the_oft_layout(tmp_path) -> None:
-    demos = tmp_path / "demos.npz"
-    save_dataset(_fake_dataset(), demos)
-    out = tmp_path / "ckpt"
-    common = [
-        "--out", str(out), "--demos", str(demos), "--batch", "4", "--val-episodes", "0",
-        "--vision-width", "64", "--vision-depth", "2", "--hidden", "128", "--layers", "2",
-        "--save-every", "2", "--warmup", "1",
-    ]  # fmt: skip
-    main([*common, "--steps", "2"])
-    first = torch.load(out / "_work" / "state.pt", weights_only=False)
-    assert first["step"] == 2
-    main([*common, "--steps", "4", "--resume"])
-    state = torch.load(out / "_work" / "state.pt", weights_only=False)
-    assert state["step"] == 4 and len(state["history"]["loss"]) == 4
-    assert len(state["commands"]) == 2 and "--resume" in state["commands"][1]
+    out, first, state = stop_and_resume(main, tmp_path, [])
     assert is_oft_checkpoint(out)
     spec = oft_spec(out)
     assert (spec.num_images, spec.chunk, spec.action_dim, spec.proprio_dim) == (2, 8, 4, 4)

@@ -3,7 +3,6 @@ flow-matching loss, and a run that stops and resumes into the pi0 layout the plu
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from tests.chunk_fixtures import TASKS, fake_dataset, stop_and_resume, tiny_model_args
 from vllm_vla_pruner.pi0_spec import (
     is_pi0_checkpoint,
     load_norm_stats,
@@ -18,8 +18,7 @@ from vllm_vla_pruner.pi0_spec import (
     pi0_spec,
 )
 from vllm_vla_pruner.research.reference_pi0 import ReferencePi0
-from vllm_vla_pruner.research.sim.metaworld_env import DEFAULT_TASKS, TASK_INSTRUCTIONS
-from vllm_vla_pruner.research.sim.oft_data import save_dataset
+from vllm_vla_pruner.research.sim.metaworld_env import TASK_INSTRUCTIONS
 from vllm_vla_pruner.research.sim.train_pi0 import (
     FlowNet,
     build_init_checkpoint,
@@ -29,39 +28,12 @@ from vllm_vla_pruner.research.sim.train_pi0 import (
     siglip_pixels,
 )
 
-TASKS = list(DEFAULT_TASKS)
-
-
-def _fake_dataset(n: int = 60, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "images": rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),
-        "wrist": rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),
-        "state": rng.uniform(-0.3, 0.7, (n, 4)).astype(np.float32),
-        "actions": rng.uniform(-1, 1, (n, 4)).astype(np.float32),
-        "task_ids": rng.integers(0, len(TASKS), n).astype(np.int16),
-        "episode_ids": np.repeat(np.arange(n // 10), 10).astype(np.int32),
-        "steps": np.tile(np.arange(10), n // 10).astype(np.int16),
-        "tasks": TASKS,
-    }
-
 
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory: pytest.TempPathFactory):
-    args = argparse.Namespace(
-        image_size=64,
-        patch_size=8,
-        vision_width=64,
-        vision_depth=2,
-        hidden=128,
-        layers=2,
-        init_gain=0.6,
-        expert_width=64,
-        chunk=8,
-        seed=0,
-    )
+    args = tiny_model_args(expert_width=64)
     out = tmp_path_factory.mktemp("pi0") / "init"
-    return build_init_checkpoint(out, args, norm_stats(_fake_dataset()))
+    return build_init_checkpoint(out, args, norm_stats(fake_dataset()))
 
 
 def test_init_checkpoint_is_a_two_camera_pi0(init_dir) -> None:
@@ -69,7 +41,7 @@ def test_init_checkpoint_is_a_two_camera_pi0(init_dir) -> None:
     assert spec.cameras == ("base_0_rgb", "left_wrist_0_rgb")
     assert (spec.horizon, spec.action_dim, spec.robot_action_dim, spec.state_dim) == (8, 4, 4, 4)
     stats = load_norm_stats(init_dir, spec)
-    data = _fake_dataset()
+    data = fake_dataset()
     np.testing.assert_allclose(stats["actions"]["mean"], data["actions"].mean(0), atol=1e-5)
 
 
@@ -80,7 +52,7 @@ def test_batched_forward_equals_reference(init_dir) -> None:
     model = ReferencePi0.from_pretrained(init_dir)
     tok = AutoTokenizer.from_pretrained(str(init_dir))
     net = FlowNet(model, tok, TASKS)
-    data = _fake_dataset(seed=1)
+    data = fake_dataset(seed=1)
     rows, tids = [0, 7, 13], np.array([0, 4, 6])
     cams = [siglip_pixels(data["images"][rows]), siglip_pixels(data["wrist"][rows])]
     assert len({len(net.ids[t].nonzero()) for t in tids}) > 1  # padding is exercised
@@ -104,7 +76,7 @@ def test_loss_is_pi0s_flow_matching(init_dir) -> None:
     k draws per frame on one prefix equal the frames repeated k times."""
     model = ReferencePi0.from_pretrained(init_dir)
     net = FlowNet(model, AutoTokenizer.from_pretrained(str(init_dir)), TASKS)
-    data = _fake_dataset(seed=2)
+    data = fake_dataset(seed=2)
     rows, tids = [1, 2], np.array([3, 5])
     cams = [siglip_pixels(data["images"][rows]), siglip_pixels(data["wrist"][rows])]
     state = model.norm.state(data["state"][rows])
@@ -126,21 +98,7 @@ def test_loss_is_pi0s_flow_matching(init_dir) -> None:
 
 
 def test_stop_and_resume_writes_the_pi0_layout(tmp_path) -> None:
-    demos = tmp_path / "demos.npz"
-    save_dataset(_fake_dataset(), demos)
-    out = tmp_path / "ckpt"
-    common = [
-        "--out", str(out), "--demos", str(demos), "--batch", "4", "--val-episodes", "0",
-        "--vision-width", "64", "--vision-depth", "2", "--hidden", "128", "--layers", "2",
-        "--save-every", "2", "--warmup", "1", "--noise-samples", "2", "--no-progress",
-    ]  # fmt: skip
-    main([*common, "--steps", "2"])
-    first = torch.load(out / "_work" / "state.pt", weights_only=False)
-    assert first["step"] == 2
-    main([*common, "--steps", "4", "--resume"])
-    state = torch.load(out / "_work" / "state.pt", weights_only=False)
-    assert state["step"] == 4 and len(state["history"]["loss"]) == 4
-    assert len(state["commands"]) == 2 and "--resume" in state["commands"][1]
+    out, first, state = stop_and_resume(main, tmp_path, ["--noise-samples", "2", "--no-progress"])
     assert is_pi0_checkpoint(out)
     meta = json.loads((out / "training.json").read_text())
     assert meta["optimizer_steps"] == 4

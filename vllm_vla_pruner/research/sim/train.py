@@ -180,19 +180,34 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def smoothed(history: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """``history[key]`` as a running mean over ~1/200 of the steps so far (loss.png curves;
+    the chunk trainers' plot too)."""
+    steps = np.asarray(history["step"])
+    k = max(1, len(steps) // 200)
+    return steps[k - 1 :], np.convolve(history[key], np.ones(k) / k, mode="valid")
+
+
+def plot_val_success(ax: Any, evals: list[dict[str, Any]]) -> None:
+    """Validation success per task and their mean against the optimizer step (none: blank)."""
+    if not evals:
+        return
+    xs = [e["step"] for e in evals]
+    for task in evals[0]["per_task"]:
+        ax.plot(xs, [e["per_task"][task] for e in evals], marker="o", lw=1, label=task)
+    ax.plot(xs, [e["mean"] for e in evals], marker="s", color="k", lw=2.5, label="mean")
+
+
 def plot(history: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = np.asarray(history["step"])
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    if len(steps):
-        k = max(1, len(steps) // 200)
-        smooth = np.convolve(history["loss"], np.ones(k) / k, mode="valid")
-        ax[0].plot(steps[k - 1 :], smooth)
-        ax[1].plot(steps[k - 1 :], np.convolve(history["acc"], np.ones(k) / k, mode="valid"))
+    if len(history["step"]):
+        ax[0].plot(*smoothed(history, "loss"))
+        ax[1].plot(*smoothed(history, "acc"))
     for step in history.get("dagger_steps", []):
         for a in ax:
             a.axvline(step, color="gray", ls=":", lw=1)
@@ -204,12 +219,7 @@ def plot(history: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    evals = history["evals"]
-    if evals:
-        xs = [e["step"] for e in evals]
-        for task in evals[0]["per_task"]:
-            ax.plot(xs, [e["per_task"][task] for e in evals], marker="o", lw=1, label=task)
-        ax.plot(xs, [e["mean"] for e in evals], marker="s", color="k", lw=2.5, label="mean")
+    plot_val_success(ax, history["evals"])
     ax.set(
         xlabel="optimizer step", ylabel="closed-loop success (validation goals)", ylim=(-0.02, 1.02)
     )

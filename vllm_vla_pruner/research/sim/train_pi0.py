@@ -18,9 +18,9 @@ the prefix and itself, the action tokens the prefix, the state and each other).
   the statistics written to the checkpoint's ``norm_stats.json``. ``--noise-samples k``
   draws k (t, noise) pairs per frame on the same prefix (the prefix K/V is computed once and
   repeated; k = 1 is openpi's).
-* Data, augmentation, DAgger, validation, resumption: the OFT trainer's (``oft_data``,
-  ``train.augment``, ``dagger_rollouts``, ``--resume`` from ``DIR/_work``); validation
-  chunks are 10 Euler steps from seeded noise, as the engine samples them.
+* Data, augmentation, DAgger, validation, resumption: the OFT trainer's, shared in
+  :mod:`.chunk_training` (``--resume`` from ``DIR/_work``); validation chunks are 10 Euler
+  steps from seeded noise, as the engine samples them.
 """
 
 from __future__ import annotations
@@ -28,23 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .metaworld_env import DEFAULT_TASKS, TASK_INSTRUCTIONS, val_seeds
-from .oft_data import (
-    chunk_index,
-    dagger_rollouts,
-    load_dataset,
-    proprio_norm_stats,
-    save_dataset,
-)
-from .train import add_model_args, augment, dagger_seeds, lr_at
+from .chunk_training import Batch, ChunkRun, Hooks, add_run_args, command_line
+from .metaworld_env import TASK_INSTRUCTIONS
+from .oft_data import proprio_norm_stats
 
 ASSET_ID = "metaworld"
 CHUNK = 8
@@ -271,11 +262,7 @@ def save_pi0_checkpoint(model: Any, init_dir: Path, out: Path, step: int) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the pi0-style Meta-World policy.")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--demos", required=True, help=".npz from research.sim.oft_data")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    p.add_argument("--resume", action="store_true", help="continue from OUT/_work/state.pt")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps in all")
+    add_run_args(p, val_episodes=3, rollout_steps=160, batch=32, lr=1e-3, chunk=CHUNK)
     p.add_argument("--stop-at", type=int, default=None, help="stop (validated, saved) at this step")
     p.add_argument(
         "--stop-after-minutes",
@@ -283,37 +270,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="stop (validated, saved) once this invocation has run this long",
     )
-    p.add_argument("--dagger-at", default="", help="steps of DAgger rounds, e.g. 1200,2000")
-    p.add_argument("--dagger-betas", default="0.3,0.0")
-    p.add_argument("--dagger-seeds", type=int, default=8, help="roll-outs per task per round")
-    p.add_argument("--val-every", type=int, default=500)
-    p.add_argument(
-        "--val-episodes", type=int, default=3, help="validation episodes per task (0: none)"
-    )
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--execute", type=int, default=4, help="chunk actions executed per request")
-    p.add_argument("--chunk", type=int, default=CHUNK)
     p.add_argument("--num-steps", type=int, default=10, help="Euler steps when sampling")
     p.add_argument("--noise-samples", type=int, default=4, help="(t, noise) draws per frame")
-    p.add_argument("--rollout-steps", type=int, default=160)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--shift", type=int, default=3, help="random-shift augmentation (px)")
-    add_model_args(p)
     p.add_argument("--expert-width", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument(
-        "--bf16", action="store_true", help="bfloat16 autocast (float32 weights; CPU AVX512-BF16)"
-    )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs)")
     args = p.parse_args(argv)
-    command = "python -m vllm_vla_pruner.research.sim.train_pi0 " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
-    )
-    train(args, command)
+    train(args, command_line("vllm_vla_pruner.research.sim.train_pi0", argv))
 
 
 def train(args: argparse.Namespace, command: str) -> None:
@@ -322,71 +284,15 @@ def train(args: argparse.Namespace, command: str) -> None:
     from transformers import AutoTokenizer
 
     from ..reference_pi0 import ReferencePi0
-    from .train_oft import plot
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    work = out / "_work"
-    work.mkdir(parents=True, exist_ok=True)
-    tasks = args.tasks.split(",")
-    state_path = work / "state.pt"
-    commands = [command]  # every invocation of this run, resumptions included
-    resumed = args.resume and state_path.exists()
-
-    aggregated = work / "data.npz"
-    data = load_dataset(aggregated if resumed and aggregated.exists() else args.demos)
-    if list(data["tasks"]) != tasks:
-        raise ValueError(f"dataset tasks {data['tasks']} != --tasks {tasks}")
-    n_eps = len(np.unique(data["episode_ids"]))
-
-    init_dir = work / "init"
+    run = ChunkRun(args, command)
+    init_dir = run.init_dir
     if not (init_dir / "config.json").exists():  # statistics of the first data, kept after
-        build_init_checkpoint(init_dir, args, norm_stats(data))
+        build_init_checkpoint(init_dir, args, norm_stats(run.data))
     model = ReferencePi0.from_pretrained(init_dir)
-    net = FlowNet(model, AutoTokenizer.from_pretrained(str(init_dir)), tasks)
-    n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-    )
-    history: dict[str, Any] = {"step": [], "loss": [], "evals": [], "dagger": []}
-    history["dagger_steps"] = []
-    step, best, train_time, rollout_time = 0, -1.0, 0.0, 0.0
-    rng = np.random.default_rng(args.seed)
+    net = FlowNet(model, AutoTokenizer.from_pretrained(str(init_dir)), run.tasks)
     gen = torch.Generator().manual_seed(args.seed)
-    if resumed:
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        step, best = saved["step"], saved["best"]
-        history, train_time, rollout_time = saved["history"], saved["train_s"], saved["rollout_s"]
-        rng.bit_generator.state = saved["rng"]
-        gen.set_state(saved["gen"])
-        torch.set_rng_state(saved["torch_rng"])
-        commands = saved["commands"] + commands
-        print(f"resumed at step {step} ({len(data['actions'])} frames)", flush=True)
-    print(
-        f"model {n_params / 1e6:.2f}M parameters; {len(data['actions'])} frames, "
-        f"{n_eps} episodes; steps {args.steps}",
-        flush=True,
-    )
-    model.train()
-    dagger_at = [int(s) for s in args.dagger_at.split(",") if s]
-    betas = [float(b) for b in args.dagger_betas.split(",")]
     norm = model.norm
-
-    def targets_for(d: dict[str, Any]) -> tuple[np.ndarray, Any]:
-        return chunk_index(d["episode_ids"], args.chunk), norm.normalize_actions(d["actions"])
-
-    chunks, targets = targets_for(data)
-
     calls = [0]  # policy calls since the last reset: seeds each call's noise
 
     @torch.no_grad()
@@ -410,165 +316,62 @@ def train(args: argparse.Namespace, command: str) -> None:
         model.train()
         return np.concatenate(res)
 
-    def write_meta(tag: str, result: Any) -> None:
-        meta = {
-            "commands": commands,
-            "tasks": {t: TASK_INSTRUCTIONS[t] for t in tasks},
-            "asset_id": ASSET_ID,
-            "args": vars(args),
-            "parameters": n_params,
-            "optimizer_steps": step,
-            "train_seconds": round(train_time, 1),
-            "rollout_seconds": round(rollout_time, 1),
-            "frames": int(len(data["actions"])),
-            "demo_episodes": n_eps,
-            "checkpoint": tag,
-            "validation": result,
-            "history": {k: history[k] for k in ("evals", "dagger", "dagger_steps")},
+    def reset_policy() -> None:
+        calls[0] = 0  # the same noise at every validation and DAgger round
+
+    def loss(b: Batch) -> Any:
+        """pi0's flow-matching loss, ``--noise-samples`` draws per frame from ``gen``."""
+        cams = [siglip_pixels(b.fixed), siglip_pixels(b.wrist)]
+        with run.autocast():
+            return net.loss(
+                cams,
+                b.task_ids,
+                norm.state(b.state),
+                run.targets[torch.from_numpy(b.rows)],
+                args.noise_samples,
+                gen,
+            )
+
+    def on_step(r: ChunkRun, value: float, lr: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}", frames=len(r.targets))
+        if args.no_progress and r.step % 25 == 0:
+            print(f"step {r.step}/{args.steps} loss {value:.4f} lr {lr:.2e}", flush=True)
+
+    def load_gen(saved: dict[str, Any]) -> None:
+        gen.set_state(saved["gen"])
+
+    hooks = Hooks(
+        policy=policy,
+        loss=loss,
+        normalize_actions=norm.normalize_actions,
+        save_checkpoint=lambda step: save_pi0_checkpoint(model, init_dir, run.out, step),
+        meta_head={"asset_id": ASSET_ID},
+        meta_tail={
             "cameras": {
                 CAMERAS[0]: "metaworld_env.DEFAULT_CAMERA",
                 CAMERAS[1]: "metaworld_env.WRIST_CAMERA",
             },
             "state": "hand xyz + gripper opening (metaworld_env.MetaWorldTask.proprio)",
             "loss": "pi0 flow matching: MSE(v(x_t, t), noise - actions), t ~ Beta(1.5,1)",
-        }
-        (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    def validate(tag: str) -> None:
-        nonlocal best, rollout_time
-        if args.val_episodes == 0:  # no closed loop (tests): keep the latest weights
-            save_pi0_checkpoint(model, init_dir, out, step)
-            write_meta(f"{tag} (not validated)", None)
-            return
-        t0 = time.time()
-        calls[0] = 0  # the same noise at every validation
-        _, per_task = dagger_rollouts(
-            policy,
-            tasks,
-            val_seeds(args.val_episodes),
-            0.0,
-            args.execute,
-            args.image_size,
-            max_steps=args.rollout_steps,
-            progress=False,
-        )
-        rollout_time += time.time() - t0
-        mean = float(np.mean(list(per_task.values())))
-        entry = {"step": step, "tag": tag, "mean": mean, "per_task": per_task}
-        entry["seconds"] = round(time.time() - t0, 1)
-        history["evals"].append(entry)
-        tqdm.write(f"[val {tag}] step {step}: mean {mean:.2f} {per_task} ({entry['seconds']}s)")
-        if mean >= best:
-            best = mean
-            save_pi0_checkpoint(model, init_dir, out, step)
-            write_meta(tag, entry)
-        else:
-            write_meta(f"kept earlier best ({best:.2f})", entry)
-        plot(
-            history,
-            out,
-            ylabel="flow-matching MSE (normalised chunk)",
-            title="pi0-style Meta-World policy (2 cameras, proprio, chunk 8; dotted: DAgger)",
-        )
-
-    def save_state() -> None:
-        tmp = work / "state.pt.tmp"
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "best": best,
-                "history": history,
-                "train_s": train_time,
-                "rollout_s": rollout_time,
-                "rng": rng.bit_generator.state,
-                "gen": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "commands": commands,
-            },
-            tmp,
-        )
-        tmp.replace(state_path)
-
-    bar = tqdm(total=args.steps, initial=step, desc="pi0 flow matching", disable=args.no_progress)
-    t_start = time.time()
-    stop_at = min(args.steps, args.stop_at or args.steps)
-    while step < stop_at:
-        round_i = len(history["dagger"])
-        if round_i < len(dagger_at) and step >= dagger_at[round_i]:
-            t0 = time.time()
-            calls[0] = 0
-            new, per_task = dagger_rollouts(
-                policy,
-                tasks,
-                dagger_seeds(0, round_i, args.dagger_seeds),
-                betas[min(round_i, len(betas) - 1)],
-                args.execute,
-                args.image_size,
-                rng_seed=args.seed + round_i,
-                max_steps=args.rollout_steps,
-            )
-            rollout_time += time.time() - t0
-            new["episode_ids"] = new["episode_ids"] + int(data["episode_ids"].max()) + 1
-            # Lockstep roll-outs interleave episodes; chunk labels need each one contiguous.
-            order = np.lexsort((new["steps"], new["episode_ids"]))
-            new = {k: (v[order] if k != "tasks" else v) for k, v in new.items()}
-            data = {
-                k: (np.concatenate([data[k], new[k]]) if k != "tasks" else data[k]) for k in data
-            }
-            save_dataset(data, aggregated)
-            chunks, targets = targets_for(data)
-            history["dagger"].append(
-                {"step": step, "frames_added": int(len(new["actions"])), "success": per_task}
-            )
-            history["dagger_steps"].append(step)
-            tqdm.write(f"[DAgger {round_i + 1}] +{len(new['actions'])} frames, {per_task}")
-            save_state()
-        t0 = time.time()
-        idx = rng.integers(0, len(targets), args.batch)
-        cams = [
-            siglip_pixels(augment(data["images"][idx], args.shift, rng)),
-            siglip_pixels(augment(data["wrist"][idx], args.shift, rng)),
-        ]
-        state = data["state"][idx] + rng.normal(0, 0.005, data["state"][idx].shape)
-        lr = lr_at(step, args.steps, args.lr, args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = net.loss(
-                cams,
-                data["task_ids"][idx],
-                norm.state(state),
-                targets[torch.from_numpy(chunks[idx])],
-                args.noise_samples,
-                gen,
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        train_time += time.time() - t0
-        step += 1
-        history["step"].append(step)
-        history["loss"].append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}", frames=len(targets))
-        if args.no_progress and step % 25 == 0:
-            print(f"step {step}/{args.steps} loss {loss.item():.4f} lr {lr:.2e}", flush=True)
-        timed_out = (
-            args.stop_after_minutes is not None
-            and time.time() - t_start > 60 * args.stop_after_minutes
-        )
-        last = step == stop_at or timed_out
-        if step % args.val_every == 0 or last:
-            validate("final" if step == args.steps else f"step {step}")
-        if step % args.save_every == 0 or last:
-            save_state()
-        if timed_out:
-            break
+        },
+        plot_kwargs={
+            "ylabel": "flow-matching MSE (normalised chunk)",
+            "title": "pi0-style Meta-World policy (2 cameras, proprio, chunk 8; dotted: DAgger)",
+        },
+        on_step=on_step,
+        log=tqdm.write,
+        reset_policy=reset_policy,
+        extra_state=lambda: {"gen": gen.get_state()},
+        load_extra_state=load_gen,
+    )
+    run.start(model, hooks)
+    bar = tqdm(
+        total=args.steps, initial=run.step, desc="pi0 flow matching", disable=args.no_progress
+    )
+    run.loop(args.stop_at, args.stop_after_minutes)
     bar.close()
-    print(f"done: best validation {best:.2f}", flush=True)
+    print(f"done: best validation {run.best:.2f}", flush=True)
 
 
 if __name__ == "__main__":
