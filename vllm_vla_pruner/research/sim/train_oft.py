@@ -15,7 +15,7 @@ attention contract as the engine (causal prompt, bidirectional action block).
 3. DAgger rounds at chosen steps: roll out the policy (re-planning every ``--execute``
    actions), label every visited frame with the expert, aggregate.
 4. Closed-loop success on validation goals every ``--val-every`` steps; the best checkpoint
-   is written with training.json, loss.png and success.png.
+   is written with training.json and loss.png (loss and validation success).
 
 CPU runs stop wherever a session ends: every ``--save-every`` steps the full training state
 (weights, optimiser, data added by DAgger, history, RNG) goes to ``DIR/_work``, and
