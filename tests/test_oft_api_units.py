@@ -175,13 +175,13 @@ def test_service_builds_the_oft_request_and_answers_the_chunk(oft_dir: Path):
 
     engine = RecordingEngine(ROWS)
     svc = ActionService(engine, str(oft_dir), served_model_names=["tiny-oft"])
-    assert svc.validation_context()["cameras"] == CAMERAS
+    assert svc.request_context().cameras == tuple(CAMERAS)
     body = _chunk_body(
         images={"wrist": _png((32, 32)), "primary": _png((48, 48))},
         session_id="r1",
         pruning={"method": "vlapruner", "keep_ratio": 0.25},
     )
-    req = parse_action_request(body, **svc.validation_context())
+    req = svc.request_context().parse(body)
     resp = asyncio.run(svc.predict(req))
     assert resp.actions == ROWS and (resp.chunk, resp.action_dim) == (3, 7)
     assert resp.pruning.visual_tokens_total == 2 * svc.num_visual  # both views' tokens
@@ -203,7 +203,7 @@ def test_service_builds_the_oft_request_and_answers_the_chunk(oft_dir: Path):
 def test_service_bad_view_names_the_camera(oft_dir: Path):
     svc = ActionService(RecordingEngine(ROWS), str(oft_dir))
     body = _chunk_body(images={"primary": _png(), "wrist": "bm90IGFuIGltYWdl"})
-    req = parse_action_request(body, **svc.validation_context())
+    req = svc.request_context().parse(body)
     with pytest.raises(ApiError) as ei:
         asyncio.run(svc.predict(req))
     assert ei.value.field == "images.wrist" and ei.value.message.startswith("images.wrist:")
@@ -211,7 +211,7 @@ def test_service_bad_view_names_the_camera(oft_dir: Path):
 
 def test_service_chunk_error_is_an_error_not_a_chunk(oft_dir: Path):
     svc = ActionService(RecordingEngine(ROWS, error="state must be 8 numbers"), str(oft_dir))
-    req = parse_action_request(_chunk_body(), **svc.validation_context())
+    req = svc.request_context().parse(_chunk_body())
     with pytest.raises(ApiError) as ei:
         asyncio.run(svc.predict(req))
     assert ei.value.status == 500 and "state must be 8 numbers" in ei.value.message
