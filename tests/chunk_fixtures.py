@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,3 +70,34 @@ def stop_and_resume(
     assert state["step"] == 4 and len(state["history"]["loss"]) == 4
     assert len(state["commands"]) == 2 and "--resume" in state["commands"][1]
     return out, first, state
+
+
+def one_episode_unpruned_and_vlapruner(
+    model: Path, out: Path, execute: int, steps: int
+) -> tuple[dict, dict]:
+    """One drawer-open episode of a chunk policy through the engine, unpruned and VLA-Pruner
+    at keep 0.25 (``bench metaworld-oft`` in small): its two summary rows. The kept-index
+    trace env var the benchmark sets is put back as it was."""
+    from vllm_vla_pruner.research.sim.chunk_benchmark import evaluate_policies
+
+    previous = os.environ.get("VLA_PRUNER_TRACE")
+    try:
+        res = evaluate_policies(
+            [model],
+            out,
+            ["vlapruner"],
+            [0.25],
+            ["drawer-open-v3"],
+            1,
+            execute_steps=execute,
+            max_steps=steps,
+            progress=False,
+            print_table=False,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("VLA_PRUNER_TRACE", None)
+        else:
+            os.environ["VLA_PRUNER_TRACE"] = previous
+    base, pruned = res["summary"]
+    return base, pruned

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.chunk_fixtures import one_episode_unpruned_and_vlapruner
+
 pytestmark = pytest.mark.engine
 pytest.importorskip("metaworld", reason="Meta-World is installed by scripts/setup.sh")
 
@@ -56,30 +58,10 @@ def oft_model(tmp_path_factory) -> Path:
 
 def test_one_oft_episode_through_the_engine(oft_model: Path, tmp_path: Path):
     from vllm_vla_pruner.config import load_oft_statistics, oft_spec
-    from vllm_vla_pruner.research.sim.chunk_benchmark import evaluate_policies
 
     spec = oft_spec(oft_model)
     assert (spec.num_images, spec.chunk, spec.action_dim, spec.proprio_dim) == (2, 8, 4, 4)
-    previous = os.environ.get("VLA_PRUNER_TRACE")
-    try:
-        res = evaluate_policies(
-            [oft_model],
-            tmp_path,
-            ["vlapruner"],
-            [0.25],
-            ["drawer-open-v3"],
-            1,
-            execute_steps=EXECUTE,
-            max_steps=STEPS,
-            progress=False,
-            print_table=False,
-        )
-    finally:
-        if previous is None:
-            os.environ.pop("VLA_PRUNER_TRACE", None)
-        else:
-            os.environ["VLA_PRUNER_TRACE"] = previous
-    base, pruned = res["summary"]
+    base, pruned = one_episode_unpruned_and_vlapruner(oft_model, tmp_path, EXECUTE, STEPS)
     assert (base["method"], pruned["method"]) == ("none", "vlapruner")
     stats = load_oft_statistics(oft_model)[spec.unnorm_key]["action"]
     lo, hi = np.asarray(stats["q01"]), np.asarray(stats["q99"])

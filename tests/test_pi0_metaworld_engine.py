@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.chunk_fixtures import one_episode_unpruned_and_vlapruner
+
 pytestmark = pytest.mark.engine
 pytest.importorskip("metaworld", reason="Meta-World is installed by scripts/setup.sh")
 
@@ -31,30 +33,10 @@ def pi0_model() -> Path:
 
 def test_one_pi0_episode_through_the_engine(pi0_model: Path, tmp_path: Path):
     from vllm_vla_pruner.pi0_spec import load_norm_stats, pi0_spec
-    from vllm_vla_pruner.research.sim.chunk_benchmark import evaluate_policies
 
     spec = pi0_spec(pi0_model)
     assert (spec.num_cameras, spec.horizon, spec.robot_action_dim, spec.state_dim) == (2, 8, 4, 4)
-    previous = os.environ.get("VLA_PRUNER_TRACE")
-    try:
-        res = evaluate_policies(
-            [pi0_model],
-            tmp_path,
-            ["vlapruner"],
-            [0.25],
-            ["drawer-open-v3"],
-            1,
-            execute_steps=EXECUTE,
-            max_steps=STEPS,
-            progress=False,
-            print_table=False,
-        )
-    finally:
-        if previous is None:
-            os.environ.pop("VLA_PRUNER_TRACE", None)
-        else:
-            os.environ["VLA_PRUNER_TRACE"] = previous
-    base, pruned = res["summary"]
+    base, pruned = one_episode_unpruned_and_vlapruner(pi0_model, tmp_path, EXECUTE, STEPS)
     assert (base["kind"], base["method"], pruned["method"]) == ("pi0", "none", "vlapruner")
     stats = load_norm_stats(pi0_model, spec)["actions"]
     mean, std = np.asarray(stats["mean"]), np.asarray(stats["std"])
