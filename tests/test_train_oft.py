@@ -16,7 +16,12 @@ from vllm_vla_pruner.research.sim.data import action_norm_stats
 from vllm_vla_pruner.research.sim.evaluate import pixel_values_from_uint8
 from vllm_vla_pruner.research.sim.metaworld_env import TASK_INSTRUCTIONS
 from vllm_vla_pruner.research.sim.oft_data import chunk_index, proprio_norm_stats
-from vllm_vla_pruner.research.sim.train_oft import ChunkNet, build_init_checkpoint, main
+from vllm_vla_pruner.research.sim.train_oft import (
+    ChunkNet,
+    build_init_checkpoint,
+    main,
+    warm_start,
+)
 
 
 def test_chunk_index_stays_inside_each_episode() -> None:
@@ -70,3 +75,32 @@ def test_stop_and_resume_writes_the_oft_layout(tmp_path) -> None:
     trained = {k: v for k, v in state["model"].items() if k.startswith("action_head.")}
     for name, value in trained.items():
         torch.testing.assert_close(served.state_dict()[name], value)
+
+
+def test_grown_policy_starts_as_its_source(init_dir, tmp_path) -> None:
+    """--init-from with twice the layers: the new layers are identities, so the deeper policy
+    predicts its source's chunk; a source of another width is refused by weight name."""
+    data = fake_dataset()
+    stats = json.loads((init_dir / "dataset_statistics.json").read_text())["metaworld"]
+    args = tiny_model_args()
+    args.layers *= 2
+    deeper = ReferenceOFT.from_pretrained(
+        build_init_checkpoint(tmp_path / "deep", args, stats), "metaworld"
+    )
+    assert warm_start(deeper, init_dir) == args.layers // 2
+    source = ReferenceOFT.from_pretrained(init_dir, "metaworld")
+    rows, tids = [0, 9], np.array([2, 5])
+    fixed = pixel_values_from_uint8(data["images"][rows])
+    wrist = pixel_values_from_uint8(data["wrist"][rows])
+    with torch.no_grad():
+        grown = ChunkNet(deeper, TASKS).forward(fixed, wrist, data["state"][rows], tids)
+        want = ChunkNet(source, TASKS).forward(fixed, wrist, data["state"][rows], tids)
+    assert want.abs().mean() > 0.05
+    torch.testing.assert_close(grown, want, atol=1e-6, rtol=0)
+
+    args.hidden *= 2
+    wider = ReferenceOFT.from_pretrained(
+        build_init_checkpoint(tmp_path / "wide", args, stats), "metaworld"
+    )
+    with pytest.raises(ValueError, match="no same-shaped source"):
+        warm_start(wider, init_dir)

@@ -43,6 +43,19 @@ def add_run_args(p: argparse.ArgumentParser, **defaults: Any) -> None:
     p.add_argument("--dagger-at", default="", help="steps of DAgger rounds, e.g. 1200,2000")
     p.add_argument("--dagger-betas", default="0.3,0.0")
     p.add_argument("--dagger-seeds", type=int, default=8, help="roll-outs per task per round")
+    p.add_argument(
+        "--dagger-task-seeds",
+        default="",
+        help="roll-outs per round for named tasks, overriding --dagger-seeds "
+        "(aim DAgger at the weak tasks), e.g. window-open-v3=24,window-close-v3=24",
+    )
+    p.add_argument(
+        "--dagger-stage",
+        type=int,
+        default=0,
+        help="goal-seed stage of the DAgger rounds: a run started from another run's data "
+        "takes a new stage so its rounds visit new goals",
+    )
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument(
         "--val-episodes",
@@ -274,6 +287,17 @@ class ChunkRun:
         )
         tmp.replace(self.state_path)
 
+    def dagger_counts(self) -> dict[str, int]:
+        """Roll-outs per task in one DAgger round: ``--dagger-seeds``, or the task's own
+        count from ``--dagger-task-seeds``."""
+        counts = dict.fromkeys(self.tasks, self.args.dagger_seeds)
+        for item in filter(None, self.args.dagger_task_seeds.split(",")):
+            task, _, n = item.partition("=")
+            if task not in counts or not n.isdigit():
+                raise ValueError(f"--dagger-task-seeds: {item!r} is not TASK=N for a run task")
+            counts[task] = int(n)
+        return counts
+
     def dagger_round(self, round_i: int) -> None:
         """Roll out the policy (expert mixed in by the round's beta), label and aggregate."""
         args, h = self.args, self.hooks
@@ -283,7 +307,10 @@ class ChunkRun:
         new, per_task = dagger_rollouts(
             h.policy,
             self.tasks,
-            dagger_seeds(0, round_i, args.dagger_seeds),
+            {
+                t: dagger_seeds(args.dagger_stage, round_i, n)
+                for t, n in self.dagger_counts().items()
+            },
             betas[min(round_i, len(betas) - 1)],
             args.execute,
             args.image_size,

@@ -15,7 +15,7 @@ labelled by the expert.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ def collect_expert_views(
 def dagger_rollouts(
     policy: ChunkPolicy,
     tasks: Sequence[str],
-    seeds: Sequence[int],
+    seeds: Sequence[int] | Mapping[str, Sequence[int]],
     beta: float,
     execute: int,
     image_size: int = 64,
@@ -118,14 +118,16 @@ def dagger_rollouts(
     progress: bool = True,
 ) -> tuple[Dataset, dict[str, float]]:
     """Roll out the chunk policy (first ``execute`` actions of each chunk, re-planning after),
-    on every (task, seed) pair in lockstep; with probability ``beta`` per step the expert's
-    action is executed instead. Every visited frame is labelled with the expert's action, so
-    :func:`chunk_index` gives chunk labels along the visited path. Returns the new frames and
-    the per-task success of these roll-outs."""
-    if any(s >= EVAL_SEED_OFFSET for s in seeds):
+    on every (task, seed) pair in lockstep (``seeds`` for every task, or per task by name);
+    with probability ``beta`` per step the expert's action is executed instead. Every visited
+    frame is labelled with the expert's action, so :func:`chunk_index` gives chunk labels
+    along the visited path. Returns the new frames and the per-task success of these
+    roll-outs."""
+    per_task_seeds = seeds if isinstance(seeds, Mapping) else dict.fromkeys(tasks, seeds)
+    if any(s >= EVAL_SEED_OFFSET for v in per_task_seeds.values() for s in v):
         raise ValueError("DAgger must not visit held-out evaluation goals")
     rng = np.random.default_rng(rng_seed)
-    pairs = [(t, s) for t in range(len(tasks)) for s in seeds]
+    pairs = [(t, s) for t in range(len(tasks)) for s in per_task_seeds.get(tasks[t], ())]
     envs = lockstep_envs([(tasks[t], s) for t, s in pairs], image_size, max_steps)
     obs = [env.reset(s) for env, (_, s) in zip(envs, pairs, strict=True)]
     success = np.zeros(len(envs), bool)

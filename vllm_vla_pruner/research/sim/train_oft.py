@@ -43,6 +43,45 @@ NORM_KEY = "metaworld"
 CHUNK = 8
 
 
+def warm_start(model: Any, source_dir: Path) -> int:
+    """Load a trained OFT checkpoint's weights into ``model``, which may be deeper.
+
+    Llama layers the source lacks are appended as identities: their attention ``o_proj`` and
+    MLP ``down_proj`` start at zero, so each residual branch adds nothing and the grown policy
+    starts as exactly the source's function (a deeper policy is where pruning pays on this
+    hardware; growing keeps what the shallow one learnt). Returns the number of new layers;
+    any other shape mismatch is an error naming the weight.
+    """
+    import torch
+
+    from ..reference_oft import ReferenceOFT
+
+    source = ReferenceOFT.from_pretrained(source_dir, NORM_KEY)
+    have = source.base.text_config.num_hidden_layers
+    layers = model.base.language_model.model.layers
+    theirs = source.state_dict()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in theirs and theirs[name].shape == tensor.shape:
+                tensor.copy_(theirs[name])
+            elif not any(
+                name.startswith(_layer_prefix(model, i)) for i in range(have, len(layers))
+            ):
+                raise ValueError(f"--init-from {source_dir}: {name} has no same-shaped source")
+        for layer in layers[have:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return len(layers) - have
+
+
+def _layer_prefix(model: Any, i: int) -> str:
+    """State-dict prefix of Llama layer ``i`` inside :class:`ReferenceOFT`."""
+    for name, module in model.named_modules():
+        if module is model.base.language_model.model.layers[i]:
+            return name + "."
+    raise KeyError(i)
+
+
 def build_init_checkpoint(out: Path, args: argparse.Namespace, stats: dict[str, Any]) -> Path:
     """A random-initialised checkpoint in the OFT layout with this policy's shapes."""
     from ..checkpoint import build_checkpoint
@@ -195,6 +234,12 @@ def save_oft_checkpoint(model: Any, out: Path, step: int, tok_files: dict[str, b
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the OFT-style Meta-World policy.")
     add_run_args(p, chunk=CHUNK)
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="a trained OFT checkpoint to start from (its statistics too); with more --layers "
+        "than it has, the new layers start as identities",
+    )
     args = p.parse_args(argv)
     train(args, command_line("vllm_vla_pruner.research.sim.train_oft", argv))
 
@@ -211,6 +256,8 @@ def train(args: argparse.Namespace, command: str) -> None:
     stats = action_norm_stats(data["actions"], run.n_eps)
     stats["action"]["mask"] = [True] * 4  # OFT normalises every action dim
     stats["proprio"] = proprio_norm_stats(data["state"])
+    if args.init_from is not None:  # its head was trained on its own normalisation
+        stats = json.loads((args.init_from / "dataset_statistics.json").read_text())[NORM_KEY]
 
     init_dir = run.init_dir
     if not (init_dir / "config.json").exists():
@@ -228,6 +275,9 @@ def train(args: argparse.Namespace, command: str) -> None:
             if (init_dir / n).exists()
         }
     )
+    if args.init_from is not None and not run.resumed:
+        grown = warm_start(model, args.init_from)
+        print(f"started from {args.init_from} ({grown} new identity layers)", flush=True)
     model.base.source_dir = None
     net = ChunkNet(model, run.tasks)
 
