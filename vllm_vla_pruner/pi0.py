@@ -531,55 +531,72 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
         return self._fused
 
     def _denoise_group(self, group: list[_Prefill], steps: int) -> None:
+        """Euler steps of the expert over the group's cached prefixes.
+
+        The state row sees only the prefix and itself, and its input never changes, so its
+        K/V are the same at every step: the first step runs the whole suffix (state + action
+        rows) and leaves the state's K/V beside the prefix's; the later steps run the action
+        rows alone, which see every key, so they need no attention mask when the group's
+        prefixes are equally long (the CPU attention kernel is much faster unmasked).
+        """
         spec, decoder = self.spec, self.pruned_decoder
         device, dtype = self.action_in_proj.weight.device, self.action_in_proj.weight.dtype
         b, h, s = len(group), spec.horizon, spec.suffix_len
         prefix = [self._prefix_kv(group, i, s) for i in range(len(self.expert.layers))]
+        # Action rows' masks: None where no request's prefix is padded at that layer.
+        action_masks = [None if m[:, :, 1:].all() else m[:, :, 1:] for _, _, m, _ in prefix]
         fused = self._fused_expert()
         act_layer = decoder.action_layer
         track = [p.req.plan is not None and p.req.plan.track_actions for p in group]
         attn_sum = None
         # Positions continue after the (original, unpruned) prefix length.
         prefix_len = torch.tensor([p.end - p.start for p in group], device=device)
-        pos = (prefix_len[:, None] + torch.arange(s, device=device)[None]).flatten()
+        suffix_pos = prefix_len[:, None] + torch.arange(s, device=device)[None]
         rope = self.language_model.model.layers[0].self_attn.rotary_emb
         x = torch.stack([pi0_noise(p.seed, h, spec.action_dim) for p in group]).to(device, dtype)
         states = torch.stack([self.normalizer.state(p.req.state) for p in group]).to(device, dtype)
         state_emb = self.state_proj(states)[:, None]
         dt = -1.0 / steps
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qs, kvs = hq * d, hkv * d
+        qs, kvs, g = hq * d, hkv * d, hq // hkv
         for k_step in range(steps):
+            first = k_step == 0
             te = time_embedding(1.0 - k_step / steps, spec.expert_width).to(device, dtype)
             a = self.action_in_proj(x)
             mixed = torch.cat([a, te.expand_as(a)], -1)
             mixed = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(mixed)))
-            hid = torch.cat([state_emb, mixed], 1)  # [B, S, We]
+            hid = torch.cat([state_emb, mixed], 1) if first else mixed  # [B, R, We]
+            r = hid.shape[1]
+            pos = suffix_pos[:, s - r :].flatten()
             for i, layer in enumerate(self.expert.layers):
                 w_qkv, w_gu = fused[i]
-                qkv = F.linear(layer.input_layernorm(hid), w_qkv).view(b * s, qs + 2 * kvs)
+                qkv = F.linear(layer.input_layernorm(hid), w_qkv).view(b * r, qs + 2 * kvs)
                 q, k, v = qkv.split([qs, kvs, kvs], -1)
                 q, k = rope(pos, q.contiguous(), k.contiguous())
-                q = q.view(b, s, hq, d).transpose(1, 2)
-                keys, vals, mask, n = prefix[i]
-                keys[:, :, n:] = k.view(b, s, hkv, d).transpose(1, 2)
-                vals[:, :, n:] = v.reshape(b, s, hkv, d).transpose(1, 2)
+                q = q.view(b, r, hq, d).transpose(1, 2)
+                keys, vals, full_mask, n = prefix[i]
+                mask = full_mask if first else action_masks[i]
+                keys[:, :, n + s - r :] = k.view(b, r, hkv, d).transpose(1, 2)
+                vals[:, :, n + s - r :] = v.reshape(b, r, hkv, d).transpose(1, 2)
                 if i == act_layer and any(track):
-                    g = hq // hkv
-                    kf, vf = keys.repeat_interleave(g, 1), vals.repeat_interleave(g, 1)
-                    scores = (q.float() @ kf.float().transpose(-1, -2)) * d**-0.5
-                    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-                    o = (probs @ vf.float()).to(dtype)
-                    rows = probs.mean(1)[:, 1:]  # head mean, the action rows [B, H, N + S]
+                    # Grouped heads folded into rows: [B, Hkv, G*R, D] against the shared keys.
+                    qf = q.reshape(b, hkv, g * r, d).float()
+                    scores = (qf @ keys.float().transpose(-1, -2)) * d**-0.5
+                    if mask is not None:
+                        scores = scores.masked_fill(~mask.repeat(1, 1, g, 1), float("-inf"))
+                    probs = scores.softmax(-1)
+                    o = (probs @ vals.float()).view(b, hq, r, d).to(dtype)
+                    # Head mean of the action rows: [B, H, N + S].
+                    rows = probs.view(b, hkv, g, r, -1).mean((1, 2))[:, r - h :]
                     attn_sum = rows if attn_sum is None else attn_sum + rows
                 else:
                     o = F.scaled_dot_product_attention(
                         q, keys, vals, attn_mask=mask, scale=d**-0.5, enable_gqa=hq != hkv
                     )
-                hid = hid + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, s, qs))
+                hid = hid + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, r, qs))
                 gate, up = F.linear(layer.post_attention_layernorm(hid), w_gu).chunk(2, -1)
                 hid = hid + layer.mlp.down_proj(F.gelu(gate, approximate="tanh") * up)
-            v_t = self.action_out_proj(self.expert.norm(hid)[:, 1:])
+            v_t = self.action_out_proj(self.expert.norm(hid)[:, r - h :])
             x = x + dt * v_t
         actions = self.normalizer.actions(x.float())
         for j, p in enumerate(group):
