@@ -16,6 +16,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,16 +38,8 @@ def _free_port() -> int:
 def ray_fleet(tiny_ckpt: Path) -> Iterator[object]:
     """A started ``Fleet``: 2 engine replicas, fast health checks, API key :data:`FLEET_KEY`."""
     pytest.importorskip("ray.serve")
-    from vllm_vla_pruner.serve.fleet import start_fleet, stop_fleet
-
-    cfg = _config("test-fleet", tiny_ckpt, replicas=2, http={"port": _free_port()})
-    t0 = time.perf_counter()
-    fleet = start_fleet(cfg, timeout_s=900.0, environ={FLEET_KEY_ENV: FLEET_KEY})
-    print(f"\n[ray_fleet] 2-replica fleet ready in {time.perf_counter() - t0:.1f} s ({fleet.url})")
-    try:
+    with _running_fleet("test-fleet", tiny_ckpt, replicas=2) as fleet:
         yield fleet
-    finally:
-        stop_fleet(fleet)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +49,21 @@ def ray_fleet_oft(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     Ray's memory monitor kill the Serve controller on a 23 GB machine shared with other work."""
     pytest.importorskip("ray.serve")
     from vllm_vla_pruner.research.checkpoint import build_checkpoint
-    from vllm_vla_pruner.serve.fleet import start_fleet, stop_fleet
 
     ckpt = build_checkpoint("tiny-oft", tmp_path_factory.mktemp("tiny_oft_fleet"), seed=7)
-    cfg = _config("test-fleet-oft", ckpt, replicas=1, http={"port": _free_port()})
+    with _running_fleet("test-fleet-oft", ckpt, replicas=1) as fleet:
+        yield fleet
+
+
+@contextmanager
+def _running_fleet(name: str, ckpt: Path, replicas: int) -> Iterator[object]:
+    """A fleet started with the test config and key, stopped on exit."""
+    from vllm_vla_pruner.serve.fleet import start_fleet, stop_fleet
+
+    cfg = _config(name, ckpt, replicas=replicas, http={"port": _free_port()})
     t0 = time.perf_counter()
     fleet = start_fleet(cfg, timeout_s=900.0, environ={FLEET_KEY_ENV: FLEET_KEY})
-    print(f"\n[ray_fleet_oft] 1-replica tiny-oft fleet ready in {time.perf_counter() - t0:.1f} s")
+    print(f"\n[{name}] {replicas}-replica fleet ready in {time.perf_counter() - t0:.1f} s")
     try:
         yield fleet
     finally:
