@@ -229,7 +229,7 @@ class ChunkRun:
             "history": {k: self.history[k] for k in ("evals", "dagger", "dagger_steps")},
             **h.meta_tail,
         }
-        (self.out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (self.out / "training.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
     def validate(self, tag: str) -> None:
         """Closed-loop success on the validation goals; the checkpoint is the best so far."""
