@@ -11,6 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vllm_vla_pruner.pi0_spec import (
+    PI0_CAMERAS,
+    Pi0Normalizer,
     Pi0Spec,
     engine_positions,
     is_pi0_checkpoint,
@@ -38,8 +40,20 @@ def ref(pi0_dir):
     return ReferencePi0.from_pretrained(pi0_dir)
 
 
+@pytest.fixture(scope="module")
+def pi05_dir(tmp_path_factory):
+    return build_checkpoint("tiny-pi05", tmp_path_factory.mktemp("tiny_pi05"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def ref05(pi05_dir):
+    from vllm_vla_pruner.research.reference_pi0 import ReferencePi0
+
+    return ReferencePi0.from_pretrained(pi05_dir)
+
+
 def test_presets_listed():
-    assert {"tiny-pi0", "bench-pi0"} <= set(preset_names())
+    assert {"tiny-pi0", "bench-pi0", "tiny-pi05", "bench-pi05"} <= set(preset_names())
 
 
 def test_layout_follows_openpi_names(pi0_dir):
@@ -84,11 +98,121 @@ def test_bench_preset_is_pi0s_token_layout():
     assert prompt_budget(config) == 3 * 256 + 48
 
 
-def test_pi05_refused():
-    config = build_pi0_config(pi0_preset_config("tiny-pi0"))
-    config["pi0"]["pi05"] = True
-    with pytest.raises(ValueError, match="pi0.5"):
-        spec_from_config(config)
+def test_pi05_layout_follows_openpis_port(pi05_dir):
+    """openpi's ``convert_jax_model_to_pytorch.py`` names for pi0.5: adaptive expert norms
+    (``dense`` [3 W, W] + bias, no scale), ``time_mlp_in/out``, no state or action-time heads;
+    the prefix LM keeps its plain norms. config.json says ``pi05`` (openpi's flag) and the
+    spec takes openpi's pi0.5 defaults (200 language slots, no state token)."""
+    w = load_file(str(pi05_dir / "model.safetensors"))
+    names = set(w)
+    expert = "paligemma_with_expert.gemma_expert.model."
+    lm = "paligemma_with_expert.paligemma.model.language_model."
+    for i in range(6):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            assert w[f"{expert}layers.{i}.{norm}.dense.weight"].shape == (192, 64)
+            assert w[f"{expert}layers.{i}.{norm}.dense.bias"].shape == (192,)
+            assert f"{expert}layers.{i}.{norm}.weight" not in names
+            assert f"{lm}layers.{i}.{norm}.weight" in names
+    assert {expert + "norm.dense.weight", expert + "norm.dense.bias"} <= names
+    assert expert + "norm.weight" not in names
+    assert {"time_mlp_in.weight", "time_mlp_out.bias", "action_in_proj.weight"} <= names
+    assert not [n for n in names if n.startswith(("state_proj", "action_time_mlp"))]
+    config = json.loads((pi05_dir / "config.json").read_text())
+    assert config["pi0"]["pi05"] is True
+    spec = pi0_spec(pi05_dir)
+    assert spec.pi05 and spec.max_token_len == 200 and spec.suffix_len == spec.horizon == 5
+    stats = json.loads((pi05_dir / "assets/vla_pruner_robot/norm_stats.json").read_text())
+    assert len(stats["norm_stats"]["state"]["q01"]) == 8
+    assert len(stats["norm_stats"]["actions"]["q99"]) == 7
+    bench = spec_from_config(build_pi0_config(pi0_preset_config("bench-pi05")))
+    assert bench.pi05 and (bench.max_token_len, bench.horizon) == (200, 50)
+    big = build_pi0_config(pi0_preset_config("bench-pi0", pi05=True))
+    assert prompt_budget(big) == 3 * 256 + 200
+
+
+def test_pi05_needs_quantile_stats(pi05_dir, tmp_path):
+    """pi0.5 reads q01/q99: a norm_stats.json without them names the missing field."""
+    import shutil
+
+    from vllm_vla_pruner.pi0_spec import load_norm_stats
+
+    model = tmp_path / "m"
+    shutil.copytree(pi05_dir, model)
+    path = model / "assets/vla_pruner_robot/norm_stats.json"
+    stats = json.loads(path.read_text())
+    del stats["norm_stats"]["actions"]["q99"]
+    path.write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match="actions.q99"):
+        load_norm_stats(model, pi0_spec(pi05_dir))
+
+
+def _pi05_normalizer() -> Pi0Normalizer:
+    spec = Pi0Spec(PI0_CAMERAS, 2, 8, 2, 7, 200, 10, 8, 8, "x", pi05=True)
+    state = {"q01": [0.0] * 7, "q99": [2.0] * 7, "mean": [9.0] * 7, "std": [9.0] * 7}
+    actions = {"q01": [0.0, -1.0], "q99": [2.0, 3.0], "mean": [9.0] * 2, "std": [9.0] * 2}
+    return Pi0Normalizer(spec, {"state": state, "actions": actions})
+
+
+def test_pi05_state_bins_follow_openpi_by_hand():
+    """openpi: s = (x - q01) / (q99 - q01 + 1e-6) * 2 - 1, bin = digitize(s, linspace(-1, 1,
+    257)[:-1]) - 1, i.e. floor((s + 1) * 128) clipped to [-1, 255]. With q01 = 0, q99 = 2:
+    x = 0 -> s = -1 (the first edge) -> 0; x = 1 -> s = -5e-7 (the 1e-6) -> 127, not 128;
+    x = 0.5 -> 63; x = 1.2 -> s = 0.19999988 -> 153; x = 2 -> 255; beyond q99 (3) stays
+    255; below q01 (-1: s = -2) is openpi's -1 (no clipping)."""
+    norm = _pi05_normalizer()
+    assert norm.state_bins([0.0, 1.0, 0.5, 1.2, 2.0, 3.0, -1.0]) == [0, 127, 63, 153, 255, 255, -1]
+
+
+def test_pi05_prompt_text_and_ids_are_openpis(pi05_dir):
+    """``Task: {cleaned}, State: {bins};\\nAction: `` with BOS (openpi's PaligemmaTokenizer:
+    the instruction stripped, ``_`` and newlines to spaces), truncated to max_token_len."""
+    from transformers import AutoTokenizer
+
+    from vllm_vla_pruner.pi0_spec import pi0_prompt_token_ids, pi05_prompt_text
+
+    text = pi05_prompt_text("  pick_up the\nblock ", [0, 127, -1])
+    assert text == "Task: pick up the block, State: 0 127 -1;\nAction: "
+    tok = AutoTokenizer.from_pretrained(pi05_dir)
+    ids = pi0_prompt_token_ids(tok, "  pick_up the\nblock ", 200, [0, 127, -1])
+    assert ids == [tok.bos_token_id, *tok.encode(text, add_special_tokens=False)]
+    assert pi0_prompt_token_ids(tok, "pick up the block", 7, [0, 127, -1]) == ids[:7]
+    # pi0's prompt is untouched: BOS + text, then "\n" on its own.
+    pi0 = pi0_prompt_token_ids(tok, "pick up the block", 48)
+    want = tok.encode("pick up the block") + tok.encode("\n", add_special_tokens=False)
+    assert pi0 == want
+
+
+def test_pi05_actions_unnormalise_with_quantiles_by_hand():
+    """openpi's Unnormalize with quantiles: (x + 1) / 2 * (q99 - q01 + 1e-6) + q01 on the
+    robot's dims (q01 = [0, -1], q99 = [2, 3]); normalize_actions is its inverse."""
+    norm = _pi05_normalizer()
+    x = torch.zeros(3, 8)
+    x[0, :2] = torch.tensor([-1.0, -1.0])
+    x[1, :2] = torch.tensor([1.0, 1.0])
+    got = norm.actions(x)
+    want = [[0.0, -1.0], [2.0 + 1e-6, 3.0 + 1e-6], [1.0 + 5e-7, 1.0 + 5e-7]]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), atol=1e-12, rtol=0)
+    back = norm.normalize_actions(got)
+    torch.testing.assert_close(back, x, atol=1e-6, rtol=0)
+
+
+def test_pi05_oracle_depends_on_noise_steps_prompt_and_cameras(ref05):
+    noise = pi0_noise(0, ref05.spec.horizon, ref05.spec.action_dim)
+    base = ref05.sample(_inputs(ref05, state=None), noise).normalized
+    assert base.shape == (ref05.spec.horizon, ref05.spec.action_dim) and torch.isfinite(base).all()
+    others = [
+        ref05.sample(_inputs(ref05, state=None), pi0_noise(1, 5, 32)).normalized,
+        ref05.sample(_inputs(ref05, state=None, ids=(1, 300, 401, 13)), noise).normalized,
+        ref05.sample(_inputs(ref05, state=None), noise, num_steps=3).normalized,
+        ref05.sample(_inputs(ref05, (True, False, True), state=None), noise).normalized,
+    ]
+    for other in others:
+        assert (other - base).abs().max() > 1e-3
+    m = 3 * ref05.tokens_per_camera
+    keep_all = ref05.sample(
+        _inputs(ref05, state=None), noise, keep_visual=torch.arange(m), prune_layer=3
+    )
+    assert torch.allclose(keep_all.normalized, base, atol=1e-5)
 
 
 def test_engine_positions_are_pi0_order():

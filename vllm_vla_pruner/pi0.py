@@ -26,7 +26,11 @@ padding to ``max_token_len``). In the request's prefill forward:
 * the un-normalised chunk goes out as an :class:`ActionChunk` on the step channel (the
   request asks for ``max_tokens=1``; the client reads ``kv_transfer_params["vla_actions"]``).
 
-pi0.5 (adaptive RMSNorm in the expert, no state token) is not supported.
+pi0.5 (``Pi0Spec.pi05``) differs only in the expert's input and norms: its state is binned
+into the prompt (``pi0_spec.pi0_prompt_token_ids``; the model takes no state), the suffix is
+the H action rows (``action_in_proj`` of the noisy action), and the flow time conditions
+every expert RMSNorm (``GemmaNorm`` with ``cond``: scale, shift, and a gate on its residual
+branch), as openpi's PyTorch port.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ _HEADS = (
     "action_in_proj",
     "action_time_mlp_in",
     "action_time_mlp_out",
+    "time_mlp_in",  # pi0.5
+    "time_mlp_out",  # pi0.5
     "action_out_proj",
 )
 
@@ -195,17 +201,33 @@ class SiglipTower(nn.Module):
 
 
 class GemmaNorm(nn.Module):
-    """Gemma's RMSNorm (scale ``1 + weight``), in float32."""
+    """Gemma's RMSNorm in float32: scale ``1 + weight`` (pi0), or pi0.5's adaptive form
+    (``adaptive``): ``dense(cond)`` gives scale, shift and gate, the rows become
+    ``rms(x) * (1 + scale) + shift`` and the gate scales the residual branch that follows.
+    Returns (normed, gate); the gate is None for the plain norm."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, adaptive: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
+        if adaptive:
+            self.dense = nn.Linear(dim, 3 * dim)
+        else:
+            self.weight = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        if cond is None:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype), None
+        scale, shift, gate = self.dense(cond).chunk(3, -1)
+        return (xf * (1.0 + scale.float()) + shift.float()).to(x.dtype), gate.to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """``x + y``, or pi0.5's ``x + y * gate`` after an adaptive norm."""
+    return x + y if gate is None else x + y * gate
 
 
 class _ExpertAttention(nn.Module):
@@ -229,22 +251,27 @@ class _ExpertMlp(nn.Module):
 
 
 class _ExpertLayer(nn.Module):
-    def __init__(self, width: int, mlp: int, heads: int, kv: int, hd: int, eps: float) -> None:
+    def __init__(
+        self, width: int, mlp: int, heads: int, kv: int, hd: int, eps: float, adaptive: bool
+    ) -> None:
         super().__init__()
-        self.input_layernorm = GemmaNorm(width, eps)
+        self.input_layernorm = GemmaNorm(width, eps, adaptive)
         self.self_attn = _ExpertAttention(width, heads, kv, hd)
-        self.post_attention_layernorm = GemmaNorm(width, eps)
+        self.post_attention_layernorm = GemmaNorm(width, eps, adaptive)
         self.mlp = _ExpertMlp(width, mlp)
 
 
 class ActionExpert(nn.Module):
-    """pi0's Gemma action expert: its own weights per layer, no embedding table."""
+    """pi0's Gemma action expert: its own weights per layer, no embedding table (pi0.5:
+    adaptive norms)."""
 
     def __init__(self, spec: Pi0Spec, layers: int, heads: int, kv: int, hd: int, eps: float):
         super().__init__()
-        w, m = spec.expert_width, spec.expert_mlp
-        self.layers = nn.ModuleList(_ExpertLayer(w, m, heads, kv, hd, eps) for _ in range(layers))
-        self.norm = GemmaNorm(w, eps)
+        w, m, ada = spec.expert_width, spec.expert_mlp, spec.pi05
+        self.layers = nn.ModuleList(
+            _ExpertLayer(w, m, heads, kv, hd, eps, ada) for _ in range(layers)
+        )
+        self.norm = GemmaNorm(w, eps, ada)
 
 
 def time_embedding(t: float, width: int, min_period: float = 4e-3, max_period: float = 4.0):
@@ -322,10 +349,14 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
             self.eps,
         )
         we, a = self.spec.expert_width, self.spec.action_dim
-        self.state_proj = nn.Linear(a, we)
         self.action_in_proj = nn.Linear(a, we)
-        self.action_time_mlp_in = nn.Linear(2 * we, we)
-        self.action_time_mlp_out = nn.Linear(we, we)
+        if self.spec.pi05:  # the flow time conditions the expert's norms
+            self.time_mlp_in = nn.Linear(we, we)
+            self.time_mlp_out = nn.Linear(we, we)
+        else:  # a state token; the flow time mixed into each action token
+            self.state_proj = nn.Linear(a, we)
+            self.action_time_mlp_in = nn.Linear(2 * we, we)
+            self.action_time_mlp_out = nn.Linear(we, we)
         self.action_out_proj = nn.Linear(we, a)
         self._step_ids: torch.Tensor | None = None
         self._fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -417,6 +448,8 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
                 p.error = "the images' tokens must follow BOS"
             elif sr.invalid is not None:
                 p.error = sr.invalid
+            elif spec.pi05:
+                pass  # pi0.5's state is in the prompt's text
             elif sr.state is None or len(sr.state) != spec.state_dim:
                 p.error = f"state must be {spec.state_dim} numbers"
             elif not all(math.isfinite(x) for x in sr.state):
@@ -495,8 +528,8 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
     def _prefix_kv(self, group: list[_Prefill], layer: int, s: int):
         """The group's prefix K/V at ``layer`` in [B, Hkv, N + S, D] buffers (padded to the
         longest prefix N, the last S slots left for the suffix's own K/V at each step) and the
-        [B, 1, S, N + S] attention mask (padding never a key; the state row does not see the
-        action rows)."""
+        [B, 1, S, N + S] attention mask (padding never a key; pi0's state row does not see
+        the action rows)."""
         kv = [p.kv[layer] for p in group]
         n = max(k.shape[0] for k, _ in kv)
         b, hkv, d = len(group), self.num_kv_heads, self.head_dim
@@ -509,7 +542,8 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
             keys[j, :, :rows] = k.view(rows, hkv, d).transpose(0, 1)
             vals[j, :, :rows] = v.view(rows, hkv, d).transpose(0, 1)
             mask[j, :, :, rows:n] = False
-        mask[:, :, 0, n + 1 :] = False
+        if not self.spec.pi05:
+            mask[:, :, 0, n + 1 :] = False
         return keys, vals, mask, n
 
     def _fused_expert(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -530,21 +564,44 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
             ]
         return self._fused
 
+    def _suffix_rows(
+        self, x: torch.Tensor, t: float, state_emb: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The expert's input rows at flow time ``t`` [B, R, We] and pi0.5's norm condition.
+
+        pi0: each action row mixes ``action_in_proj(x)`` with the sin-cos time embedding
+        (``action_time_mlp_*``), after the state row when ``state_emb`` is given. pi0.5: the
+        rows are ``action_in_proj(x)``; the time goes to the norms as
+        ``cond = silu(time_mlp_out(silu(time_mlp_in(emb))))``, one [We] vector for the group
+        (its requests share the step's t)."""
+        dtype = self.action_in_proj.weight.dtype
+        te = time_embedding(t, self.spec.expert_width).to(x.device, dtype)
+        a = self.action_in_proj(x)
+        if self.spec.pi05:
+            return a, F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(te))))
+        mixed = torch.cat([a, te.expand_as(a)], -1)
+        mixed = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(mixed)))
+        return (mixed if state_emb is None else torch.cat([state_emb, mixed], 1)), None
+
     def _denoise_group(self, group: list[_Prefill], steps: int) -> None:
         """Euler steps of the expert over the group's cached prefixes.
 
-        The state row sees only the prefix and itself, and its input never changes, so its
+        pi0's state row sees only the prefix and itself, and its input never changes, so its
         K/V are the same at every step: the first step runs the whole suffix (state + action
         rows) and leaves the state's K/V beside the prefix's; the later steps run the action
         rows alone, which see every key, so they need no attention mask when the group's
-        prefixes are equally long (the CPU attention kernel is much faster unmasked).
+        prefixes are equally long (the CPU attention kernel is much faster unmasked). pi0.5
+        has no state row: every step runs the action rows alone, its norms conditioned on
+        the step's flow time.
         """
         spec, decoder = self.spec, self.pruned_decoder
         device, dtype = self.action_in_proj.weight.device, self.action_in_proj.weight.dtype
         b, h, s = len(group), spec.horizon, spec.suffix_len
         prefix = [self._prefix_kv(group, i, s) for i in range(len(self.expert.layers))]
         # Action rows' masks: None where no request's prefix is padded at that layer.
-        action_masks = [None if m[:, :, 1:].all() else m[:, :, 1:] for _, _, m, _ in prefix]
+        action_masks = [
+            None if m[:, :, s - h :].all() else m[:, :, s - h :] for _, _, m, _ in prefix
+        ]
         fused = self._fused_expert()
         act_layer = decoder.action_layer
         track = [p.req.plan is not None and p.req.plan.track_actions for p in group]
@@ -554,28 +611,27 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
         suffix_pos = prefix_len[:, None] + torch.arange(s, device=device)[None]
         rope = self.language_model.model.layers[0].self_attn.rotary_emb
         x = torch.stack([pi0_noise(p.seed, h, spec.action_dim) for p in group]).to(device, dtype)
-        states = torch.stack([self.normalizer.state(p.req.state) for p in group]).to(device, dtype)
-        state_emb = self.state_proj(states)[:, None]
+        state_emb = None
+        if not spec.pi05:
+            states = [self.normalizer.state(p.req.state) for p in group]
+            state_emb = self.state_proj(torch.stack(states).to(device, dtype))[:, None]
         dt = -1.0 / steps
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qs, kvs, g = hq * d, hkv * d, hq // hkv
         for k_step in range(steps):
-            first = k_step == 0
-            te = time_embedding(1.0 - k_step / steps, spec.expert_width).to(device, dtype)
-            a = self.action_in_proj(x)
-            mixed = torch.cat([a, te.expand_as(a)], -1)
-            mixed = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(mixed)))
-            hid = torch.cat([state_emb, mixed], 1) if first else mixed  # [B, R, We]
+            hid, cond = self._suffix_rows(x, 1.0 - k_step / steps, state_emb)  # [B, R, We]
+            state_emb = None  # pi0: the state row's K/V stay in the buffers from now on
             r = hid.shape[1]
             pos = suffix_pos[:, s - r :].flatten()
             for i, layer in enumerate(self.expert.layers):
                 w_qkv, w_gu = fused[i]
-                qkv = F.linear(layer.input_layernorm(hid), w_qkv).view(b * r, qs + 2 * kvs)
+                normed, res_gate = layer.input_layernorm(hid, cond)
+                qkv = F.linear(normed, w_qkv).view(b * r, qs + 2 * kvs)
                 q, k, v = qkv.split([qs, kvs, kvs], -1)
                 q, k = rope(pos, q.contiguous(), k.contiguous())
                 q = q.view(b, r, hq, d).transpose(1, 2)
                 keys, vals, full_mask, n = prefix[i]
-                mask = full_mask if first else action_masks[i]
+                mask = full_mask if r > h else action_masks[i]
                 keys[:, :, n + s - r :] = k.view(b, r, hkv, d).transpose(1, 2)
                 vals[:, :, n + s - r :] = v.reshape(b, r, hkv, d).transpose(1, 2)
                 if i == act_layer and any(track):
@@ -593,10 +649,13 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
                     o = F.scaled_dot_product_attention(
                         q, keys, vals, attn_mask=mask, scale=d**-0.5, enable_gqa=hq != hkv
                     )
-                hid = hid + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, r, qs))
-                gate, up = F.linear(layer.post_attention_layernorm(hid), w_gu).chunk(2, -1)
-                hid = hid + layer.mlp.down_proj(F.gelu(gate, approximate="tanh") * up)
-            v_t = self.action_out_proj(self.expert.norm(hid)[:, r - h :])
+                o = layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, r, qs))
+                hid = gated_residual(hid, o, res_gate)
+                normed, res_gate = layer.post_attention_layernorm(hid, cond)
+                gate, up = F.linear(normed, w_gu).chunk(2, -1)
+                mlp = layer.mlp.down_proj(F.gelu(gate, approximate="tanh") * up)
+                hid = gated_residual(hid, mlp, res_gate)
+            v_t = self.action_out_proj(self.expert.norm(hid, cond)[0][:, r - h :])
             x = x + dt * v_t
         actions = self.normalizer.actions(x.float())
         for j, p in enumerate(group):
@@ -650,4 +709,4 @@ def _gemma_config(text) -> object:
     return cfg
 
 
-__all__ = ["PI0_ARCH", "Pi0ForActionPrediction", "time_embedding"]
+__all__ = ["PI0_ARCH", "GemmaNorm", "Pi0ForActionPrediction", "gated_residual", "time_embedding"]

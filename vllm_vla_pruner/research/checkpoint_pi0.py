@@ -2,9 +2,12 @@
 
 ``vla-pruner checkpoint --preset tiny-pi0`` (seconds, for tests) and ``--preset bench-pi0``
 (pi0's token layout: 3 cameras x 256 SigLIP tokens at 224 px / patch 14, 48 language slots,
-horizon 50, 18 layers, at reduced widths; for performance work). The file layout is described
-in :mod:`vllm_vla_pruner.pi0_spec`. As for the OpenVLA presets, weights are drawn with a large
-initializer range so the chunk depends visibly on images, prompt, state and noise.
+horizon 50, 18 layers, at reduced widths; for performance work). ``tiny-pi05`` /
+``bench-pi05`` are the same shapes as pi0.5 (the ``pi05`` override makes any preset one:
+adaptive-norm expert, ``time_mlp_*`` heads, no state token, 200 language slots, quantile
+statistics). The file layout is described in :mod:`vllm_vla_pruner.pi0_spec`. As for the
+OpenVLA presets, weights are drawn with a large initializer range so the chunk depends
+visibly on images, prompt, state and noise.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ PROJECTOR = "paligemma_with_expert.paligemma.model.multi_modal_projector.linear.
 LM = "paligemma_with_expert.paligemma.model.language_model."
 EXPERT = "paligemma_with_expert.gemma_expert.model."
 HEADS = ("state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out")
+PI05_HEADS = ("action_in_proj", "time_mlp_in", "time_mlp_out")
 
 PI0_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-pi0": {
@@ -61,11 +65,14 @@ PI0_PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 1024,
     },
 }
+PI0_PRESETS["tiny-pi05"] = {**PI0_PRESETS["tiny-pi0"], "pi05": True}
+PI0_PRESETS["bench-pi05"] = {**PI0_PRESETS["bench-pi0"], "pi05": True}
 _DEFAULTS: dict[str, Any] = {
     "action_dim": 32,  # openpi pads actions and state to 32
     "robot_action_dim": 7,
     "state_dim": 8,
-    "max_token_len": 48,
+    "pi05": False,  # openpi's Pi0Config.pi05
+    "max_token_len": None,  # openpi's default: 48 (pi0), 200 (pi0.5)
     "num_steps": 10,
     "cameras": list(PI0_CAMERAS),
     "asset_id": "vla_pruner_robot",
@@ -88,6 +95,8 @@ def pi0_preset_config(name: str, **overrides: Any) -> dict[str, Any]:
         raise ValueError(f"unknown checkpoint override(s) {unknown}; valid: {sorted(params)}")
     params.update(copy.deepcopy(overrides))
     params["preset"] = name
+    if params["max_token_len"] is None:
+        params["max_token_len"] = 200 if params["pi05"] else 48
     if isinstance(params["tower"], Mapping):
         params["tower"] = VisionTowerSpec(**params["tower"])
     if params["image_size"] % params["tower"].patch_size:
@@ -151,7 +160,7 @@ def build_pi0_config(params: Mapping[str, Any]) -> dict[str, Any]:
             "action_expert_variant": f"custom_{params['preset']}_expert",
             "precision": "float32",
             # Ours: what the named variants would fix, and openpi's data config.
-            "pi05": False,
+            "pi05": bool(params["pi05"]),
             "expert": {
                 "width": int(params["expert_width"]),
                 "mlp_dim": int(params["expert_mlp"]),
@@ -175,11 +184,22 @@ def build_pi0_config(params: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _adaptive_norm(w: dict, init: _Init, name: str, width: int) -> None:
+    """pi0.5's adaptive RMSNorm ``dense``: cond [W] -> scale, shift, gate [3 W]. openpi starts
+    it at zero (identity norm, gate 0); a trained one is not, so ours is drawn: small scale
+    and shift, gates around 1 (the residual branches stay on)."""
+    w[name + ".dense.weight"] = init.linear(3 * width, width, 0.5)
+    w[name + ".dense.bias"] = torch.cat(
+        [init.normal(2 * width, std=0.1), init.normal(width, std=0.1, mean=1.0)]
+    )
+
+
 def _gemma_layers(w: dict, init: _Init, prefix: str, width: int, params: Mapping) -> None:
     heads, kv, hd = (
         int(params[k]) for k in ("num_attention_heads", "num_key_value_heads", "head_dim")
     )
     mlp = int(params["expert_mlp"] if prefix == EXPERT else params["intermediate_size"])
+    adaptive = prefix == EXPERT and bool(params["pi05"])
     for i in range(int(params["num_hidden_layers"])):
         b = f"{prefix}layers.{i}."
         w[b + "self_attn.q_proj.weight"] = init.linear(heads * hd, width)
@@ -189,10 +209,17 @@ def _gemma_layers(w: dict, init: _Init, prefix: str, width: int, params: Mapping
         w[b + "mlp.gate_proj.weight"] = init.linear(mlp, width)
         w[b + "mlp.up_proj.weight"] = init.linear(mlp, width)
         w[b + "mlp.down_proj.weight"] = init.linear(width, mlp)
+        if adaptive:
+            _adaptive_norm(w, init, b + "input_layernorm", width)
+            _adaptive_norm(w, init, b + "post_attention_layernorm", width)
+            continue
         # Gemma's RMSNorm scales by (1 + weight): weights around 0.
         w[b + "input_layernorm.weight"] = init.normal(width, std=0.1)
         w[b + "post_attention_layernorm.weight"] = init.normal(width, std=0.1)
-    w[prefix + "norm.weight"] = init.normal(width, std=0.1)
+    if adaptive:
+        _adaptive_norm(w, init, prefix + "norm", width)
+    else:
+        w[prefix + "norm.weight"] = init.normal(width, std=0.1)
 
 
 def build_pi0_weights(params: Mapping[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -233,12 +260,17 @@ def build_pi0_weights(params: Mapping[str, Any], seed: int = 0) -> dict[str, tor
     _gemma_layers(w, init, LM, hid, params)
     we, a = int(params["expert_width"]), int(params["action_dim"])
     _gemma_layers(w, init, EXPERT, we, params)
-    w["state_proj.weight"], w["state_proj.bias"] = init.linear(we, a), init.bias(we)
-    w["action_in_proj.weight"], w["action_in_proj.bias"] = init.linear(we, a), init.bias(we)
-    w["action_time_mlp_in.weight"] = init.linear(we, 2 * we)
-    w["action_time_mlp_in.bias"] = init.bias(we)
-    w["action_time_mlp_out.weight"] = init.linear(we, we)
-    w["action_time_mlp_out.bias"] = init.bias(we)
+    if params["pi05"]:  # openpi's pi0.5 heads: the flow time goes to the adaptive norms
+        w["action_in_proj.weight"], w["action_in_proj.bias"] = init.linear(we, a), init.bias(we)
+        for name in ("time_mlp_in", "time_mlp_out"):
+            w[f"{name}.weight"], w[f"{name}.bias"] = init.linear(we, we), init.bias(we)
+    else:
+        w["state_proj.weight"], w["state_proj.bias"] = init.linear(we, a), init.bias(we)
+        w["action_in_proj.weight"], w["action_in_proj.bias"] = init.linear(we, a), init.bias(we)
+        w["action_time_mlp_in.weight"] = init.linear(we, 2 * we)
+        w["action_time_mlp_in.bias"] = init.bias(we)
+        w["action_time_mlp_out.weight"] = init.linear(we, we)
+        w["action_time_mlp_out.bias"] = init.bias(we)
     # A velocity of order 1 per step keeps the 10-step flow in a sane range.
     w["action_out_proj.weight"], w["action_out_proj.bias"] = init.linear(a, we, 0.5), init.bias(a)
     return w
@@ -290,6 +322,7 @@ def build_pi0_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, **over
 __all__ = [
     "EXPERT",
     "LM",
+    "PI05_HEADS",
     "PI0_PRESETS",
     "PROJECTOR",
     "VISION",

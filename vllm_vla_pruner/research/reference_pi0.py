@@ -19,6 +19,12 @@ openpi's ``pi0_pytorch.py`` (read, not copied):
   ``>= prune_layer`` (and so in their cached K/V), with original positions;
 * ``return_attn_layers``: the expert's action rows' head-averaged attention over the keys of
   those layers, per step (the VLA-Pruner action signal).
+
+pi0.5 (``spec.pi05``, openpi's ``Pi0Config.pi05``; its prompt holds the binned state, which
+the caller tokenizes, e.g. with :meth:`ReferencePi0.pi05_prompt`): the suffix is the H action
+rows ``action_in_proj(x)`` (no state token, no ``action_time_mlp_*``), and every expert norm
+is an :class:`AdaptiveRMSNorm` conditioned on ``silu(time_mlp_out(silu(time_mlp_in(emb(t)))))``
+whose gate scales the residual branch after it (the final norm's gate is unused).
 """
 
 from __future__ import annotations
@@ -37,13 +43,21 @@ from torch import Tensor, nn
 
 from vllm_vla_pruner.pi0_spec import Pi0Normalizer, Pi0Spec, load_norm_stats, spec_from_config
 
-__all__ = ["Pi0Inputs", "Pi0Output", "ReferencePi0", "time_embedding", "euler_times"]
+__all__ = [
+    "AdaptiveRMSNorm",
+    "Pi0Inputs",
+    "Pi0Output",
+    "ReferencePi0",
+    "euler_times",
+    "time_embedding",
+]
 
 _V = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
 _P = "paligemma_with_expert.paligemma.model.multi_modal_projector.linear."
 _L = "paligemma_with_expert.paligemma.model.language_model."
 _E = "paligemma_with_expert.gemma_expert.model."
 _HEADS = ("state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out")
+_HEADS_PI05 = ("action_in_proj", "time_mlp_in", "time_mlp_out")
 
 
 def time_embedding(
@@ -63,12 +77,28 @@ def euler_times(num_steps: int) -> list[float]:
     return [1.0 - k / num_steps for k in range(num_steps)]
 
 
+class AdaptiveRMSNorm(nn.Module):
+    """pi0.5's time-conditioned RMSNorm: ``dense(cond)`` -> (scale, shift, gate);
+    ``rms(x) * (1 + scale) + shift``, and the gate for the residual branch after it."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, 3 * width)
+        self.eps = eps
+
+    def forward(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+        xf = x.float()
+        rms = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        scale, shift, gate = self.dense(cond).chunk(3, -1)
+        return (rms * (1 + scale.float()) + shift.float()).to(x.dtype), gate.to(x.dtype)
+
+
 @dataclass
 class Pi0Inputs:
     embeds: Tensor  # [T, W] prefix input embeddings (every slot, masked ones included)
     valid: Tensor  # [T] bool: image mask / language padding mask
     num_visual_slots: int  # cameras x tokens per camera (the first rows)
-    state: Tensor  # [action_dim] normalised, padded
+    state: Tensor | None  # [action_dim] normalised, padded (pi0.5: None, it is in the prompt)
     tokens_per_camera: int
 
 
@@ -89,6 +119,7 @@ class ReferencePi0(nn.Module):
 
         self.spec: Pi0Spec = spec_from_config(config)
         self.norm = Pi0Normalizer(self.spec, stats)
+        self.norm_stats = stats
         tower = config["vision_towers"][0]
         self.image_size = int(config["image_sizes"][0])
         self.tokens_per_camera = (self.image_size // tower["patch_size"]) ** 2
@@ -133,10 +164,19 @@ class ReferencePi0(nn.Module):
         we = self.spec.expert_width
         self.expert = gemma(we, self.spec.expert_mlp, 1)
         a = self.spec.action_dim
-        self.state_proj = nn.Linear(a, we)
         self.action_in_proj = nn.Linear(a, we)
-        self.action_time_mlp_in = nn.Linear(2 * we, we)
-        self.action_time_mlp_out = nn.Linear(we, we)
+        if self.spec.pi05:
+            eps = text["rms_norm_eps"]
+            for layer in self.expert.layers:
+                layer.input_layernorm = AdaptiveRMSNorm(we, eps)
+                layer.post_attention_layernorm = AdaptiveRMSNorm(we, eps)
+            self.expert.norm = AdaptiveRMSNorm(we, eps)
+            self.time_mlp_in = nn.Linear(we, we)
+            self.time_mlp_out = nn.Linear(we, we)
+        else:
+            self.state_proj = nn.Linear(a, we)
+            self.action_time_mlp_in = nn.Linear(2 * we, we)
+            self.action_time_mlp_out = nn.Linear(we, we)
         self.action_out_proj = nn.Linear(we, a)
         self.num_heads = int(text["num_attention_heads"])
         self.num_kv_heads = int(text["num_key_value_heads"])
@@ -154,14 +194,16 @@ class ReferencePi0(nn.Module):
             missing = [m for m in missing if strict or not m.startswith("embed_tokens")]
             if missing or unexpected:
                 raise ValueError(f"{prefix}: missing {missing}, unexpected {unexpected}")
-        for name in _HEADS:
+        for name in (*model.heads, "action_out_proj"):
             getattr(model, name).load_state_dict(
                 {"weight": w[f"{name}.weight"], "bias": w[f"{name}.bias"]}
             )
-        model.action_out_proj.load_state_dict(
-            {"weight": w["action_out_proj.weight"], "bias": w["action_out_proj.bias"]}
-        )
         return model.float().eval()
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The suffix's input heads (openpi's names): pi0's or pi0.5's."""
+        return _HEADS_PI05 if self.spec.pi05 else _HEADS
 
     def _parts(self) -> list[tuple[nn.Module, str, bool]]:
         """Each transformer part and its openpi name prefix (strict: it has every tensor)."""
@@ -180,7 +222,7 @@ class ReferencePi0(nn.Module):
             for k, v in module.state_dict().items():
                 if strict or not k.startswith("embed_tokens"):
                     w[prefix + k] = v.detach().float().contiguous()
-        for name in (*_HEADS, "action_out_proj"):
+        for name in (*self.heads, "action_out_proj"):
             for k, v in getattr(self, name).state_dict().items():
                 w[f"{name}.{k}"] = v.detach().float().contiguous()
         return w
@@ -193,11 +235,14 @@ class ReferencePi0(nn.Module):
         images: Sequence[Tensor | None],
         image_masks: Sequence[bool],
         token_ids: Sequence[int],
-        state: Sequence[float],
+        state: Sequence[float] | None,
     ) -> Pi0Inputs:
         """``images``: one per camera slot, SigLIP-normalised pixels [3, S, S] (None: a masked
-        slot, a zero dummy); ``token_ids``: ``BOS + text + "\\n"`` (padded to max_token_len)."""
+        slot, a zero dummy); ``token_ids``: ``BOS + text + "\\n"`` (padded to max_token_len;
+        pi0.5: :meth:`pi05_prompt`'s, the state in it, ``state`` unused)."""
         spec = self.spec
+        if state is None and not spec.pi05:
+            raise ValueError("pi0 needs the robot state")
         if len(images) != spec.num_cameras or len(image_masks) != spec.num_cameras:
             raise ValueError(f"expected {spec.num_cameras} camera slots")
         if len(token_ids) > spec.max_token_len:
@@ -222,9 +267,24 @@ class ReferencePi0(nn.Module):
             torch.cat([vis.reshape(-1, self.width), lang]),
             valid,
             spec.num_cameras * n,
-            self.norm.state(state),
+            None if spec.pi05 else self.norm.state(state),
             n,
         )
+
+    def pi05_prompt(self, tokenizer: Any, instruction: str, state: Sequence[float]) -> list[int]:
+        """pi0.5's prompt ids, written out from openpi's tokenizer and ``Normalize`` (not the
+        plugin's): state -> (s - q01) / (q99 - q01 + 1e-6) * 2 - 1 -> 256 bins over [-1, 1]
+        (``np.digitize`` minus 1) -> ``"Task: {text}, State: {bins};\\nAction: "`` with BOS,
+        at most max_token_len tokens."""
+        import numpy as np
+
+        st = self.norm_stats["state"]
+        q01, q99 = np.asarray(st["q01"], np.float64), np.asarray(st["q99"], np.float64)
+        normed = (np.asarray(state, np.float64) - q01) / (q99 - q01 + 1e-6) * 2.0 - 1.0
+        bins = np.digitize(normed, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+        text = instruction.strip().replace("_", " ").replace("\n", " ")
+        prompt = f"Task: {text}, State: {' '.join(map(str, bins))};\nAction: "
+        return list(tokenizer.encode(prompt, add_special_tokens=True))[: self.spec.max_token_len]
 
     # ---- one attention over given keys --------------------------------------------------
 
@@ -286,14 +346,33 @@ class ReferencePi0(nn.Module):
             ids.append(vis_ids)
         return kv, ids, int(valid.sum())
 
-    def suffix_embeds(self, state: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
+    def suffix_embeds(self, state: Tensor | None, x: Tensor, t: float | Tensor) -> Tensor:
         """The expert's input rows: state token, then H action tokens. One request (state
-        [A], x [H, A], t a number) or a batch (state [B, A], x [B, H, A], t [B])."""
+        [A], x [H, A], t a number) or a batch (state [B, A], x [B, H, A], t [B]). pi0.5: the
+        H rows ``action_in_proj(x)`` (t reaches the norms: :meth:`time_cond`)."""
         a = self.action_in_proj(x)
+        if self.spec.pi05:
+            return a
         te = time_embedding(t, a.shape[-1]).to(a.device)
         te = (te.unsqueeze(-2) if te.dim() > 1 else te).expand_as(a)
         mixed = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([a, te], -1))))
         return torch.cat([self.state_proj(state).unsqueeze(-2), mixed], -2)
+
+    def time_cond(self, t: float | Tensor) -> Tensor | None:
+        """pi0.5's norm condition at flow time t ([We], or [B, 1, We] for a [B] batch of
+        times); None for pi0."""
+        if not self.spec.pi05:
+            return None
+        te = time_embedding(t, self.spec.expert_width).to(self.time_mlp_in.weight.device)
+        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(te))))
+        return cond.unsqueeze(-2) if cond.dim() > 1 else cond
+
+    @staticmethod
+    def expert_norm(
+        module: nn.Module, x: Tensor, cond: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """An expert norm's output and residual gate (None: pi0's plain RMSNorm)."""
+        return (module(x), None) if cond is None else module(x, cond)
 
     @torch.no_grad()
     def sample(
@@ -312,30 +391,35 @@ class ReferencePi0(nn.Module):
                 raise ValueError("prune_layer out of range")
         kv, ids, prefix_len = self.prefix_pass(inputs, keep_visual, prune_layer)
         hgt = self.spec.horizon
-        s = 1 + hgt
+        s = self.spec.suffix_len  # pi0: state + actions; pi0.5: actions
         pos = prefix_len + torch.arange(s)
         dt = -1.0 / n_steps
         x = noise.float().clone()
         out = Pi0Output(torch.empty(0), torch.empty(0), ids[-1])
         for t in euler_times(n_steps):
             h = self.suffix_embeds(inputs.state, x, t)
+            cond = self.time_cond(t)
             for i, layer in enumerate(self.expert.layers):
                 pk, pv = kv[i]
-                xn = layer.input_layernorm(h)
+                xn, gate = self.expert_norm(layer.input_layernorm, h, cond)
                 q, k, v = self._qkv(layer, xn, pos, self.lm.rotary_emb)
                 keys, vals = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
                 np_ = pk.shape[1]
                 visible = torch.ones(s, np_ + s, dtype=torch.bool)
-                visible[0, np_ + 1 :] = False  # the state token does not see the actions
+                if s > hgt:
+                    visible[0, np_ + 1 :] = False  # the state token does not see the actions
                 o, probs = self._attend(q, keys, vals, visible)
-                h = h + layer.self_attn.o_proj(o.to(h.dtype))
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                o = layer.self_attn.o_proj(o.to(h.dtype))
+                h = h + (o if gate is None else o * gate)
+                xn, gate = self.expert_norm(layer.post_attention_layernorm, h, cond)
+                m = layer.mlp(xn)
+                h = h + (m if gate is None else m * gate)
                 if i in return_attn_layers:
-                    out.attn.setdefault(i, []).append(probs.mean(0)[1:])
+                    out.attn.setdefault(i, []).append(probs.mean(0)[s - hgt :])
                     nv = ids[i].numel()
                     out.visual_cols[i] = torch.arange(nv)
                     out.visual_key_ids[i] = ids[i]
-            v_t = self.action_out_proj(self.expert.norm(h)[1:])
+            v_t = self.action_out_proj(self.expert_norm(self.expert.norm, h, cond)[0][s - hgt :])
             x = x + dt * v_t
         out.normalized = x
         out.actions = self.norm.actions(x)
