@@ -546,3 +546,43 @@ def test_pi0_over_openpi_masks_the_cameras_a_preset_lacks(tmp_path):
     assert len(prompt["multi_modal_data"]["image"]) == 2
     assert prompt["prompt_token_ids"] == pi0_prompt_token_ids(service.tokenizer, obs["prompt"], 48)
     assert np.allclose(params.extra_args[KEY_STATE], obs["observation/state"], atol=1e-6)
+
+
+def test_pi05_over_openpi_bins_the_state_into_the_prompt(tmp_path):
+    """pi0.5: the robot's raw state reaches the engine inside the prompt (openpi's pi0.5
+    format from the checkpoint's q01/q99), not as a state input; a state of the wrong length
+    is refused before the engine, naming the observation key."""
+    import hashlib
+
+    from vllm_vla_pruner.engine.plan import KEY_STATE
+    from vllm_vla_pruner.pi0_spec import pi0_normalizer, pi0_prompt_token_ids
+    from vllm_vla_pruner.research.checkpoint import build_checkpoint
+
+    model = build_checkpoint("tiny-pi05", tmp_path / "pi05", seed=0)
+    engine = ChunkEngine(5, 7)
+    service = ActionService(engine, str(model), served_model_names=["pi05"])
+    app = FastAPI()
+    app.include_router(build_openpi_router())
+    server = OpenpiServer(service, OpenpiSettings(), [hashlib.sha256(b"secret").digest()])
+    setattr(app.state, STATE_KEY, server)
+    rng = np.random.default_rng(1)
+    obs = {
+        "observation/image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+        "observation/wrist_image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+        "observation/state": rng.standard_normal(8).astype(np.float32),
+        "prompt": "pick up the red block",
+    }
+    short = {**obs, "observation/state": obs["observation/state"][:5]}
+    with TestClient(app) as client, client.websocket_connect("/", headers=AUTH) as ws:
+        ours.unpackb(ws.receive_bytes())
+        ws.send_bytes(openpi_msgpack.packb(obs))
+        reply = openpi_msgpack.unpackb(ws.receive_bytes())
+        ws.send_bytes(openpi_msgpack.packb(short))
+        _expect_error(ws, "observation/state: has 5 values, the model takes 8")
+    assert reply["actions"].shape == (5, 7)
+    assert len(engine.calls) == 1
+    prompt, params, _ = engine.calls[0]
+    bins = pi0_normalizer(model).state_bins([float(x) for x in obs["observation/state"]])
+    want = pi0_prompt_token_ids(service.tokenizer, obs["prompt"], 200, bins)
+    assert prompt["prompt_token_ids"] == want
+    assert KEY_STATE not in params.extra_args

@@ -181,7 +181,8 @@ class ActionRequest(BaseModel):
     )
     state: list[Any] | None = Field(
         default=None,
-        description="OFT checkpoints: the proprio state, un-normalised, state_dim numbers.",
+        description="OFT and pi0 checkpoints: the robot state, un-normalised, state_dim "
+        "numbers (pi0.5: the server bins it into the prompt, as openpi).",
     )
     instruction: StrictStr = Field(description="Task in words, e.g. 'pick up the red block'.")
     unnorm_key: StrictStr | None = Field(
@@ -392,13 +393,15 @@ class Pi0Info(BaseModel):
     horizon: int = Field(description="Rows of the chunk in `actions`.")
     action_dim: int
     num_steps: int = Field(description="Default Euler steps (`num_steps` overrides).")
-    normalization: str = Field(description="z-score with the checkpoint's mean/std (pi0).")
+    normalization: str = Field(
+        description="z-score (mean/std) for pi0; quantile (q01/q99 -> [-1, 1]) for pi0.5."
+    )
     unnorm_key: str = Field(description="The checkpoint's norm-stats asset id.")
     noise_seed: bool = Field(default=True, description="`noise_seed` makes a chunk reproducible.")
     pi05_adaptive_norm: bool = Field(
         default=False,
-        description="pi0.5 (time-conditioned adaptive RMSNorm in the action expert, state "
-        "in the prompt): not supported; pi0 checkpoints only.",
+        description="True for a pi0.5 checkpoint (time-conditioned adaptive RMSNorm in the "
+        "action expert; `state` is still sent raw: the server bins it into the prompt).",
     )
 
 

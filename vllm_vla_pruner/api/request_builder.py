@@ -9,6 +9,7 @@ keys, with the settings nobody gave left to the engine's server-wide defaults.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,7 +151,8 @@ class RequestBuilder:
 
     ``oft``: the checkpoint's OFT contract (``config.OftSpec``) when it is an OpenVLA-OFT
     checkpoint, ``pi0``: its ``pi0_spec.Pi0Spec`` when it is a pi0-style checkpoint; then
-    :meth:`build_chunk` builds its requests.
+    :meth:`build_chunk` builds its requests. ``pi0_norm``: the checkpoint's
+    ``pi0_spec.Pi0Normalizer``, which pi0.5 prompts need (the state is binned into the text).
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class RequestBuilder:
         max_model_len: int | None = None,
         oft: Any = None,
         pi0: Any = None,
+        pi0_norm: Any = None,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -168,6 +171,9 @@ class RequestBuilder:
         self.max_model_len = max_model_len
         self.oft = oft
         self.pi0 = pi0
+        if pi0 is not None and pi0.pi05 and pi0_norm is None:
+            raise ValueError("a pi0.5 checkpoint's requests need its Pi0Normalizer (pi0_norm)")
+        self.pi0_norm = pi0_norm
 
     @classmethod
     def from_pretrained(
@@ -178,7 +184,7 @@ class RequestBuilder:
 
         from vllm_vla_pruner.actions import ActionDecoder
         from vllm_vla_pruner.config import load_config_json, num_visual_tokens
-        from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint, pi0_spec
+        from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint, pi0_normalizer, pi0_spec
         from vllm_vla_pruner.server_defaults import oft_checkpoint_spec
 
         pi0 = pi0_spec(model_dir) if is_pi0_checkpoint(model_dir) else None
@@ -189,6 +195,7 @@ class RequestBuilder:
             max_model_len,
             oft_checkpoint_spec(model_dir),
             pi0,
+            pi0_normalizer(model_dir) if pi0 is not None else None,
         )
 
     def prompt_token_ids(self, instruction: str) -> list[int]:
@@ -247,7 +254,9 @@ class RequestBuilder:
         (``pi0_spec.pi0_prompt_token_ids``), the present cameras only (a camera left out is
         a masked one), ``noise_seed`` / ``num_steps`` in ``extra_args``. The state travels
         un-normalised in ``extra_args`` (the model normalises it with the checkpoint's
-        statistics); one token is asked for.
+        statistics); one token is asked for. pi0.5: the state is quantile-normalised and
+        binned into the prompt's text instead (``Pi0Normalizer.state_bins``), so it is
+        required here (ApiError 422 naming ``state``).
         """
         from vllm_vla_pruner.engine.plan import KEY_STATE
         from vllm_vla_pruner.engine.settings import KEY_NOISE_SEED, KEY_NUM_STEPS
@@ -255,7 +264,11 @@ class RequestBuilder:
         if self.pi0 is not None:
             from vllm_vla_pruner.pi0_spec import pi0_prompt_token_ids
 
-            ids = pi0_prompt_token_ids(self.tokenizer, instruction, self.pi0.max_token_len)
+            bins = None
+            if self.pi0.pi05:
+                bins = self.pi0_norm.state_bins(self._pi05_state(state))
+                state = None  # in the prompt; the model takes none
+            ids = pi0_prompt_token_ids(self.tokenizer, instruction, self.pi0.max_token_len, bins)
         elif self.oft is not None:
             from vllm_vla_pruner.oft import oft_prompt_token_ids
 
@@ -278,3 +291,16 @@ class RequestBuilder:
             params=chunk_sampling_params(xargs),
             session_id=session_id,
         )
+
+    def _pi05_state(self, state: list[float] | None) -> list[float]:
+        """pi0.5's raw state, checked: ``state_dim`` finite numbers (ApiError 422 naming
+        ``state``; the API checks the same earlier, direct callers get it here)."""
+        dim = self.pi0.state_dim
+        if state is None:
+            raise ApiError(422, f"field required: state ({dim} numbers)", field="state")
+        if len(state) != dim:
+            raise ApiError(422, f"state: must be {dim} numbers, got {len(state)}", field="state")
+        values = [float(x) for x in state]
+        if not all(math.isfinite(x) for x in values):
+            raise ApiError(422, "state: must be finite numbers", field="state")
+        return values

@@ -206,6 +206,8 @@ class ActionService:
     def builder(self) -> RequestBuilder:
         """The request builder the benchmarks share (built once the tokenizer is known)."""
         if self._builder is None:
+            from vllm_vla_pruner.pi0_spec import pi0_normalizer
+
             self._builder = RequestBuilder(
                 self.decoder,
                 self.tokenizer,
@@ -213,6 +215,7 @@ class ActionService:
                 self.max_model_len,
                 self.oft,
                 self.pi0,
+                pi0_normalizer(self.model_dir) if self.pi0 is not None else None,
             )
         return self._builder
 
@@ -691,8 +694,9 @@ class ActionService:
             horizon=self.pi0.horizon,
             action_dim=self.pi0.robot_action_dim,
             num_steps=self.pi0.num_steps,
-            normalization="z-score (mean/std)",
+            normalization=self.pi0.normalization,
             unnorm_key=self.pi0.asset_id,
+            pi05_adaptive_norm=self.pi0.pi05,
         )
 
     def _chunk_info(self) -> ChunkInfo | None:
