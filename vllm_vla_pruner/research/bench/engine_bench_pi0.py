@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from vllm_vla_pruner.config import load_config_json, num_visual_tokens
 from vllm_vla_pruner.metrics import ModelDims, flow_chunk_flops, vit_flops
+from vllm_vla_pruner.pi0_spec import spec_from_config
 from vllm_vla_pruner.research.bench.engine_bench import (
     _loadavg,
     kv_summary,
@@ -63,8 +64,13 @@ def pi0_flops(cfg: dict[str, Any], rows: int, kept_rows: int, steps: int, images
         vit_flops(t["width"], t["mlp_hidden"], t["depth"], n) + 2 * t["width"] * width * n
     )
     we, a, h = ex["width"], pi0["action_dim"], pi0["action_horizon"]
-    heads = 2 * h * (a * we + 2 * we * we + we * we + we * a) + 2 * a * we
-    return flow_chunk_flops(lm, expert, rows, kept_rows, lm_k(cfg), 1 + h, steps, vision, heads)
+    spec = spec_from_config(cfg)
+    if spec.pi05:  # action in/out per row; the time MLP and the norms' dense once per step
+        heads = 2 * h * (a * we + we * a) + 2 * (2 * we * we + (2 * ex["depth"] + 1) * 3 * we * we)
+    else:
+        heads = 2 * h * (a * we + 2 * we * we + we * we + we * a) + 2 * a * we
+    suffix = spec.suffix_len
+    return flow_chunk_flops(lm, expert, rows, kept_rows, lm_k(cfg), suffix, steps, vision, heads)
 
 
 def lm_k(cfg: dict[str, Any]) -> int:
@@ -96,22 +102,24 @@ def run_pi0(
     from vllm_vla_pruner.engine.local import decoder_report, kv_layout, make_llm, shutdown_llm
     from vllm_vla_pruner.engine.plan import KEY_STATE, ActionChunk, PruningResult
     from vllm_vla_pruner.engine.settings import KEY_NOISE_SEED, PruningSettings
-    from vllm_vla_pruner.pi0_spec import pi0_prompt_token_ids, pi0_spec
+    from vllm_vla_pruner.pi0_spec import pi0_normalizer, pi0_prompt_token_ids, pi0_spec
 
     load_before = _loadavg()  # before the engine starts (the old code read it at the end)
     cfg = load_config_json(model_dir)
     spec = pi0_spec(model_dir)
     m = num_visual_tokens(cfg) * spec.num_cameras
     side = cfg["image_sizes"][0]
+    state = [0.0] * spec.state_dim
+    # pi0.5 carries the state in the prompt (its bins); pi0 in the request.
+    bins = pi0_normalizer(model_dir).state_bins(state) if spec.pi05 else None
     ids = pi0_prompt_token_ids(
-        AutoTokenizer.from_pretrained(str(model_dir)), INSTRUCTION, spec.max_token_len
+        AutoTokenizer.from_pretrained(str(model_dir)), INSTRUCTION, spec.max_token_len, bins
     )
     rows_total = len(ids) + m
     settings = PruningSettings.resolve(cfg.get("vla_pruner"))
     layer_k, window = settings.layer, settings.window
     llm = make_llm(model_dir, max_num_seqs=max(batch_sizes))
     layout = kv_layout(llm)
-    state = [0.0] * spec.state_dim
     configs = [("none", 1.0)] + [(meth, r) for meth in methods for r in keep_ratios if r < 1.0]
     session_seq = iter(range(10**9))
 
