@@ -40,6 +40,13 @@ def add_run_args(p: argparse.ArgumentParser, **defaults: Any) -> None:
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     p.add_argument("--resume", action="store_true", help="continue from OUT/_work/state.pt")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps in all")
+    p.add_argument("--stop-at", type=int, default=None, help="stop (validated, saved) at this step")
+    p.add_argument(
+        "--stop-after-minutes",
+        type=float,
+        default=None,
+        help="stop (validated, saved) once this invocation has run this long",
+    )
     p.add_argument("--dagger-at", default="", help="steps of DAgger rounds, e.g. 1200,2000")
     p.add_argument("--dagger-betas", default="0.3,0.0")
     p.add_argument("--dagger-seeds", type=int, default=8, help="roll-outs per task per round")

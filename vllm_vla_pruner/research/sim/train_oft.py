@@ -327,7 +327,7 @@ def train(args: argparse.Namespace, command: str) -> None:
         on_step=on_step,
     )
     run.start(model, hooks)
-    run.loop()
+    run.loop(args.stop_at, args.stop_after_minutes)
     print(f"done: best validation {run.best:.2f}", flush=True)
 
 

@@ -263,13 +263,6 @@ def save_pi0_checkpoint(model: Any, init_dir: Path, out: Path, step: int) -> Non
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the pi0-style Meta-World policy.")
     add_run_args(p, val_episodes=3, rollout_steps=160, batch=32, lr=1e-3, chunk=CHUNK)
-    p.add_argument("--stop-at", type=int, default=None, help="stop (validated, saved) at this step")
-    p.add_argument(
-        "--stop-after-minutes",
-        type=float,
-        default=None,
-        help="stop (validated, saved) once this invocation has run this long",
-    )
     p.add_argument("--num-steps", type=int, default=10, help="Euler steps when sampling")
     p.add_argument("--noise-samples", type=int, default=4, help="(t, noise) draws per frame")
     p.add_argument("--expert-width", type=int, default=64)
