@@ -162,3 +162,16 @@ def test_pi0_requests_carry_a_noise_seed_per_episode_and_chunk(tmp_path: Path, t
     oft = ChunkEnginePolicy(oft_llm, tiny_oft, "none", 1.0, "o", execute_steps=2)
     oft(StepBatch([0], np.zeros((1, 0), np.uint8), ["go"], [True], [FakeEnv(0)]))
     assert KEY_NOISE_SEED not in oft_llm.requests[0][1].extra_args
+
+
+def test_kept_patch_figure_after_a_resume_without_the_figures_keep(tmp_path: Path):
+    """A resumed run whose unpruned and keep-0.25 rows came from the store (no frames) draws
+    the configurations it ran now instead of failing on an empty figure."""
+    from vllm_vla_pruner.research.sim.chunk_benchmark import ChunkRunRecord, save_chunk_overlays
+
+    view = np.zeros((64, 64, 3), np.uint8)
+    stored = [ChunkRunRecord("none", 1.0, None), ChunkRunRecord("vlapruner", 0.25, None)]
+    ran = ChunkRunRecord("vlapruner", 0.125, None, views=[(view, view)], request_ids=["r0"])
+    trace = {"r0": [0, 5, 70]}
+    path = save_chunk_overlays([*stored, ran], trace, 8, tmp_path, "policy")
+    assert path.is_file() and path.stat().st_size > 0

@@ -1,12 +1,14 @@
 """``vla-pruner bench size-sweep``: at which policy size does pruning pay on this machine?
 
-The shipped OFT Meta-World policy (2 cameras x 64 visual tokens, proprio, chunk 8 x 4, a
-4-layer Llama of width 128) is overhead-bound on 2 CPU cores: VLA-Pruner saves FLOPs the
-engine never spent time on. This sweep starts from its layout and scales one axis at a time
-(visual tokens per camera, LLM width, LLM depth) plus the combination ``bench-oft`` stands
-for (OFT-7B's 2 x 256 tokens and 32 layers at width 512). Every size is a random-initialised
-checkpoint built exactly as ``research.sim.train_oft`` builds its initial one (the engine's
-cost does not depend on trained weights), with the shipped checkpoint's pruning settings.
+The first OFT Meta-World policy (``assets/metaworld-oft-4layer``: 2 cameras x 64 visual
+tokens, proprio, chunk 8 x 4, a 4-layer Llama of width 128; "shipped" in this sweep's
+tables, which were measured when it was the shipped one) is overhead-bound on 2 CPU cores:
+VLA-Pruner saves FLOPs the engine never spent time on. This sweep starts from its layout and
+scales one axis at a time (visual tokens per camera, LLM width, LLM depth) plus the
+combination ``bench-oft`` stands for (OFT-7B's 2 x 256 tokens and 32 layers at width 512).
+Every size is a random-initialised checkpoint built exactly as ``research.sim.train_oft``
+builds its initial one (the engine's cost does not depend on trained weights), with the
+shipped checkpoint's pruning settings.
 
 Per size it measures, on one engine, unpruned vs VLA-Pruner side by side and interleaved
 (``engine_bench.run_oft``: fresh images per configuration and repeat), at batch 1 and at the
@@ -32,7 +34,9 @@ import numpy as np
 
 from vllm_vla_pruner.metrics import ModelDims, prefill_flops, vit_flops
 
-SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "metaworld-oft"
+#: The sweep's base layout: the 4-layer policy (the shipped OFT policy grew from it to 8 layers,
+#: the depth this sweep found pruning to pay at).
+SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "metaworld-oft-4layer"
 NORM_KEY = "metaworld"
 #: The shipped policy's schedule (TRAINING.md) and batch; its execute_steps per chunk.
 SCHEDULE_STEPS = 3300

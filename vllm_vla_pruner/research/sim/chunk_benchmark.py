@@ -796,8 +796,10 @@ def save_chunk_overlays(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # Records loaded by --resume carry no frames: the figure shows the ones run now.
-    rows = [r for r in records if (r.method == "none" or r.keep_ratio == keep) and r.views]
+    # Records loaded by --resume carry no frames: the figure shows the ones run now (all of
+    # them when none of those is at ``keep`` or unpruned).
+    with_frames = [r for r in records if r.views]
+    rows = [r for r in with_frames if r.method == "none" or r.keep_ratio == keep] or with_frames
     n_req = min((len(r.views) for r in rows), default=0)
     cols = [c for c in chunks if c < n_req] or [0]
     n_views = len(rows[0].views[0]) if rows and rows[0].views else 2
