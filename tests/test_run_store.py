@@ -9,7 +9,7 @@ import pytest
 from vllm_vla_pruner.research.sim.benchmark import compare_with_unpruned
 from vllm_vla_pruner.research.sim.chunk_benchmark import ChunkRunRecord
 from vllm_vla_pruner.research.sim.evaluate import _result
-from vllm_vla_pruner.research.sim.run_store import RunSettings, RunStore
+from vllm_vla_pruner.research.sim.run_store import RunSettings, RunStore, model_identity
 
 
 def _settings(**over) -> RunSettings:
@@ -90,7 +90,7 @@ def test_report_only_tables_what_the_store_holds_without_an_engine(tmp_path):
     tasks = ["drawer-open-v3", "window-open-v3"]
     out = tmp_path / "bench"
     settings = RunSettings.of(
-        model=str(OFT_MODEL.resolve()),
+        model=model_identity(OFT_MODEL),
         goals="heldout",
         tasks=tasks,
         episodes_per_task=3,
@@ -140,3 +140,17 @@ def test_report_only_tables_what_the_store_holds_without_an_engine(tmp_path):
     assert "Not run yet for metaworld-oft: divprune@0.25" in table
     random_line = next(line for line in table.splitlines() if "| random |" in line)
     assert random_line.rstrip().endswith("x * |")
+
+
+def test_model_identity_follows_the_weights_not_the_path(tmp_path) -> None:
+    """A copy elsewhere is the same model; other weights under the same name are not."""
+    import shutil
+
+    from vllm_vla_pruner.research.sim.chunk_benchmark import OFT_MODEL
+
+    copy = tmp_path / "elsewhere" / OFT_MODEL.name
+    shutil.copytree(OFT_MODEL, copy)
+    assert model_identity(copy) == model_identity(OFT_MODEL)
+    head = next(copy.glob("action_head--*.pt"))
+    head.write_bytes(head.read_bytes() + b"\0")
+    assert model_identity(copy) != model_identity(OFT_MODEL)

@@ -404,10 +404,10 @@ def evaluate_oft(
     interleaved = len(configs) * len(tasks) * episodes_per_task <= MAX_PARALLEL
     store = None
     if runs_dir is not None and (report_only or not interleaved):
-        from .run_store import RunSettings, RunStore
+        from .run_store import RunSettings, RunStore, model_identity
 
         run_settings = RunSettings.of(
-            model=str(model_dir.resolve()),
+            model=model_identity(model_dir),
             goals=goals,
             tasks=tasks,
             episodes_per_task=episodes_per_task,

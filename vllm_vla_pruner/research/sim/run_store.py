@@ -10,6 +10,7 @@ an error naming the setting, never a silently mixed table.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import asdict, dataclass
@@ -20,7 +21,20 @@ import numpy as np
 
 from .evaluate import EvalResult, TaskResult
 
-__all__ = ["RunSettings", "RunStore"]
+__all__ = ["RunSettings", "RunStore", "model_identity"]
+
+
+def model_identity(model_dir: Path) -> str:
+    """``<dir name>@<sha256 prefix>`` of the checkpoint's config and weight files: a stored
+    configuration belongs to the same weights wherever the checkout lives (an absolute path
+    tied a store to one clone and broke when an asset was renamed)."""
+    digest = hashlib.sha256()
+    files = [model_dir / "config.json"] + sorted(
+        f for f in model_dir.iterdir() if f.suffix in (".safetensors", ".pt", ".bin")
+    )
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return f"{model_dir.name}@{digest.hexdigest()[:16]}"
 
 
 @dataclass(frozen=True)
