@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tests.engine_fixtures import pruning_trace
 from vllm_vla_pruner.research.sim.metaworld_env import DEFAULT_TASKS
 from vllm_vla_pruner.research.sim.oft_data import save_dataset
 
@@ -80,8 +80,7 @@ def one_episode_unpruned_and_vlapruner(
     trace env var the benchmark sets is put back as it was."""
     from vllm_vla_pruner.research.sim.chunk_benchmark import evaluate_policies
 
-    previous = os.environ.get("VLA_PRUNER_TRACE")
-    try:
+    with pruning_trace():
         res = evaluate_policies(
             [model],
             out,
@@ -94,10 +93,5 @@ def one_episode_unpruned_and_vlapruner(
             progress=False,
             print_table=False,
         )
-    finally:
-        if previous is None:
-            os.environ.pop("VLA_PRUNER_TRACE", None)
-        else:
-            os.environ["VLA_PRUNER_TRACE"] = previous
     base, pruned = res["summary"]
     return base, pruned

@@ -9,13 +9,31 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-__all__ = ["EngineHandle", "tiny_engine"]
+__all__ = ["EngineHandle", "pruning_trace", "tiny_engine"]
+
+
+@contextmanager
+def pruning_trace(path: Path | None = None) -> Iterator[Path | None]:
+    """``VLA_PRUNER_TRACE`` set to ``path`` (left as it is when None) for what starts inside
+    (an engine's or a server's worker reads it at model init), then put back as it was, so
+    one module's trace file never leaks into the next module's engine."""
+    previous = os.environ.get("VLA_PRUNER_TRACE")
+    if path is not None:
+        os.environ["VLA_PRUNER_TRACE"] = str(path)
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop("VLA_PRUNER_TRACE", None)
+        else:
+            os.environ["VLA_PRUNER_TRACE"] = previous
 
 
 @dataclass

@@ -9,6 +9,7 @@ time is printed in pytest's terminal summary.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,12 +17,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-__all__ = ["VlaServer", "pytest_terminal_summary", "vla_server"]
+__all__ = ["VlaServer", "pytest_terminal_summary", "traced_server", "vla_server"]
 
 REPO = Path(__file__).resolve().parents[1]
 #: Upper bound for engine start on a loaded 2-core machine (a tiny model takes ~15-40 s).
@@ -124,6 +126,23 @@ def start_server(model_dir: Path, log_path: Path, extra_args: list[str] | None =
         time.sleep(0.5)
     start_s = time.perf_counter() - t0
     return VlaServer(url, str(model_dir), Path(model_dir), log_path, start_s, proc)
+
+
+@contextmanager
+def traced_server(model_dir: Path, tmp: Path, pruning: dict) -> Iterator[tuple[VlaServer, Path]]:
+    """A server on ``model_dir`` with the engine settings ``pruning`` (``--additional-config``
+    ``vla_pruner``), its worker tracing every kept set to ``tmp/pruning.jsonl`` (for the
+    oracle), stopped on exit; yields (server, trace path)."""
+    from tests.engine_fixtures import pruning_trace
+
+    trace = tmp / "pruning.jsonl"
+    args = ["--additional-config", json.dumps({"vla_pruner": pruning})]
+    with pruning_trace(trace):  # inherited by the server's worker
+        srv = start_server(model_dir, tmp / "server.log", args)
+    try:
+        yield srv, trace
+    finally:
+        _stop(srv.process)
 
 
 @pytest.fixture(scope="module")

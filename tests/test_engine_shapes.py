@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.engine_fixtures import pruning_trace
 
 pytestmark = pytest.mark.engine
 
@@ -39,15 +40,8 @@ def deep_single_tower(tmp_path_factory):
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "vla_pruner": {"layer": K}}, indent=2))
     trace = tmp / "trace.jsonl"
-    previous = os.environ.get("VLA_PRUNER_TRACE")
-    os.environ["VLA_PRUNER_TRACE"] = str(trace)  # read by the worker at model init
-    try:
+    with pruning_trace(trace):  # read by the worker at model init
         llm = make_llm(ckpt, max_num_seqs=8)
-    finally:
-        if previous is None:
-            os.environ.pop("VLA_PRUNER_TRACE", None)
-        else:
-            os.environ["VLA_PRUNER_TRACE"] = previous
     yield llm, ReferenceOpenVLA.from_pretrained(ckpt), trace
     from vllm_vla_pruner.engine.local import shutdown_llm
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine_fixtures import pruning_trace
+
 pytestmark = pytest.mark.engine
 pytest.importorskip("metaworld", reason="Meta-World is installed by scripts/setup.sh")
 
@@ -19,8 +21,7 @@ def test_one_episode_through_the_engine(tmp_path):
 
     model = Path(os.environ.get("VLA_TEST_METAWORLD_MODEL", DEFAULT_MODEL))
     assert (model / "config.json").exists(), f"the embedded model is missing at {model}"
-    previous = os.environ.get("VLA_PRUNER_TRACE")
-    try:
+    with pruning_trace():  # the benchmark sets its own; put back after
         res = evaluate_pruners(
             model,
             tmp_path,
@@ -31,11 +32,6 @@ def test_one_episode_through_the_engine(tmp_path):
             with_fidelity=True,
             max_steps=12,
         )
-    finally:
-        if previous is None:
-            os.environ.pop("VLA_PRUNER_TRACE", None)
-        else:
-            os.environ["VLA_PRUNER_TRACE"] = previous
     base, pruned = res["summary"]
     assert (base["method"], pruned["method"]) == ("none", "vlapruner")
     for s in (base, pruned):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.serve_fixtures import _stop, start_server
+from tests.serve_fixtures import traced_server
 from vllm_vla_pruner.research.checkpoint import build_checkpoint
 from vllm_vla_pruner.research.reference_oft import ReferenceOFT
 
@@ -48,23 +47,8 @@ def ref(oft_dir):
 @pytest.fixture(scope="module")
 def server(oft_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("oft_server")
-    trace = tmp / "pruning.jsonl"
-    before = os.environ.get("VLA_PRUNER_TRACE")
-    os.environ["VLA_PRUNER_TRACE"] = str(trace)  # inherited by the server's worker
-    try:
-        pruning = {"vla_pruner": {"layer": K, "window": 3, "gamma": 0.8}}
-        srv = start_server(
-            oft_dir, tmp / "server.log", ["--additional-config", json.dumps(pruning)]
-        )
-    finally:
-        if before is None:
-            os.environ.pop("VLA_PRUNER_TRACE", None)
-        else:
-            os.environ["VLA_PRUNER_TRACE"] = before
-    try:
+    with traced_server(oft_dir, tmp, {"layer": K, "window": 3, "gamma": 0.8}) as (srv, trace):
         yield srv, trace
-    finally:
-        _stop(srv.process)
 
 
 def _png(seed: int) -> list[bytes]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.serve_fixtures import _stop, start_server
+from tests.serve_fixtures import traced_server
 from vllm_vla_pruner.pi0_spec import PI0_CAMERAS, pi0_noise, pi0_prompt_token_ids
 from vllm_vla_pruner.research.checkpoint import build_checkpoint
 from vllm_vla_pruner.research.reference_pi0 import ReferencePi0
@@ -46,23 +45,8 @@ def ref(pi0_dir):
 @pytest.fixture(scope="module")
 def server(pi0_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pi0_server")
-    trace = tmp / "pruning.jsonl"
-    before = os.environ.get("VLA_PRUNER_TRACE")
-    os.environ["VLA_PRUNER_TRACE"] = str(trace)  # inherited by the server's worker
-    try:
-        pruning = {"vla_pruner": {"layer": K, "window": 3, "gamma": 0.8}}
-        srv = start_server(
-            pi0_dir, tmp / "server.log", ["--additional-config", json.dumps(pruning)]
-        )
-    finally:
-        if before is None:
-            os.environ.pop("VLA_PRUNER_TRACE", None)
-        else:
-            os.environ["VLA_PRUNER_TRACE"] = before
-    try:
+    with traced_server(pi0_dir, tmp, {"layer": K, "window": 3, "gamma": 0.8}) as (srv, trace):
         yield srv, trace
-    finally:
-        _stop(srv.process)
 
 
 def _arrays(seed: int) -> list[np.ndarray]:

@@ -13,7 +13,6 @@ traced.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
 import numpy as np
@@ -21,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.engine_fixtures import pruning_trace
 from vllm_vla_pruner.engine.plan import ActionChunk, PruningResult
 from vllm_vla_pruner.engine.settings import KEY_NOISE_SEED, KEY_NUM_STEPS
 from vllm_vla_pruner.pi0_spec import pi0_noise
@@ -56,17 +56,10 @@ def tokenizer(pi05_dir):
 @pytest.fixture(scope="module")
 def engine(pi05_dir, tmp_path_factory):
     trace = tmp_path_factory.mktemp("pi05_trace") / "pruning.jsonl"
-    before = os.environ.get("VLA_PRUNER_TRACE")
-    os.environ["VLA_PRUNER_TRACE"] = str(trace)
     from vllm_vla_pruner.engine.local import make_llm, shutdown_llm
 
-    try:
+    with pruning_trace(trace):
         llm = make_llm(pi05_dir, max_num_seqs=8, pruning={"window": 3, "gamma": 0.8, "layer": K})
-    finally:
-        if before is None:
-            os.environ.pop("VLA_PRUNER_TRACE", None)
-        else:
-            os.environ["VLA_PRUNER_TRACE"] = before
     yield llm, trace
     shutdown_llm(llm)
 
