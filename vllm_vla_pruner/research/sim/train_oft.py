@@ -60,26 +60,18 @@ def warm_start(model: Any, source_dir: Path) -> int:
     have = source.base.text_config.num_hidden_layers
     layers = model.base.language_model.model.layers
     theirs = source.state_dict()
+    new_layers = {id(layer) for layer in layers[have:]}
+    fresh = tuple(n + "." for n, m in model.named_modules() if id(m) in new_layers)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name in theirs and theirs[name].shape == tensor.shape:
                 tensor.copy_(theirs[name])
-            elif not any(
-                name.startswith(_layer_prefix(model, i)) for i in range(have, len(layers))
-            ):
+            elif not name.startswith(fresh):
                 raise ValueError(f"--init-from {source_dir}: {name} has no same-shaped source")
         for layer in layers[have:]:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     return len(layers) - have
-
-
-def _layer_prefix(model: Any, i: int) -> str:
-    """State-dict prefix of Llama layer ``i`` inside :class:`ReferenceOFT`."""
-    for name, module in model.named_modules():
-        if module is model.base.language_model.model.layers[i]:
-            return name + "."
-    raise KeyError(i)
 
 
 def build_init_checkpoint(out: Path, args: argparse.Namespace, stats: dict[str, Any]) -> Path:
