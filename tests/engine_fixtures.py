@@ -58,10 +58,10 @@ def tiny_engine(
     tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EngineHandle]:
     trace = tmp_path_factory.mktemp("trace") / "pruning.jsonl"
-    os.environ["VLA_PRUNER_TRACE"] = str(trace)
     from vllm_vla_pruner.engine.local import make_llm
 
-    llm = make_llm(tiny_ckpt, max_num_seqs=16, pruning={"window": 3, "gamma": 0.8, "layer": 3})
+    with pruning_trace(trace):
+        llm = make_llm(tiny_ckpt, max_num_seqs=16, pruning={"window": 3, "gamma": 0.8, "layer": 3})
     yield EngineHandle(llm, Path(tiny_ckpt), trace)
     from vllm_vla_pruner.engine.local import shutdown_llm
 

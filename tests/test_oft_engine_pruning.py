@@ -10,7 +10,6 @@ Tolerance: 1e-4 absolute on the head's normalised scale.
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.engine_fixtures import pruning_trace
 from vllm_vla_pruner.engine.plan import KEY_STATE, ActionChunk, PruningResult
 from vllm_vla_pruner.pruning import PRUNERS
 from vllm_vla_pruner.research.checkpoint import build_checkpoint
@@ -44,10 +44,10 @@ def ref(oft_dir):
 @pytest.fixture(scope="module")
 def engine(oft_dir, tmp_path_factory):
     trace = tmp_path_factory.mktemp("oft_trace") / "pruning.jsonl"
-    os.environ["VLA_PRUNER_TRACE"] = str(trace)
     from vllm_vla_pruner.engine.local import make_llm, shutdown_llm
 
-    llm = make_llm(oft_dir, max_num_seqs=8, pruning={"window": 3, "gamma": 0.8, "layer": K})
+    with pruning_trace(trace):
+        llm = make_llm(oft_dir, max_num_seqs=8, pruning={"window": 3, "gamma": 0.8, "layer": K})
     yield llm, trace
     shutdown_llm(llm)
 

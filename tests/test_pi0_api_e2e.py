@@ -8,21 +8,15 @@ the worker traced.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tests.pi0_fixtures import camera_images, checkpoint_fixtures, png_base64, siglip_pixels
 from tests.serve_fixtures import traced_server
 from vllm_vla_pruner.pi0_spec import PI0_CAMERAS, pi0_noise, pi0_prompt_token_ids
-from vllm_vla_pruner.research.checkpoint import build_checkpoint
-from vllm_vla_pruner.research.reference_pi0 import ReferencePi0
 
 pytestmark = pytest.mark.engine
 
@@ -32,35 +26,19 @@ STATE = [0.1, -0.2, 0.05, 0.3, -0.1, 0.0, 0.2, -0.3]
 INS = "pick up the red block"
 
 
-@pytest.fixture(scope="module")
-def pi0_dir(tmp_path_factory) -> Path:
-    return build_checkpoint("tiny-pi0", tmp_path_factory.mktemp("tiny_pi0_api"), seed=6)
+model_dir, ref, tokenizer = checkpoint_fixtures("tiny-pi0", seed=6)
 
 
 @pytest.fixture(scope="module")
-def ref(pi0_dir):
-    return ReferencePi0.from_pretrained(pi0_dir)
-
-
-@pytest.fixture(scope="module")
-def server(pi0_dir, tmp_path_factory):
+def server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pi0_server")
-    with traced_server(pi0_dir, tmp, {"layer": K, "window": 3, "gamma": 0.8}) as (srv, trace):
+    with traced_server(model_dir, tmp, {"layer": K, "window": 3, "gamma": 0.8}) as (srv, trace):
         yield srv, trace
 
 
-def _arrays(seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in PI0_CAMERAS]
-
-
 def _body(seed: int, cameras=PI0_CAMERAS, **kw) -> dict:
-    images = {}
-    for cam, arr in zip(PI0_CAMERAS, _arrays(seed)):
-        if cam in cameras:
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, "PNG")
-            images[cam] = base64.b64encode(buf.getvalue()).decode()
+    arrays = zip(PI0_CAMERAS, camera_images(seed))
+    images = {cam: png_base64(arr) for cam, arr in arrays if cam in cameras}
     return {"images": images, "state": STATE, "instruction": INS, **kw}
 
 
@@ -77,17 +55,10 @@ def _kept(server, response_id: str) -> list[int]:
     return recs[-1]["kept"]
 
 
-def _oracle_err(ref, pi0_dir, seed, noise_seed, actions, cameras=PI0_CAMERAS, kept=None):
-    from transformers import AutoTokenizer
-
-    ids = pi0_prompt_token_ids(AutoTokenizer.from_pretrained(pi0_dir), INS, 48)
+def _oracle_err(ref, tokenizer, seed, noise_seed, actions, cameras=PI0_CAMERAS, kept=None):
+    ids = pi0_prompt_token_ids(tokenizer, INS, 48)
     mask = [c in cameras for c in PI0_CAMERAS]
-    pixels = []
-    for arr, m in zip(_arrays(seed), mask):
-        raw = arr.astype(np.float32) / 255.0
-        pixels.append(
-            torch.from_numpy(((raw - 0.5) / 0.5).transpose(2, 0, 1).copy()) if m else None
-        )
+    pixels = [siglip_pixels(a) if m else None for a, m in zip(camera_images(seed), mask)]
     inputs = ref.build_inputs(pixels, mask, ids, STATE)
     noise = pi0_noise(noise_seed, ref.spec.horizon, ref.spec.action_dim)
     keep = None if kept is None else torch.tensor(kept)
@@ -114,12 +85,12 @@ def test_info_states_the_pi0_contract(server):
     }
 
 
-def test_chunk_equals_oracle_and_seed_reproduces(server, ref, pi0_dir):
+def test_chunk_equals_oracle_and_seed_reproduces(server, ref, tokenizer):
     r1 = _post(server, _body(1, noise_seed=5))
     assert r1.status_code == 200, r1.text
     body = r1.json()
     assert body["chunk"] == 5 and body["action_dim"] == 7 and len(body["actions"]) == 5
-    assert _oracle_err(ref, pi0_dir, 1, 5, body["actions"]) < TOL
+    assert _oracle_err(ref, tokenizer, 1, 5, body["actions"]) < TOL
     again = _post(server, _body(1, noise_seed=5)).json()
     assert again["actions"] == body["actions"]
     other = _post(server, _body(1, noise_seed=6)).json()
@@ -131,22 +102,22 @@ def test_chunk_equals_oracle_and_seed_reproduces(server, ref, pi0_dir):
     assert replay["actions"] == drawn["actions"]
 
 
-def test_masked_camera_and_steps(server, ref, pi0_dir):
+def test_masked_camera_and_steps(server, ref, tokenizer):
     cams = ("base_0_rgb", "right_wrist_0_rgb")
     r = _post(server, _body(2, cameras=cams, noise_seed=3))
     assert r.status_code == 200, r.text
-    assert _oracle_err(ref, pi0_dir, 2, 3, r.json()["actions"], cams) < TOL
+    assert _oracle_err(ref, tokenizer, 2, 3, r.json()["actions"], cams) < TOL
     r = _post(server, _body(2, noise_seed=3, num_steps=4))
     assert r.status_code == 200, r.text
 
 
-def test_pruned_chunk_equals_oracle_with_kept(server, ref, pi0_dir):
+def test_pruned_chunk_equals_oracle_with_kept(server, ref, tokenizer):
     r = _post(server, _body(3, noise_seed=9, pruning={"method": "fastv", "keep_ratio": 0.25}))
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["pruning"]["visual_tokens_kept"] == 48
     kept = _kept(server, body["id"])
-    assert _oracle_err(ref, pi0_dir, 3, 9, body["actions"], kept=kept) < TOL
+    assert _oracle_err(ref, tokenizer, 3, 9, body["actions"], kept=kept) < TOL
 
 
 @pytest.mark.parametrize(

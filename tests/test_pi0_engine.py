@@ -14,11 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.pi0_fixtures import camera_images, checkpoint_fixtures, siglip_pixels
 from vllm_vla_pruner.engine.plan import KEY_STATE, ActionChunk
 from vllm_vla_pruner.engine.settings import KEY_NOISE_SEED, KEY_NUM_STEPS
 from vllm_vla_pruner.pi0_spec import pi0_noise, pi0_prompt_token_ids
-from vllm_vla_pruner.research.checkpoint import build_checkpoint
-from vllm_vla_pruner.research.reference_pi0 import ReferencePi0
 
 pytestmark = pytest.mark.engine
 
@@ -26,48 +25,23 @@ TOL = 1e-4
 STATE = [0.1, -0.2, 0.05, 0.3, -0.1, 0.0, 0.2, -0.3]
 
 
-@pytest.fixture(scope="module")
-def pi0_dir(tmp_path_factory):
-    return build_checkpoint("tiny-pi0", tmp_path_factory.mktemp("tiny_pi0_engine"), seed=3)
+model_dir, ref, tokenizer = checkpoint_fixtures("tiny-pi0", seed=3)
 
 
 @pytest.fixture(scope="module")
-def ref(pi0_dir):
-    return ReferencePi0.from_pretrained(pi0_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(pi0_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(pi0_dir)
-
-
-@pytest.fixture(scope="module")
-def llm(pi0_dir):
+def llm(model_dir):
     from vllm_vla_pruner.engine.local import make_llm, shutdown_llm
 
-    engine = make_llm(pi0_dir, max_num_seqs=8)
+    engine = make_llm(model_dir, max_num_seqs=8)
     yield engine
     shutdown_llm(engine)
-
-
-def _images(seed: int, n: int = 3) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(n)]
-
-
-def _pixels(image: np.ndarray) -> torch.Tensor:
-    """SigLIP normalisation, as the engine's image processing does it (float32)."""
-    raw = image.astype(np.float32) / 255.0
-    return torch.from_numpy(((raw - 0.5) / 0.5).transpose(2, 0, 1).copy())
 
 
 def _request(tokenizer, ref, seed, instruction, state, mask=(True, True, True), **extra):
     from vllm import SamplingParams
 
     ids = pi0_prompt_token_ids(tokenizer, instruction, ref.spec.max_token_len)
-    images = [im for im, m in zip(_images(seed), mask) if m]
+    images = [im for im, m in zip(camera_images(seed), mask) if m]
     prompt = {
         "prompt_token_ids": ids,
         "multi_modal_data": {"image": [Image.fromarray(i) for i in images]},
@@ -80,7 +54,7 @@ def _oracle(
     tokenizer, ref, seed, instruction, state, noise_seed, mask=(True, True, True), steps=None, **kw
 ):
     ids = pi0_prompt_token_ids(tokenizer, instruction, ref.spec.max_token_len)
-    images = [_pixels(im) if m else None for im, m in zip(_images(seed), mask)]
+    images = [siglip_pixels(im) if m else None for im, m in zip(camera_images(seed), mask)]
     inputs = ref.build_inputs(images, list(mask), ids, state)
     noise = pi0_noise(noise_seed, ref.spec.horizon, ref.spec.action_dim)
     return ref.sample(inputs, noise, num_steps=steps, **kw)
@@ -187,7 +161,7 @@ def test_non_square_cameras_are_padded_as_openpi(llm, ref, tokenizer):
     noise = pi0_noise(9, ref.spec.horizon, ref.spec.action_dim)
 
     def oracle(frames: list[np.ndarray]) -> object:
-        inputs = ref.build_inputs([_pixels(f) for f in frames], [True] * 3, ids, STATE)
+        inputs = ref.build_inputs([siglip_pixels(f) for f in frames], [True] * 3, ids, STATE)
         return ref.sample(inputs, noise)
 
     got = _check(ref, out, oracle([openpi_resize(i, side, side) for i in images]))

@@ -13,20 +13,18 @@ Tolerance: 1e-4 absolute on the normalised chunk.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.engine_fixtures import pruning_trace
+from tests.pi0_fixtures import camera_images, checkpoint_fixtures, siglip_pixels
 from vllm_vla_pruner.engine.plan import KEY_STATE, ActionChunk, PruningResult
 from vllm_vla_pruner.engine.settings import KEY_NOISE_SEED
 from vllm_vla_pruner.pi0_spec import pi0_noise, pi0_prompt_token_ids
 from vllm_vla_pruner.pruning import PRUNERS
-from vllm_vla_pruner.research.checkpoint import build_checkpoint
-from vllm_vla_pruner.research.reference_pi0 import ReferencePi0
 
 pytestmark = pytest.mark.engine
 
@@ -37,42 +35,18 @@ INS = "pick up the red block"
 ALL = (True, True, True)
 
 
-@pytest.fixture(scope="module")
-def pi0_dir(tmp_path_factory):
-    return build_checkpoint("tiny-pi0", tmp_path_factory.mktemp("tiny_pi0_pruned"), seed=4)
+model_dir, ref, tokenizer = checkpoint_fixtures("tiny-pi0", seed=4)
 
 
 @pytest.fixture(scope="module")
-def ref(pi0_dir):
-    return ReferencePi0.from_pretrained(pi0_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(pi0_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(pi0_dir)
-
-
-@pytest.fixture(scope="module")
-def engine(pi0_dir, tmp_path_factory):
+def engine(model_dir, tmp_path_factory):
     trace = tmp_path_factory.mktemp("pi0_trace") / "pruning.jsonl"
-    os.environ["VLA_PRUNER_TRACE"] = str(trace)
     from vllm_vla_pruner.engine.local import make_llm, shutdown_llm
 
-    llm = make_llm(pi0_dir, max_num_seqs=8, pruning={"window": 3, "gamma": 0.8, "layer": K})
+    with pruning_trace(trace):
+        llm = make_llm(model_dir, max_num_seqs=8, pruning={"window": 3, "gamma": 0.8, "layer": K})
     yield llm, trace
     shutdown_llm(llm)
-
-
-def _images(seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
-
-
-def _pixels(image: np.ndarray) -> torch.Tensor:
-    raw = image.astype(np.float32) / 255.0
-    return torch.from_numpy(((raw - 0.5) / 0.5).transpose(2, 0, 1).copy())
 
 
 def _request(tokenizer, ref, seed, xargs=None, session=None, mask=ALL):
@@ -82,14 +56,14 @@ def _request(tokenizer, ref, seed, xargs=None, session=None, mask=ALL):
     args = {KEY_STATE: STATE, KEY_NOISE_SEED: seed, **(xargs or {})}
     if session:
         args["vla_session_id"] = session
-    images = [Image.fromarray(im) for im, m in zip(_images(seed), mask) if m]
+    images = [Image.fromarray(im) for im, m in zip(camera_images(seed), mask) if m]
     prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
     return prompt, SamplingParams(max_tokens=1, temperature=0.0, extra_args=args)
 
 
 def _inputs(tokenizer, ref, seed, mask=ALL):
     ids = pi0_prompt_token_ids(tokenizer, INS, ref.spec.max_token_len)
-    images = [_pixels(im) if m else None for im, m in zip(_images(seed), mask)]
+    images = [siglip_pixels(im) if m else None for im, m in zip(camera_images(seed), mask)]
     return ref.build_inputs(images, list(mask), ids, STATE)
 
 

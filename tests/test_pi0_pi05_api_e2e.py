@@ -9,21 +9,15 @@ the normalised chunk); the pruned one with the kept indices the worker traced.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tests.pi0_fixtures import camera_images, checkpoint_fixtures, png_base64, siglip_pixels
 from tests.serve_fixtures import traced_server
 from vllm_vla_pruner.pi0_spec import PI0_CAMERAS, pi0_noise
-from vllm_vla_pruner.research.checkpoint import build_checkpoint
-from vllm_vla_pruner.research.reference_pi0 import ReferencePi0
 
 pytestmark = pytest.mark.engine
 
@@ -33,34 +27,18 @@ STATE = [0.1, -0.2, 0.05, 0.3, -0.1, 0.0, 0.2, -0.3]
 INS = "pick up the red block"
 
 
-@pytest.fixture(scope="module")
-def pi05_dir(tmp_path_factory) -> Path:
-    return build_checkpoint("tiny-pi05", tmp_path_factory.mktemp("tiny_pi05_api"), seed=6)
+model_dir, ref, tokenizer = checkpoint_fixtures("tiny-pi05", seed=6)
 
 
 @pytest.fixture(scope="module")
-def ref(pi05_dir):
-    return ReferencePi0.from_pretrained(pi05_dir)
-
-
-@pytest.fixture(scope="module")
-def server(pi05_dir, tmp_path_factory):
+def server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pi05_server")
-    with traced_server(pi05_dir, tmp, {"layer": K, "window": 3, "gamma": 0.8}) as (srv, trace):
+    with traced_server(model_dir, tmp, {"layer": K, "window": 3, "gamma": 0.8}) as (srv, trace):
         yield srv, trace
 
 
-def _arrays(seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in PI0_CAMERAS]
-
-
 def _body(seed: int, state=STATE, **kw) -> dict:
-    images = {}
-    for cam, arr in zip(PI0_CAMERAS, _arrays(seed)):
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, "PNG")
-        images[cam] = base64.b64encode(buf.getvalue()).decode()
+    images = {cam: png_base64(arr) for cam, arr in zip(PI0_CAMERAS, camera_images(seed))}
     return {"images": images, "state": state, "instruction": INS, **kw}
 
 
@@ -73,14 +51,9 @@ def _post(server, body=None, raw: str | None = None) -> httpx.Response:
     return httpx.post(url, json=body, timeout=300)
 
 
-def _oracle_err(ref, pi05_dir, seed, noise_seed, actions, state=STATE, kept=None) -> float:
-    from transformers import AutoTokenizer
-
-    ids = ref.pi05_prompt(AutoTokenizer.from_pretrained(pi05_dir), INS, state)
-    pixels = []
-    for arr in _arrays(seed):
-        raw = arr.astype(np.float32) / 255.0
-        pixels.append(torch.from_numpy(((raw - 0.5) / 0.5).transpose(2, 0, 1).copy()))
+def _oracle_err(ref, tokenizer, seed, noise_seed, actions, state=STATE, kept=None) -> float:
+    ids = ref.pi05_prompt(tokenizer, INS, state)
+    pixels = [siglip_pixels(a) for a in camera_images(seed)]
     inputs = ref.build_inputs(pixels, [True] * 3, ids, None)
     noise = pi0_noise(noise_seed, ref.spec.horizon, ref.spec.action_dim)
     keep = None if kept is None else torch.tensor(kept)
@@ -108,21 +81,21 @@ def test_info_states_the_pi05_contract(server):
     }
 
 
-def test_chunk_equals_oracle_state_in_prompt(server, ref, pi05_dir):
+def test_chunk_equals_oracle_state_in_prompt(server, ref, tokenizer):
     r = _post(server, _body(1, noise_seed=5))
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["chunk"] == 5 and body["action_dim"] == 7 and body["noise_seed"] == 5
-    assert _oracle_err(ref, pi05_dir, 1, 5, body["actions"]) < TOL
+    assert _oracle_err(ref, tokenizer, 1, 5, body["actions"]) < TOL
     # The state reaches the chunk (through the prompt's bins).
     other = [x * -3 for x in STATE]
     r2 = _post(server, _body(1, state=other, noise_seed=5))
     assert r2.status_code == 200, r2.text
     assert r2.json()["actions"] != body["actions"]
-    assert _oracle_err(ref, pi05_dir, 1, 5, r2.json()["actions"], state=other) < TOL
+    assert _oracle_err(ref, tokenizer, 1, 5, r2.json()["actions"], state=other) < TOL
 
 
-def test_pruned_chunk_equals_oracle_with_kept(server, ref, pi05_dir):
+def test_pruned_chunk_equals_oracle_with_kept(server, ref, tokenizer):
     r = _post(server, _body(3, noise_seed=9, pruning={"method": "vlapruner", "keep_ratio": 0.25}))
     assert r.status_code == 200, r.text
     body = r.json()
@@ -131,7 +104,7 @@ def test_pruned_chunk_equals_oracle_with_kept(server, ref, pi05_dir):
     rows = [json.loads(x) for x in trace.read_text().splitlines()]
     recs = [x for x in rows if x["req_id"] == body["id"] or x["req_id"].startswith(body["id"])]
     assert recs, f"no trace record for {body['id']}"
-    assert _oracle_err(ref, pi05_dir, 3, 9, body["actions"], kept=recs[-1]["kept"]) < TOL
+    assert _oracle_err(ref, tokenizer, 3, 9, body["actions"], kept=recs[-1]["kept"]) < TOL
 
 
 def test_bad_state_is_4xx_naming_state(server):

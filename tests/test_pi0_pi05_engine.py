@@ -15,17 +15,15 @@ from __future__ import annotations
 import json
 import uuid
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from tests.engine_fixtures import pruning_trace
+from tests.pi0_fixtures import camera_images, checkpoint_fixtures, siglip_pixels
 from vllm_vla_pruner.engine.plan import ActionChunk, PruningResult
 from vllm_vla_pruner.engine.settings import KEY_NOISE_SEED, KEY_NUM_STEPS
 from vllm_vla_pruner.pi0_spec import pi0_noise
-from vllm_vla_pruner.research.checkpoint import build_checkpoint
-from vllm_vla_pruner.research.reference_pi0 import ReferencePi0
 
 pytestmark = pytest.mark.engine
 
@@ -36,43 +34,18 @@ INS = "pick up the red block"
 ALL = (True, True, True)
 
 
-@pytest.fixture(scope="module")
-def pi05_dir(tmp_path_factory):
-    return build_checkpoint("tiny-pi05", tmp_path_factory.mktemp("tiny_pi05_engine"), seed=3)
+model_dir, ref, tokenizer = checkpoint_fixtures("tiny-pi05", seed=3)
 
 
 @pytest.fixture(scope="module")
-def ref(pi05_dir):
-    return ReferencePi0.from_pretrained(pi05_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(pi05_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(pi05_dir)
-
-
-@pytest.fixture(scope="module")
-def engine(pi05_dir, tmp_path_factory):
+def engine(model_dir, tmp_path_factory):
     trace = tmp_path_factory.mktemp("pi05_trace") / "pruning.jsonl"
     from vllm_vla_pruner.engine.local import make_llm, shutdown_llm
 
     with pruning_trace(trace):
-        llm = make_llm(pi05_dir, max_num_seqs=8, pruning={"window": 3, "gamma": 0.8, "layer": K})
+        llm = make_llm(model_dir, max_num_seqs=8, pruning={"window": 3, "gamma": 0.8, "layer": K})
     yield llm, trace
     shutdown_llm(llm)
-
-
-def _images(seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
-
-
-def _pixels(image: np.ndarray) -> torch.Tensor:
-    """SigLIP normalisation, as the engine's image processing does it (float32)."""
-    raw = image.astype(np.float32) / 255.0
-    return torch.from_numpy(((raw - 0.5) / 0.5).transpose(2, 0, 1).copy())
 
 
 class Case:
@@ -92,7 +65,7 @@ class Case:
         args = {KEY_NOISE_SEED: self.noise, **self.xargs}  # no state: it is in the prompt
         if self.steps:
             args[KEY_NUM_STEPS] = self.steps
-        images = [Image.fromarray(i) for i, m in zip(_images(self.seed), self.mask) if m]
+        images = [Image.fromarray(i) for i, m in zip(camera_images(self.seed), self.mask) if m]
         prompt = {
             "prompt_token_ids": self.ids(ref, tokenizer),
             "multi_modal_data": {"image": images},
@@ -100,7 +73,9 @@ class Case:
         return prompt, SamplingParams(max_tokens=1, temperature=0.0, extra_args=args)
 
     def oracle(self, ref, tokenizer, kept=None, **kw):
-        images = [_pixels(i) if m else None for i, m in zip(_images(self.seed), self.mask)]
+        images = [
+            siglip_pixels(i) if m else None for i, m in zip(camera_images(self.seed), self.mask)
+        ]
         inputs = ref.build_inputs(images, list(self.mask), self.ids(ref, tokenizer), None)
         noise = pi0_noise(self.noise, ref.spec.horizon, ref.spec.action_dim)
         keep = None if kept is None else torch.tensor(kept)
@@ -214,7 +189,7 @@ def test_history_from_expert_attention_drives_fourth_chunk(engine, ref, tokenize
             continue
         assert result.outcome.pruned and result.outcome.used_history
         _check(ref, tokenizer, out, case, kept)
-        images = [_pixels(i) for i in _images(case.seed)]
+        images = [siglip_pixels(i) for i in camera_images(case.seed)]
         inputs = ref.build_inputs(images, list(ALL), case.ids(ref, tokenizer), None)
         attn = {K - 1: None}
         _, _, plen = ref.prefix_pass(inputs, None, K, attn)
