@@ -68,3 +68,14 @@ def test_parse_grid_names_the_bad_item() -> None:
     for bad in ("layer", "layer=", "nope=1"):
         with pytest.raises(ValueError, match=f"--grid '{bad}'"):
             parse_grid([bad])
+
+
+def test_sweep_runs_chunk_policies_as_chunk_policies(tiny_ckpt, tmp_path) -> None:
+    """OFT and pi0 checkpoints go through the chunk roll-out (a chunk per request), the AR
+    OpenVLA one through the per-step one: the sweep's one dispatch point."""
+    from vllm_vla_pruner.research.checkpoint import build_checkpoint
+    from vllm_vla_pruner.research.sim.layer_sweep import is_chunk_policy
+
+    assert not is_chunk_policy(tiny_ckpt)
+    assert is_chunk_policy(build_checkpoint("tiny-oft", tmp_path / "oft", seed=0))
+    assert is_chunk_policy(build_checkpoint("tiny-pi0", tmp_path / "pi0", seed=0))

@@ -6,7 +6,9 @@ policy with a handful of layers has no such obvious choice. This sweep runs one 
 keep ratio through the real engine for every combination of a grid of engine settings
 (``PruningSettings`` fields), on validation goals (never the held-out ones the report uses),
 and compares each with the unpruned policy on the same goals. Unpruned runs every layer over
-every token whatever the settings, so it runs once.
+every token whatever the settings, so it runs once. AR (OpenVLA) policies ask every control
+step; chunk policies (OFT, pi0) ask for a chunk and execute its first rows, as
+``bench metaworld-oft`` runs them.
 
 The default grid is K = 1..L/2 x action layer = 0..L-1. K stops at L/2: at least half the
 layers then run on the kept tokens, the regime the method is for (the paper prunes 29 of 32
@@ -34,6 +36,7 @@ from .benchmark import (
     run_closed_loop,
     start_engine,
 )
+from .chunk_benchmark import ChunkEnginePolicy, ChunkRunRecord, run_chunked
 
 Grid = dict[str, list[Any]]
 
@@ -48,12 +51,18 @@ def _run(
     goals: str,
     image_size: int,
     max_steps: int | None,
-) -> RunRecord:
+) -> RunRecord | ChunkRunRecord:
+    """One configuration's closed-loop record; both kinds carry the ``EvalResult`` the sweep
+    compares."""
     from vllm_vla_pruner.engine.local import shutdown_llm
 
     llm = start_engine(model_dir, len(tasks) * episodes, settings)
     try:
         tag = ",".join(f"{k}={v}" for k, v in settings.items())
+        if is_chunk_policy(model_dir):
+            # OFT / pi0: a chunk per request, the first rows executed (engine ms per control step).
+            chunked = ChunkEnginePolicy(llm, model_dir, method, keep, tag, record_episode=None)
+            return run_chunked(chunked, tasks, episodes, max_steps, True, image_size, goals)
         policy = EnginePolicy(llm, model_dir, method, keep, tag=tag)
         return run_closed_loop(
             policy,
@@ -66,6 +75,14 @@ def _run(
         )
     finally:
         shutdown_llm(llm)
+
+
+def is_chunk_policy(model_dir: Path) -> bool:
+    """An OpenVLA-OFT or pi0 checkpoint (a chunk per request), not an AR OpenVLA one."""
+    from vllm_vla_pruner.config import is_oft_checkpoint
+    from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint
+
+    return is_oft_checkpoint(model_dir) or is_pi0_checkpoint(model_dir)
 
 
 def sweep(
