@@ -198,9 +198,7 @@ class PrunedDecoder:
         Prefix-LM steps run the kernel itself without the causal mask
         (``_install_bidirectional_metadata``); other models' action blocks are recomputed
         by hand (``action_block.layer_with_blocks``)."""
-        if self.prefix_lm:
-            return self._layer_with_qk(layer, pos, hidden, residual)
-        return layer_with_blocks(layer, pos, hidden, residual, blocks)
+        return layer_with_blocks(layer, pos, hidden, residual, [] if self.prefix_lm else blocks)
 
     def _plain_blocks(
         self,
@@ -329,7 +327,7 @@ class PrunedDecoder:
                 if capture_act:
                     self._capture_actions(tracked, q, k, compacted=i >= self.K)
             elif capture_sem or capture_act:
-                hidden, residual, q, k, _ = self._layer_with_qk(layer, pos, hidden, residual)
+                hidden, residual, q, k, _ = layer_with_blocks(layer, pos, hidden, residual, [])
                 if capture_sem:
                     self._select(reqs, q, k, embeds)
                 if capture_act:
@@ -356,23 +354,6 @@ class PrunedDecoder:
             for r in reqs
             if r.block or r.whole_block
         ]
-
-    def _layer_with_qk(self, layer: Any, pos: torch.Tensor, hidden: torch.Tensor, residual):
-        """One decoder layer, returning its post-RoPE q and k and its v as well."""
-        if residual is None:
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-        else:
-            x, residual = layer.input_layernorm(hidden, residual)
-        attn = layer.self_attn
-        qkv, _ = attn.qkv_proj(x)
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q, k = attn.rotary_emb(pos, q, k)
-        q_copy, k_copy, v_copy = q.clone(), k.clone(), v.clone()
-        out = attn.attn(q, k, v)
-        out, _ = attn.o_proj(out)
-        x, residual = layer.post_attention_layernorm(out, residual)
-        return layer.mlp(x), residual, q_copy, k_copy, v_copy
 
     # ------------------------------------------------------------------ selection (layer K-1)
 
