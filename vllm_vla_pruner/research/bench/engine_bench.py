@@ -34,7 +34,8 @@ def _fresh_seed(batch: int, config: int, rep: int) -> int:
     return 1000 + 1000 * (100 * batch + config) + rep
 
 
-def _images(n: int, side: int, seed: int) -> list[Image.Image]:
+def random_images(n: int, side: int, seed: int) -> list[Image.Image]:
+    """``n`` random RGB frames of ``side`` px, the same for the same seed."""
     rng = np.random.default_rng(seed)
     return [
         Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n)
@@ -78,7 +79,7 @@ def run(
             builder.build(
                 INSTRUCTION, im, max_tokens, method=method, keep_ratio=ratio, session_id=s
             )
-            for im, s in zip(_images(batch, side, seed), sessions)
+            for im, s in zip(random_images(batch, side, seed), sessions)
         ]
         before = decoder_report(llm)["stats"]["select_seconds"]
         t0 = time.perf_counter()
@@ -284,7 +285,7 @@ def _oft_prompts(spec: Any, ids: list[int], side: int, batch: int, seed: int) ->
     return [
         {
             "prompt_token_ids": engine_ids,
-            "multi_modal_data": {"image": _images(spec.num_images, side, seed * 100 + b)},
+            "multi_modal_data": {"image": random_images(spec.num_images, side, seed * 100 + b)},
         }
         for b in range(batch)
     ]
@@ -463,7 +464,7 @@ def _ar_unpruned(model_dir: str | Path, batch_sizes: tuple[int, ...], repeats: i
         for rep in range(repeats + 1):  # the first run warms the engine up
             reqs = [
                 builder.build(INSTRUCTION, im, n_act, method="none", keep_ratio=1.0)
-                for im in _images(batch, cfg["image_sizes"][0], rep)
+                for im in random_images(batch, cfg["image_sizes"][0], rep)
             ]
             t0 = time.perf_counter()
             llm.generate([r.prompt for r in reqs], [r.params for r in reqs], use_tqdm=False)

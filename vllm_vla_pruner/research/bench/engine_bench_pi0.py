@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from vllm_vla_pruner.config import load_config_json, num_visual_tokens
@@ -33,6 +31,7 @@ from vllm_vla_pruner.research.bench.engine_bench import (
     _loadavg,
     kv_summary,
     kv_table_lines,
+    random_images,
     share_of_ideal,
 )
 
@@ -77,13 +76,6 @@ def lm_k(cfg: dict[str, Any]) -> int:
     from vllm_vla_pruner.engine.settings import PruningSettings
 
     return PruningSettings.resolve(cfg.get("vla_pruner")).layer
-
-
-def _images(n: int, side: int, seed: int) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [
-        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n)
-    ]
 
 
 def run_pi0(
@@ -135,7 +127,7 @@ def run_pi0(
             {
                 "prompt_token_ids": ids,
                 "multi_modal_data": {
-                    "image": _images(spec.num_cameras, side, (seed * 100 + tag) * 1000 + b)
+                    "image": random_images(spec.num_cameras, side, (seed * 100 + tag) * 1000 + b)
                 },
             }
             for b in range(batch)
