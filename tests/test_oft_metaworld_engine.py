@@ -90,3 +90,29 @@ def test_one_oft_episode_through_the_engine(oft_model: Path, tmp_path: Path):
     files = ["metaworld-oft.json", "metaworld-oft.md", "success_and_speed_vs_keep.png"]
     for name in files + [f"kept_patches_{oft_model.name}.png"]:
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_layer_sweep_runs_the_oft_policy_in_chunks(oft_model: Path, tmp_path: Path):
+    """``bench metaworld-layers`` on the OFT policy: one short validation episode per cell, a
+    chunk per request (5 requests for 20 steps executing 4 rows each), and the sweep's cell
+    settings reach the engine: its VLA-Pruner requests after the warm-up keep 32 of 128."""
+    from tests.engine_fixtures import pruning_trace
+    from vllm_vla_pruner.research.sim.layer_sweep import sweep
+
+    trace = tmp_path / "sweep_trace.jsonl"
+    with pruning_trace(trace):
+        res = sweep(
+            oft_model,
+            tmp_path,
+            {"layer": [3], "action_layer": [1]},
+            keep=0.25,
+            tasks=["drawer-open-v3"],
+            episodes=1,
+            max_steps=STEPS,
+        )
+    (cell,) = res["cells"]
+    assert cell["settings"] == {"layer": 3, "action_layer": 1}
+    assert 0.0 <= cell["success"] <= 1.0 and cell["engine_ms_per_step"] > 0
+    kept = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert kept and all(len(r["kept"]) == 32 for r in kept)
+    assert (tmp_path / "layers.md").stat().st_size > 0
