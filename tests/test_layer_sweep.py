@@ -72,9 +72,10 @@ def test_parse_grid_names_the_bad_item() -> None:
 
 def test_sweep_runs_chunk_policies_as_chunk_policies(tiny_ckpt, tmp_path) -> None:
     """OFT and pi0 checkpoints go through the chunk roll-out (a chunk per request), the AR
-    OpenVLA one through the per-step one: the sweep's one dispatch point."""
+    OpenVLA one through the per-step one: the one dispatch the sweep and bench metaworld-oft
+    share."""
     from vllm_vla_pruner.research.checkpoint import build_checkpoint
-    from vllm_vla_pruner.research.sim.layer_sweep import is_chunk_policy
+    from vllm_vla_pruner.research.sim.chunk_benchmark import is_chunk_policy
 
     assert not is_chunk_policy(tiny_ckpt)
     assert is_chunk_policy(build_checkpoint("tiny-oft", tmp_path / "oft", seed=0))

@@ -59,6 +59,14 @@ KEEPS = (0.5, 0.25, 0.125)
 DEFAULT_EXECUTE_STEPS = 4  # of the 8-step chunk: re-plan twice per chunk length
 
 
+def is_chunk_policy(model_dir: Path) -> bool:
+    """An OpenVLA-OFT or pi0 checkpoint (a chunk per request), not an AR OpenVLA one."""
+    from vllm_vla_pruner.config import is_oft_checkpoint
+    from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint
+
+    return is_oft_checkpoint(model_dir) or is_pi0_checkpoint(model_dir)
+
+
 def registry_pruners() -> list[str]:
     """Every pruner of the registry except ``none`` (the unpruned row is always run)."""
     from vllm_vla_pruner.pruning import PRUNERS
@@ -583,8 +591,7 @@ def evaluate_policies(
     """Each model (OFT, pi0 or AR, detected from its files) unpruned and with every ``method`` at
     every ``keep``, on the same goals; writes ``metaworld-oft.{json,md}``, plots and the
     kept-patch figure (OFT: both cameras) under ``out``."""
-    from vllm_vla_pruner.config import grid_shape, is_oft_checkpoint, load_config_json
-    from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint
+    from vllm_vla_pruner.config import grid_shape, load_config_json
 
     from .metaworld_env import DEFAULT_TASKS
 
@@ -599,7 +606,7 @@ def evaluate_policies(
         model = Path(model)
         trace = out / f"pruning_trace-{model.name}.jsonl"
         common = {"goals": goals, "max_steps": max_steps, "progress": progress}
-        if is_oft_checkpoint(model) or is_pi0_checkpoint(model):
+        if is_chunk_policy(model):
             r, recs, meta = evaluate_oft(
                 model,
                 configs,

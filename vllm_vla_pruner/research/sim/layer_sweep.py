@@ -36,7 +36,7 @@ from .benchmark import (
     run_closed_loop,
     start_engine,
 )
-from .chunk_benchmark import ChunkEnginePolicy, ChunkRunRecord, run_chunked
+from .chunk_benchmark import ChunkEnginePolicy, ChunkRunRecord, is_chunk_policy, run_chunked
 
 Grid = dict[str, list[Any]]
 
@@ -75,14 +75,6 @@ def _run(
         )
     finally:
         shutdown_llm(llm)
-
-
-def is_chunk_policy(model_dir: Path) -> bool:
-    """An OpenVLA-OFT or pi0 checkpoint (a chunk per request), not an AR OpenVLA one."""
-    from vllm_vla_pruner.config import is_oft_checkpoint
-    from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint
-
-    return is_oft_checkpoint(model_dir) or is_pi0_checkpoint(model_dir)
 
 
 def sweep(
