@@ -26,6 +26,7 @@ from vllm_vla_pruner.research.sim.train_pi0 import (
     norm_stats,
     sample_time,
     siglip_pixels,
+    warm_start,
 )
 
 
@@ -108,3 +109,33 @@ def test_stop_and_resume_writes_the_pi0_layout(tmp_path) -> None:
             torch.testing.assert_close(served.state_dict()[name], value)
     changed = [k for k in state["model"] if not torch.equal(state["model"][k], first["model"][k])]
     assert changed  # steps 3-4 trained
+
+
+def test_grown_policy_starts_as_its_source(init_dir, tmp_path) -> None:
+    """--init-from with twice the layers: the prefix LM and the action expert each get
+    identity layers, so the deeper policy samples its source's chunk for the same noise
+    (the new layers' attention still runs: K/V of every layer are read); a source of
+    another width is refused by weight name."""
+    stats = json.loads((init_dir / "assets" / "metaworld" / "norm_stats.json").read_text())
+    args = tiny_model_args(expert_width=64)
+    args.layers *= 2
+    deeper = ReferencePi0.from_pretrained(build_init_checkpoint(tmp_path / "deep", args, stats))
+    assert warm_start(deeper, init_dir) == args.layers // 2
+    assert len(deeper.lm.layers) == len(deeper.expert.layers) == args.layers
+    source = ReferencePi0.from_pretrained(init_dir)
+    tok = AutoTokenizer.from_pretrained(str(init_dir))
+    data = fake_dataset(seed=2)
+    rows, tids = [1, 8], np.array([3, 6])
+    cams = [siglip_pixels(data["images"][rows]), siglip_pixels(data["wrist"][rows])]
+    state = source.norm.state(data["state"][rows])
+    noise = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        grown = FlowNet(deeper, tok, TASKS).sample(cams, tids, state, noise, 10)
+        want = FlowNet(source, tok, TASKS).sample(cams, tids, state, noise, 10)
+    assert want.abs().mean() > 0.05
+    torch.testing.assert_close(grown, want, atol=1e-5, rtol=0)
+
+    args.hidden *= 2
+    wider = ReferencePi0.from_pretrained(build_init_checkpoint(tmp_path / "wide", args, stats))
+    with pytest.raises(ValueError, match="no same-shaped source"):
+        warm_start(wider, init_dir)

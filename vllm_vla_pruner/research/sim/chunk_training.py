@@ -31,6 +31,43 @@ from .train import add_model_args, augment, dagger_seeds, lr_at, plot_val_succes
 Policy = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
+def grow_from(model: Any, source: Any, new_layers: list[Any], source_dir: Path) -> int:
+    """Load ``source``'s weights into ``model``, a deeper copy of its architecture.
+
+    Every tensor of ``model`` takes the same-named, same-shaped one of ``source``, except in
+    ``new_layers`` (the transformer layers ``source`` lacks), which start as identities:
+    their attention ``o_proj`` and MLP ``down_proj`` are zero, so each residual branch adds
+    nothing and the grown policy starts as exactly the source's function (depth is where
+    pruning pays on this hardware; growing keeps what the shallow policy learnt). Returns
+    the number of new layers; any other mismatch is an error naming the weight.
+    """
+    import torch
+
+    theirs = source.state_dict()
+    fresh_ids = {id(layer) for layer in new_layers}
+    fresh = tuple(n + "." for n, m in model.named_modules() if id(m) in fresh_ids)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in theirs and theirs[name].shape == tensor.shape:
+                tensor.copy_(theirs[name])
+            elif not name.startswith(fresh):
+                raise ValueError(f"--init-from {source_dir}: {name} has no same-shaped source")
+        for layer in new_layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return len(new_layers)
+
+
+def add_init_from_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``--init-from``: a trained checkpoint of this trainer to start from (both trainers)."""
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help=f"a trained {what} checkpoint to start from (its statistics too); with more "
+        "--layers than it has, the new layers start as identities",
+    )
+
+
 def add_run_args(p: argparse.ArgumentParser, **defaults: Any) -> None:
     """The flags both trainers take; ``defaults`` overrides per trainer (e.g. ``batch=32``)."""
     d = {"val_episodes": 4, "rollout_steps": 200, "batch": 64, "lr": 5e-4, "chunk": 8}

@@ -33,7 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from .chunk_training import Batch, ChunkRun, Hooks, add_run_args, command_line
+from .chunk_training import (
+    Batch,
+    ChunkRun,
+    Hooks,
+    add_init_from_arg,
+    add_run_args,
+    command_line,
+    grow_from,
+)
 from .data import action_norm_stats
 from .metaworld_env import TASK_INSTRUCTIONS
 from .oft_data import proprio_norm_stats
@@ -44,34 +52,13 @@ CHUNK = 8
 
 
 def warm_start(model: Any, source_dir: Path) -> int:
-    """Load a trained OFT checkpoint's weights into ``model``, which may be deeper.
-
-    Llama layers the source lacks are appended as identities: their attention ``o_proj`` and
-    MLP ``down_proj`` start at zero, so each residual branch adds nothing and the grown policy
-    starts as exactly the source's function (a deeper policy is where pruning pays on this
-    hardware; growing keeps what the shallow one learnt). Returns the number of new layers;
-    any other shape mismatch is an error naming the weight.
-    """
-    import torch
-
+    """Load a trained OFT checkpoint into ``model``, which may have more Llama layers
+    (:func:`.chunk_training.grow_from`); returns the number of new layers."""
     from ..reference_oft import ReferenceOFT
 
     source = ReferenceOFT.from_pretrained(source_dir, NORM_KEY)
     have = source.base.text_config.num_hidden_layers
-    layers = model.base.language_model.model.layers
-    theirs = source.state_dict()
-    new_layers = {id(layer) for layer in layers[have:]}
-    fresh = tuple(n + "." for n, m in model.named_modules() if id(m) in new_layers)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name in theirs and theirs[name].shape == tensor.shape:
-                tensor.copy_(theirs[name])
-            elif not name.startswith(fresh):
-                raise ValueError(f"--init-from {source_dir}: {name} has no same-shaped source")
-        for layer in layers[have:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-    return len(layers) - have
+    return grow_from(model, source, list(model.base.language_model.model.layers[have:]), source_dir)
 
 
 def build_init_checkpoint(out: Path, args: argparse.Namespace, stats: dict[str, Any]) -> Path:
@@ -226,12 +213,7 @@ def save_oft_checkpoint(model: Any, out: Path, step: int, tok_files: dict[str, b
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the OFT-style Meta-World policy.")
     add_run_args(p, chunk=CHUNK)
-    p.add_argument(
-        "--init-from",
-        type=Path,
-        help="a trained OFT checkpoint to start from (its statistics too); with more --layers "
-        "than it has, the new layers start as identities",
-    )
+    add_init_from_arg(p, "OFT")
     args = p.parse_args(argv)
     train(args, command_line("vllm_vla_pruner.research.sim.train_oft", argv))
 

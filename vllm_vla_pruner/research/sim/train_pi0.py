@@ -33,7 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from .chunk_training import Batch, ChunkRun, Hooks, add_run_args, command_line
+from .chunk_training import (
+    Batch,
+    ChunkRun,
+    Hooks,
+    add_init_from_arg,
+    add_run_args,
+    command_line,
+    grow_from,
+)
 from .metaworld_env import TASK_INSTRUCTIONS
 from .oft_data import proprio_norm_stats
 
@@ -53,6 +61,18 @@ def norm_stats(data: dict[str, Any]) -> dict[str, Any]:
         return {k: s[k] for k in ("mean", "std", "q01", "q99")}
 
     return {"norm_stats": {"state": entry(data["state"]), "actions": entry(data["actions"])}}
+
+
+def warm_start(model: Any, source_dir: Path) -> int:
+    """Load a trained pi0 checkpoint into ``model``, which may be deeper: pi0's prefix LM
+    and action expert share their depth, so each grows by the same identity layers
+    (:func:`.chunk_training.grow_from`). Returns the number of new layers per stack."""
+    from ..reference_pi0 import ReferencePi0
+
+    source = ReferencePi0.from_pretrained(source_dir)
+    have = len(source.lm.layers)
+    new = [*model.lm.layers[have:], *model.expert.layers[have:]]
+    return grow_from(model, source, new, source_dir) // 2
 
 
 def build_init_checkpoint(out: Path, args: argparse.Namespace, stats: dict[str, Any]) -> Path:
@@ -267,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noise-samples", type=int, default=4, help="(t, noise) draws per frame")
     p.add_argument("--expert-width", type=int, default=64)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs)")
+    add_init_from_arg(p, "pi0")
     args = p.parse_args(argv)
     train(args, command_line("vllm_vla_pruner.research.sim.train_pi0", argv))
 
@@ -281,8 +302,16 @@ def train(args: argparse.Namespace, command: str) -> None:
     run = ChunkRun(args, command)
     init_dir = run.init_dir
     if not (init_dir / "config.json").exists():  # statistics of the first data, kept after
-        build_init_checkpoint(init_dir, args, norm_stats(run.data))
+        stats = norm_stats(run.data)
+        if args.init_from is not None:  # its heads were trained on its own normalisation
+            stats = json.loads(
+                (args.init_from / "assets" / ASSET_ID / "norm_stats.json").read_text()
+            )
+        build_init_checkpoint(init_dir, args, stats)
     model = ReferencePi0.from_pretrained(init_dir)
+    if args.init_from is not None and not run.resumed:
+        grown = warm_start(model, args.init_from)
+        print(f"started from {args.init_from} ({grown} new identity layers)", flush=True)
     net = FlowNet(model, AutoTokenizer.from_pretrained(str(init_dir)), run.tasks)
     gen = torch.Generator().manual_seed(args.seed)
     norm = model.norm
