@@ -297,16 +297,18 @@ def train(args: argparse.Namespace, command: str) -> None:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
+    from vllm_vla_pruner.pi0_spec import load_norm_stats, pi0_spec
+
     from ..reference_pi0 import ReferencePi0
 
     run = ChunkRun(args, command)
     init_dir = run.init_dir
     if not (init_dir / "config.json").exists():  # statistics of the first data, kept after
-        stats = norm_stats(run.data)
-        if args.init_from is not None:  # its heads were trained on its own normalisation
-            stats = json.loads(
-                (args.init_from / "assets" / ASSET_ID / "norm_stats.json").read_text()
-            )
+        if args.init_from is None:
+            stats = norm_stats(run.data)
+        else:  # its heads were trained on its own normalisation
+            source = args.init_from
+            stats = {"norm_stats": load_norm_stats(source, pi0_spec(source))}
         build_init_checkpoint(init_dir, args, stats)
     model = ReferencePi0.from_pretrained(init_dir)
     if args.init_from is not None and not run.resumed:
