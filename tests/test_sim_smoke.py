@@ -30,7 +30,9 @@ from vllm_vla_pruner.research.sim.metaworld_env import (  # noqa: E402
     EVAL_SEED_OFFSET,
     INSTRUCTION_PAIRS,
     TASK_INSTRUCTIONS,
+    WRIST_CAMERA,
     eval_seeds,
+    lockstep_envs,
     make_task,
 )
 
@@ -52,6 +54,36 @@ def test_render_shape_and_content() -> None:
     assert img.std() > 10, "frame looks blank (EGL/osmesa rendering broken?)"
     env.reset(1)
     assert not np.array_equal(env.render(), img), "different goals should look different"
+
+
+def test_shared_renderer_frames_are_exact() -> None:
+    """Envs of one task share a renderer (an EGL context each would cost ~150 MB per
+    lockstep episode); a frame must be byte-identical to one from the env's own renderer,
+    whichever env's model the shared renderer was built on."""
+    import mujoco
+
+    task = "drawer-open-v3"
+    envs = lockstep_envs([(task, s) for s in range(3)])
+    assert len({id(e.renderer) for e in envs}) == 1
+    rng = np.random.default_rng(0)
+    for i, env in enumerate(envs):
+        env.reset(EVAL_SEED_OFFSET + 7 * i)  # other drawer positions than envs[0]'s
+        for _ in range(20):
+            env.step(rng.uniform(-1, 1, 4))
+    for env in envs[1:]:
+        shared = env.renderer
+        own = mujoco.Renderer(env.env.model, shared.height, shared.width)
+        own.scene.flags[:] = shared.scene.flags
+        try:
+            for camera in (None, WRIST_CAMERA):
+                frame = env.render(camera)
+                env.renderer = own
+                assert np.array_equal(env.render(camera), frame), camera
+                env.renderer = shared
+        finally:
+            env.renderer = shared
+            own.close()
+    assert not np.array_equal(envs[1].render(), envs[2].render())
 
 
 def test_expert_succeeds_within_step_cap() -> None:

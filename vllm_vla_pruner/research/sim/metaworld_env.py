@@ -96,17 +96,37 @@ def _import_metaworld() -> tuple[Any, Any]:
     return ENV_CLS_MAP, ENV_POLICY_MAP
 
 
-_LIVE_RENDERERS: list[Any] = []
+_RENDERERS: dict[tuple[str, int], Any] = {}
 _atexit_registered = False
 
 
 def _close_renderers() -> None:
     # Close while EGL is still alive; a renderer collected at interpreter shutdown raises.
-    while _LIVE_RENDERERS:
+    while _RENDERERS:
         try:
-            _LIVE_RENDERERS.pop().close()
+            _RENDERERS.popitem()[1].close()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
+
+
+def _shared_renderer(task: str, side: int, model: Any) -> Any:
+    """One MuJoCo renderer per (task, frame size), shared by every env of that task.
+
+    A renderer is an EGL context of ~150 MB against ~45 MB for the env itself, and lockstep
+    evaluations keep one env per episode alive. Sharing is exact: a task's envs differ only
+    in body positions, which reach the scene through each env's own ``data`` (frames are
+    byte-identical to an env's own renderer; ``test_shared_renderer_frames_are_exact``)."""
+    import mujoco
+
+    global _atexit_registered
+    key = (task, side)
+    if key not in _RENDERERS:
+        _RENDERERS[key] = mujoco.Renderer(model, side, side)
+        if not _atexit_registered:
+            # Registered after MuJoCo's own EGL atexit hook so that it runs before it (LIFO).
+            atexit.register(_close_renderers)
+            _atexit_registered = True
+    return _RENDERERS[key]
 
 
 class MetaWorldTask:
@@ -139,14 +159,7 @@ class MetaWorldTask:
         self.env.__dict__.pop("sawyer_observation_space", None)
         self.env._freeze_rand_vec = True
         self.expert = policy_map[task]()
-        side = image_size * self.supersample
-        self.renderer = mujoco.Renderer(self.env.model, side, side)
-        _LIVE_RENDERERS.append(self.renderer)
-        global _atexit_registered
-        if not _atexit_registered:
-            # Registered after MuJoCo's own EGL atexit hook so that it runs before it (LIFO).
-            atexit.register(_close_renderers)
-            _atexit_registered = True
+        self.renderer = _shared_renderer(task, image_size * self.supersample, self.env.model)
         flags = self.renderer.scene.flags
         flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
