@@ -25,9 +25,11 @@ from vllm_vla_pruner.research.sim.train_pi0 import (
     main,
     norm_stats,
     sample_time,
+    sampling_policy,
     siglip_pixels,
     warm_start,
 )
+from vllm_vla_pruner.research.sim.validate_pi0 import main as validate_main
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +141,38 @@ def test_grown_policy_starts_as_its_source(init_dir, tmp_path) -> None:
     wider = ReferencePi0.from_pretrained(build_init_checkpoint(tmp_path / "wide", args, stats))
     with pytest.raises(ValueError, match="no same-shaped source"):
         warm_start(wider, init_dir)
+
+
+def test_sampling_policy_is_seeded_per_call_and_reset(init_dir) -> None:
+    """Validation and DAgger chunks: call n draws its noise from seed + 7919 n, un-normalised
+    with the checkpoint's statistics; reset() replays the same noise; the model's training
+    mode is left as it was."""
+    model = ReferencePi0.from_pretrained(init_dir)
+    model.train()
+    net = FlowNet(model, AutoTokenizer.from_pretrained(str(init_dir)), TASKS)
+    policy, reset = sampling_policy(net, 8, 10, seed=3)
+    data = fake_dataset(seed=2)
+    rows, tids = [1, 5], np.array([2, 6])
+    args = (data["images"][rows], data["wrist"][rows], data["state"][rows], tids)
+    first, second = policy(*args), policy(*args)
+    assert model.training
+    assert not np.allclose(first, second)  # another call, other noise
+    reset()
+    np.testing.assert_array_equal(policy(*args), first)
+    noise = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(3 + 7919))
+    cams = [siglip_pixels(data["images"][rows]), siglip_pixels(data["wrist"][rows])]
+    with torch.no_grad():
+        x = net.sample(cams, tids, model.norm.state(data["state"][rows]), noise, 10)
+    np.testing.assert_allclose(second, model.norm.actions(x).float().numpy(), atol=1e-6)
+
+
+def test_validate_writes_per_task_success_on_validation_goals(init_dir, tmp_path) -> None:
+    out = tmp_path / "val.json"
+    validate_main(
+        [str(init_dir), "--episodes", "1", "--tasks", *TASKS[:2], "--max-steps", "4"]
+        + ["--out", str(out)]
+    )
+    result = json.loads(out.read_text())[str(init_dir)]
+    assert set(result["per_task"]) == set(TASKS[:2])
+    assert all(v in (0.0, 1.0) for v in result["per_task"].values())
+    assert result["mean"] == np.mean(list(result["per_task"].values()))

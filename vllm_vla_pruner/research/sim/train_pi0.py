@@ -246,6 +246,44 @@ class FlowNet:
         return torch.nn.functional.mse_loss(v.float(), noise - actions)
 
 
+def sampling_policy(net: FlowNet, chunk: int, num_steps: int, seed: int) -> tuple[Any, Any]:
+    """The closed-loop chunk policy of validation and DAgger: ``(policy, reset)``.
+
+    ``policy(fixed, wrist, state, task_ids)`` -> un-normalised chunks [B, chunk, A], sampled
+    in eval mode (the model's mode restored after) from noise seeded per call; ``reset()``
+    restarts the call count, so every validation round draws the same noise."""
+    import torch
+
+    model, norm = net.model, net.model.norm
+    calls = [0]  # policy calls since the last reset: seeds each call's noise
+
+    @torch.no_grad()
+    def policy(fixed: np.ndarray, wrist: np.ndarray, state: np.ndarray, tids: np.ndarray):
+        training = model.training
+        model.eval()
+        g = torch.Generator().manual_seed(seed + 7919 * calls[0])
+        calls[0] += 1
+        res = []
+        for s in range(0, len(tids), 64):
+            sl = slice(s, s + 64)
+            noise = torch.randn(len(tids[sl]), chunk, model.spec.action_dim, generator=g)
+            x = net.sample(
+                [siglip_pixels(fixed[sl]), siglip_pixels(wrist[sl])],
+                tids[sl],
+                norm.state(state[sl]),
+                noise,
+                num_steps,
+            )
+            res.append(norm.actions(x).float().numpy())
+        model.train(training)
+        return np.concatenate(res)
+
+    def reset() -> None:
+        calls[0] = 0
+
+    return policy, reset
+
+
 def sample_time(n: int, gen: Any) -> Any:
     """openpi's flow time: Beta(1.5, 1) mapped to [0.001, 1) (Beta by two Gammas, so a
     seeded generator drives it and resumption replays it)."""
@@ -317,31 +355,7 @@ def train(args: argparse.Namespace, command: str) -> None:
     net = FlowNet(model, AutoTokenizer.from_pretrained(str(init_dir)), run.tasks)
     gen = torch.Generator().manual_seed(args.seed)
     norm = model.norm
-    calls = [0]  # policy calls since the last reset: seeds each call's noise
-
-    @torch.no_grad()
-    def policy(fixed: np.ndarray, wrist: np.ndarray, state: np.ndarray, tids: np.ndarray):
-        """Chunks for a batch of observations; noise from a generator seeded per call."""
-        model.eval()
-        g = torch.Generator().manual_seed(args.seed + 7919 * calls[0])
-        calls[0] += 1
-        res = []
-        for s in range(0, len(tids), 64):
-            sl = slice(s, s + 64)
-            noise = torch.randn(len(tids[sl]), args.chunk, model.spec.action_dim, generator=g)
-            x = net.sample(
-                [siglip_pixels(fixed[sl]), siglip_pixels(wrist[sl])],
-                tids[sl],
-                norm.state(state[sl]),
-                noise,
-                args.num_steps,
-            )
-            res.append(norm.actions(x).float().numpy())
-        model.train()
-        return np.concatenate(res)
-
-    def reset_policy() -> None:
-        calls[0] = 0  # the same noise at every validation and DAgger round
+    policy, reset_policy = sampling_policy(net, args.chunk, args.num_steps, args.seed)
 
     def loss(b: Batch) -> Any:
         """pi0's flow-matching loss, ``--noise-samples`` draws per frame from ``gen``."""
