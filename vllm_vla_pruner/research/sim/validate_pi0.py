@@ -59,9 +59,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="write {checkpoint: {mean, per_task}} here")
     args = p.parse_args(argv)
+    import warnings
+
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(args.threads)
+    # Third-party notices that are not this tool's news: transformers' config-class notice
+    # and Meta-World's experts warning that their gains exceed the action bounds.
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message="Constant", category=UserWarning)
     results = {}
     for ckpt in args.checkpoints:
         per_task = validate(
