@@ -12,6 +12,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 pytest.importorskip("metaworld", reason="metaworld==3.1.1 is not installed (pip install .[sim])")
 
 from vllm_vla_pruner.research.reference import ReferenceOpenVLA  # noqa: E402
+from vllm_vla_pruner.research.sim.chunk_training import ChunkRun  # noqa: E402
 from vllm_vla_pruner.research.sim.data import collect_expert, save_dataset  # noqa: E402
 from vllm_vla_pruner.research.sim.metaworld_env import VAL_SEED_OFFSET, val_seeds  # noqa: E402
 from vllm_vla_pruner.research.sim.train import DAGGER_SEED_OFFSET, dagger_seeds, main  # noqa: E402
@@ -31,6 +32,25 @@ def test_dagger_seeds_differ_per_stage_and_round_and_stay_below_validation() -> 
         dagger_seeds(40, 0, 8)
     with pytest.raises(ValueError, match="at most 10 rounds"):
         dagger_seeds(0, 10, 8)
+
+
+def test_chunk_run_numbers_rounds_within_their_stage() -> None:
+    """A run resumed with a new ``--dagger-stage`` starts that stage's goals at round 0
+    (before, its 11th round overall raised, whatever the stage); unstaged (older) rounds
+    count as the current stage, as every earlier run used one."""
+    from types import SimpleNamespace
+
+    def run(stage: int, rounds: list[dict]) -> int:
+        r = SimpleNamespace(args=SimpleNamespace(dagger_stage=stage), history={"dagger": rounds})
+        return ChunkRun.stage_round(r)
+
+    old = [{"step": s} for s in range(10)]  # ten rounds recorded before stages were stored
+    assert run(2, old) == 10  # the same stage: its ten rounds are used up (dagger_seeds raises)
+    assert run(3, [{"step": s, "stage": 2} for s in range(10)]) == 0
+    mixed = [{"step": 0, "stage": 2}, {"step": 1, "stage": 3}, {"step": 2, "stage": 3}]
+    assert (run(2, mixed), run(3, mixed), run(4, mixed)) == (1, 2, 0)
+    seeds = [dagger_seeds(3, run(3, mixed[:k]), 4) for k in (1, 2, 3)]
+    assert len({s for p in seeds for s in p}) == 12  # each round of a stage: new goals
 
 
 def test_fine_tuning_stage_rolls_out_only_the_named_tasks(tmp_path: Path) -> None:

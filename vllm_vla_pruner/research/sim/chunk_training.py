@@ -342,6 +342,14 @@ class ChunkRun:
             counts[task] = int(n)
         return counts
 
+    def stage_round(self) -> int:
+        """The next round's index within ``--dagger-stage`` (its goal seeds, see
+        :func:`dagger_seeds`): a resumed run given a new stage starts that stage's goals at
+        round 0 rather than running out of the old stage's ten rounds. Rounds recorded before
+        the stage was stored count as the current stage (what every earlier run used)."""
+        stage = self.args.dagger_stage
+        return sum(d.get("stage", stage) == stage for d in self.history["dagger"])
+
     def dagger_round(self, round_i: int) -> None:
         """Roll out the policy (expert mixed in by the round's beta), label and aggregate."""
         args, h = self.args, self.hooks
@@ -352,7 +360,7 @@ class ChunkRun:
             h.policy,
             self.tasks,
             {
-                t: dagger_seeds(args.dagger_stage, round_i, n)
+                t: dagger_seeds(args.dagger_stage, self.stage_round(), n)
                 for t, n in self.dagger_counts().items()
             },
             betas[min(round_i, len(betas) - 1)],
@@ -373,7 +381,12 @@ class ChunkRun:
         save_dataset(self.data, self.aggregated)
         self._retarget()
         self.history["dagger"].append(
-            {"step": self.step, "frames_added": int(len(new["actions"])), "success": per_task}
+            {
+                "step": self.step,
+                "stage": args.dagger_stage,
+                "frames_added": int(len(new["actions"])),
+                "success": per_task,
+            }
         )
         self.history["dagger_steps"].append(self.step)
         h.log(f"[DAgger {round_i + 1}] +{len(new['actions'])} frames, success {per_task}")
