@@ -1,10 +1,10 @@
 """Where the pi0 denoising loop's time goes: ``Pi0ForActionPrediction._denoise_group`` alone,
 one request, one thread, under ``torch.profiler``.
 
-Why: at batch 1 the loop costs ~25 ms per GFLOP against ~13 in the prefix, which is what keeps
-the pruned chunk below its FLOPs-ideal speedup (``benchmarks/results/engine-pi0/``). This
-separates "Python / small-op overhead" (fixable in the loop) from "the CPU's efficiency at
-these shapes" (50-row GEMMs, head-dim-32 attention over the cached prefix; not fixable there).
+Why: at batch 1 the loop costs about twice as much per GFLOP as the prefix and gains less
+than its FLOPs from pruning (``benchmarks/results/engine-pi0/``). This separates "Python /
+small-op overhead" (fixable in the loop) from "the CPU's efficiency at these shapes" (50-row
+GEMMs, head-dim-32 attention over the cached prefix; not fixable there).
 
 The expert and its heads get random weights of the checkpoint's shapes and the prefix K/V are
 random (the loop's cost does not depend on their values); the prefix LM is not built - only its
