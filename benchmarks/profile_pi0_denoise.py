@@ -46,7 +46,6 @@ def build(model_dir: str) -> pi0.Pi0ForActionPrediction:
     m.action_out_proj = torch.nn.Linear(we, a)
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    m._fused = None
     rope = get_rope(
         hd,
         max_position=text["max_position_embeddings"],
