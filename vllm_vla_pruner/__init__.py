@@ -24,6 +24,12 @@ def register() -> None:
     if _registered:
         return
     from vllm import ModelRegistry
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm_vla_pruner.cpu_allocator import tune_glibc_malloc
+
+        tune_glibc_malloc()
 
     ModelRegistry.register_model(MODEL_ARCH, "vllm_vla_pruner.openvla:OpenVLAForActionPrediction")
     # OpenVLA-OFT (published configs name MODEL_ARCH: select it with hf_overrides).

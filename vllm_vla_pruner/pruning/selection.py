@@ -162,17 +162,19 @@ def greedy_maxmin_from_distances(
     nearest = dist.masked_fill(eye | col_invalid, float("inf")).amin(dim=-1)  # [B, n]
     nearest = nearest.masked_fill(~valid, float("-inf"))  # padding is never picked
     first = nearest.argmax(dim=-1)  # lone candidate: nearest=+inf; ties -> lowest position
-    rows = torch.arange(bsz, device=device)
-    # score = min distance to the picked set, -inf where not pickable (picked or padding);
-    # min(-inf, x) keeps picked entries out without re-masking every step. A set whose
-    # budget is reached keeps picking (-inf everywhere -> position 0); those picks are cut.
-    score = dist[rows, first].masked_fill(~valid, float("-inf"))
-    score[rows, first] = float("-inf")
+    # score = min distance to the picked set, -inf where not pickable (picked or padding).
+    # The distance rows read in the loop carry -inf on their diagonal, so min(score, row of
+    # the pick) also takes the pick itself out: two small ops per step, no index_put. A set
+    # whose budget is reached keeps picking (-inf everywhere -> position 0); those picks are
+    # cut. Rows are gathered from the [B*n, n] view with index_select (less dispatch than
+    # advanced indexing; the loop is dispatch-bound at these sizes).
+    pick_rows = dist.masked_fill(eye, float("-inf")).view(bsz * n, n)
+    base = torch.arange(bsz, device=device) * n
+    score = pick_rows.index_select(0, base + first).masked_fill(~valid, float("-inf"))
     picks = [first]
     for _ in range(1, max(budgets)):
         nxt = score.argmax(dim=-1)
-        torch.minimum(score, dist[rows, nxt], out=score)
-        score[rows, nxt] = float("-inf")
+        torch.minimum(score, pick_rows.index_select(0, base + nxt), out=score)
         picks.append(nxt)
     order = torch.stack(picks, dim=1)  # [B, kmax] in pick order
     return [torch.sort(order[b, : budgets[b]]).values for b in range(bsz)]
