@@ -320,4 +320,39 @@ def markdown_pi0(out: dict[str, Any]) -> str:
             f"| {t['target']} | {v} | {pct(t['ratio'])} | {pct(t['cpu_value'])} "
             f"| {'met' if t['met'] else 'missed'} |"
         )
-    return "\n".join(lines + kv_table_lines(out["kv"])) + "\n"
+    return "\n".join(lines + part_lines(out["results"]) + kv_table_lines(out["kv"])) + "\n"
+
+
+def part_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Where each pruned chunk at keep 0.25 falls short of its FLOPs, part by part, in worker
+    CPU time: each part's ideal is the unpruned run's time for it divided by that part's own
+    FLOPs ratio. Their sum is the chunk a pruner that lost nothing would take; it sits above
+    the FLOPs-ideal whenever the parts pruning does not shrink (the towers, the expert's
+    GEMMs) run at fewer GFLOP/s than the prefix it does shrink."""
+    lines = [
+        "",
+        "Per part at keep 0.25, worker CPU ms: measured / ideal (the unpruned part's time over "
+        "the part's FLOPs ratio). Per-part ideal = unpruned CPU / the sum of the part ideals.",
+        "",
+        "| batch | method | vision | prefix | denoise | chunk | per-part ideal | CPU speedup "
+        "| share of per-part ideal |",
+        "|" + "---|" * 9,
+    ]
+    base = {r["batch"]: r for r in results if r["method"] == "none"}
+    for r in results:
+        b = base.get(r["batch"])
+        if r["method"] == "none" or r["keep_ratio"] != 0.25 or b is None:
+            continue
+        cells, ideal_sum = [], 0.0
+        for part in ("vision", "prefix", "denoise"):
+            ideal = b["cpu_ms"][part] * r["gflops"][part] / b["gflops"][part]
+            ideal_sum += ideal
+            cells.append(f"{r['cpu_ms'][part]:.1f} / {ideal:.1f}")
+        part_ideal = b["cpu_ms"]["chunk"] / ideal_sum
+        cpu = r["cpu_speedup"]
+        lines.append(
+            f"| {r['batch']} | {r['method']} | {' | '.join(cells)} "
+            f"| {r['cpu_ms']['chunk']:.1f} / {ideal_sum:.1f} | {part_ideal:.2f}x "
+            f"| {cpu:.2f}x | {100 * cpu / part_ideal:.0f}% |"
+        )
+    return lines
