@@ -18,7 +18,11 @@ def test_pi0_bench_reports_chunk_split_ideal_and_kv(tmp_path):
     out = run_pi0(model, tmp_path / "out", (1,), (0.25,), ("fastv",), 1, progress=False)
     saved = json.loads((tmp_path / "out" / "engine-pi0.json").read_text())
     assert saved["results"] == json.loads(json.dumps(out["results"]))
-    assert (tmp_path / "out" / "engine-pi0.md").read_text().startswith("pi0 engine benchmark")
+    md = (tmp_path / "out" / "engine-pi0.md").read_text()
+    assert md.startswith("pi0 engine benchmark")
+    # The per-part table: one row (measured / ideal per part) for the pruner at keep 0.25.
+    part_rows = [ln for ln in md.splitlines() if ln.startswith("| 1 | fastv |") and " / " in ln]
+    assert len(part_rows) == 1
     none, fastv = out["results"]
     assert (none["method"], fastv["method"]) == ("none", "fastv")
     assert none["visual_tokens_kept"] == 192 and fastv["visual_tokens_kept"] == 48

@@ -341,7 +341,7 @@ def part_lines(results: list[dict[str, Any]]) -> list[str]:
     base = {r["batch"]: r for r in results if r["method"] == "none"}
     for r in results:
         b = base.get(r["batch"])
-        if r["method"] == "none" or r["keep_ratio"] != 0.25 or b is None:
+        if r["method"] == "none" or r["keep_ratio"] != 0.25 or b is None or not r["cpu_speedup"]:
             continue
         cells, ideal_sum = [], 0.0
         for part in ("vision", "prefix", "denoise"):
