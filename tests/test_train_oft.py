@@ -20,6 +20,7 @@ from vllm_vla_pruner.research.sim.train_oft import (
     ChunkNet,
     build_init_checkpoint,
     main,
+    random_visual_drop,
     warm_start,
 )
 
@@ -61,6 +62,47 @@ def test_batched_forward_equals_reference(init_dir) -> None:
         )
         assert ref.normalized.abs().mean() > 0.05
         torch.testing.assert_close(batched[i], ref.normalized, atol=2e-5, rtol=0)
+
+
+def test_visual_drop_trains_the_pruned_forward_the_engine_serves(init_dir) -> None:
+    """`--visual-drop`: a sample that loses visual tokens from layer K on gets the reference's
+    chunk for the complementary kept set pruned at K (the oracle the engine equals), and a
+    sample that loses none its unpruned chunk."""
+    model = ReferenceOFT.from_pretrained(init_dir, "metaworld")
+    net = ChunkNet(model, TASKS)
+    data = fake_dataset(seed=2)
+    rows, tids = [3, 9], np.array([1, 5])
+    m = 2 * model.base.num_visual
+    dropped = random_visual_drop(np.random.default_rng(0), 2, m, share=1.0)
+    dropped[1] = False
+    assert 0 < dropped[0].sum() < m
+    fixed = pixel_values_from_uint8(data["images"][rows])
+    wrist = pixel_values_from_uint8(data["wrist"][rows])
+    with torch.no_grad():
+        batched = net.forward(
+            fixed, wrist, data["state"][rows], tids, torch.from_numpy(dropped), drop_layer=1
+        )
+    for i, row in enumerate(rows):
+        kept = torch.from_numpy(np.flatnonzero(~dropped[i]))
+        ref = model.predict_chunk(
+            [fixed[i : i + 1], wrist[i : i + 1]],
+            TASK_INSTRUCTIONS[TASKS[tids[i]]],
+            data["state"][row],
+            keep_visual=kept if i == 0 else None,
+            prune_layer=1,
+        )
+        torch.testing.assert_close(batched[i], ref.normalized, atol=2e-5, rtol=0)
+    unpruned = model.predict_chunk(
+        [fixed[:1], wrist[:1]], TASK_INSTRUCTIONS[TASKS[tids[0]]], data["state"][rows[0]]
+    )
+    assert (batched[0] - unpruned.normalized).abs().max() > 1e-3  # the drop changed it
+
+
+def test_random_visual_drop_keeps_the_table_budgets() -> None:
+    out = random_visual_drop(np.random.default_rng(1), 400, 128, share=0.5)
+    kept = 128 - out.sum(axis=1)
+    assert set(kept.tolist()) == {128, 64, 32, 16}
+    assert 0.4 < (kept < 128).mean() < 0.6
 
 
 def test_stop_and_resume_writes_the_oft_layout(tmp_path) -> None:

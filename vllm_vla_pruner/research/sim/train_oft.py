@@ -127,8 +127,19 @@ class ChunkNet:
     def unnormalize(self, normalized: np.ndarray) -> np.ndarray:
         return 0.5 * (normalized + 1) * (self.act_high - self.act_low + 1e-8) + self.act_low
 
-    def forward(self, fixed: Any, wrist: Any, state: np.ndarray, task_ids: np.ndarray) -> Any:
-        """Pixel values [B, 6, S, S] x 2, raw state [B, 4] -> normalised chunks [B, C, 4]."""
+    def forward(
+        self,
+        fixed: Any,
+        wrist: Any,
+        state: np.ndarray,
+        task_ids: np.ndarray,
+        dropped: Any | None = None,
+        drop_layer: int = 0,
+    ) -> Any:
+        """Pixel values [B, 6, S, S] x 2, raw state [B, 4] -> normalised chunks [B, C, 4].
+
+        ``dropped`` ([B, 2M] bool, visual tokens in row order) trains the policy the way the
+        engine prunes it: from layer ``drop_layer`` on, no row sees those tokens' keys."""
         torch = self.torch
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -156,10 +167,15 @@ class ChunkNet:
         a0, ln = a0[:, :, None], ln[:, :, None]
         visible = ((kj <= qi) | ((qi >= a0) & (kj >= a0))) & (kj < ln)
         mask = visible[:, None]  # [B, 1, T, T]
+        pruned_mask = mask
+        if dropped is not None:
+            gone = torch.zeros(b, t_max, dtype=torch.bool)
+            gone[:, 1 : 1 + 2 * m] = dropped
+            pruned_mask = mask & ~gone[:, None, None, :]  # BOS stays: no row sees nothing
         cfg = base.text_config
         nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
         cos, sin = lm.rotary_emb(h, pos)
-        for layer in lm.layers:
+        for i, layer in enumerate(lm.layers):
             attn = layer.self_attn
             hd = attn.head_dim
             x = layer.input_layernorm(h)
@@ -171,7 +187,7 @@ class ChunkNet:
                 k = k.repeat_interleave(nh // kvh, dim=1)
                 v = v.repeat_interleave(nh // kvh, dim=1)
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=attn.scaling
+                q, k, v, attn_mask=pruned_mask if i >= drop_layer else mask, scale=attn.scaling
             )
             h = h + attn.o_proj(out.transpose(1, 2).reshape(b, t_max, nh * hd))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -181,6 +197,21 @@ class ChunkNet:
         head_rows = h[torch.arange(b)[:, None], idx]  # [B, A*C, H]
         flat = head_rows.reshape(b * spec.chunk, -1)
         return model.action_head.model(flat).view(b, spec.chunk, spec.action_dim)
+
+
+#: Keep ratios a pruned training sample draws from (the ones every table reports).
+DROP_KEEP_RATIOS = (0.5, 0.25, 0.125)
+
+
+def random_visual_drop(rng: np.random.Generator, batch: int, num_visual: int, share: float):
+    """[batch, num_visual] bool: True for the visual tokens a sample loses. A ``share`` of the
+    samples keep ``round(num_visual * r)`` tokens at random, r drawn from DROP_KEEP_RATIOS;
+    the others keep every token."""
+    out = np.zeros((batch, num_visual), dtype=bool)
+    for i in np.flatnonzero(rng.random(batch) < share):
+        keep = max(1, round(num_visual * rng.choice(DROP_KEEP_RATIOS)))
+        out[i, rng.permutation(num_visual)[keep:]] = True
+    return out
 
 
 def _bounds(model: Any, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,6 +245,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the OFT-style Meta-World policy.")
     add_run_args(p, chunk=CHUNK)
     add_init_from_arg(p, "OFT")
+    p.add_argument(
+        "--visual-drop",
+        type=float,
+        default=0.0,
+        help="share of training samples whose visual tokens are pruned at random from "
+        "--drop-layer on (keep 0.5, 0.25 or 0.125, drawn per sample)",
+    )
+    p.add_argument("--drop-layer", type=int, default=2, help="first layer without them (K)")
     args = p.parse_args(argv)
     train(args, command_line("vllm_vla_pruner.research.sim.train_oft", argv))
 
@@ -254,6 +293,7 @@ def train(args: argparse.Namespace, command: str) -> None:
         print(f"started from {args.init_from} ({grown} new identity layers)", flush=True)
     model.base.source_dir = None
     net = ChunkNet(model, run.tasks)
+    num_visual = model.base.num_visual  # per camera
 
     @torch.no_grad()
     def policy(fixed: np.ndarray, wrist: np.ndarray, state: np.ndarray, tids: np.ndarray):
@@ -275,8 +315,15 @@ def train(args: argparse.Namespace, command: str) -> None:
         """L1 between the predicted and the expert's normalised chunk."""
         fixed, wrist = pixel_values_from_uint8(b.fixed), pixel_values_from_uint8(b.wrist)
         label = torch.from_numpy(run.targets[b.rows])  # [B, C, 4]
+        dropped = None
+        if args.visual_drop > 0:
+            dropped = torch.from_numpy(
+                random_visual_drop(run.rng, len(b.task_ids), 2 * num_visual, args.visual_drop)
+            )
         with run.autocast():
-            pred = net.forward(fixed, wrist, b.state.astype(np.float32), b.task_ids)
+            pred = net.forward(
+                fixed, wrist, b.state.astype(np.float32), b.task_ids, dropped, args.drop_layer
+            )
         return torch.nn.functional.l1_loss(pred.float(), label)
 
     def on_step(r: ChunkRun, value: float, lr: float) -> None:
