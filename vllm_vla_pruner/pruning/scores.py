@@ -31,7 +31,7 @@ SEMANTIC_ROWS: tuple[str, ...] = ("all", "last", "text")
 # larger requests go in row chunks through one reused buffer, so a long prompt cannot spike
 # memory and each block's logits -> softmax -> head mean stays in cache. Reusing the buffer
 # matters as much as bounding it: a fresh 4 MB block per chunk is page-faulted in every time.
-# A pi0 prefix's 816 x 816 x 8 heads on one thread: 8 ms, against 12-20 ms (depending on the
+# A pi0 prefix's 816 x 816 x 8 heads on one thread: 8 ms, against 12-23 ms (depending on the
 # allocator's state) with a new block per chunk; same chunks, same bits.
 _MAX_BLOCK_ELEMS = 1 << 20
 

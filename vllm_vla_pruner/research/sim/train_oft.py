@@ -203,7 +203,9 @@ class ChunkNet:
 DROP_KEEP_RATIOS = (0.5, 0.25, 0.125)
 
 
-def random_visual_drop(rng: np.random.Generator, batch: int, num_visual: int, share: float):
+def random_visual_drop(
+    rng: np.random.Generator, batch: int, num_visual: int, share: float
+) -> np.ndarray:
     """[batch, num_visual] bool: True for the visual tokens a sample loses. A ``share`` of the
     samples keep ``round(num_visual * r)`` tokens at random, r drawn from DROP_KEEP_RATIOS;
     the others keep every token."""
