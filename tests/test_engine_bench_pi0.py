@@ -33,4 +33,6 @@ def test_pi0_bench_reports_chunk_split_ideal_and_kv(tmp_path):
     assert fastv["gflops"]["denoise"] < none["gflops"]["denoise"]  # the smaller prefix
     blocks = {tuple(r["blocks_per_group"]) for r in out["kv"]["per_request"]}
     assert len(blocks) == 2  # unpruned and pruned requests hold different KV
-    assert [t["met"] in (True, False) for t in out["targets"]] == [True]
+    assert [
+        (t["met"] in (True, False), t["met_as_ratio"] in (True, False)) for t in out["targets"]
+    ] == [(True, True)]

@@ -253,10 +253,12 @@ def run_pi0(
 
 
 def pi0_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 17's target per pruner at keep 0.25. Met only when both the wall share and the
-    worker-CPU share reach it: on a shared machine another process's burst can stretch one
-    configuration's wall median (it did: an unpruned chunk of 0.9 s CPU took 3.3 s wall),
-    and the wall share alone would then report a gain the model did not make."""
+    """Issue 17's target per pruner at keep 0.25, read two ways: ``met`` on the share of the
+    ideal gain ((s-1)/(i-1), the stricter reading this project holds itself to) and
+    ``met_as_ratio`` on the issue's words (speedup >= 90% of the ideal speedup). Either is
+    met only when both wall and worker CPU reach it: on a shared machine another process's
+    burst can stretch one configuration's wall median (it did: an unpruned chunk of 0.9 s
+    CPU took 3.3 s wall), and the wall alone would then report a gain the model did not make."""
 
     def ok(x: float | None) -> bool:
         return x is not None and x >= PI0_TARGET_SHARE
@@ -269,6 +271,9 @@ def pi0_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ratio": r["ratio_to_ideal"],
             "cpu_value": r["cpu_share_of_ideal"],
             "met": ok(r["share_of_ideal"]) and ok(r["cpu_share_of_ideal"]),
+            # The issue's own words: the speedup is >= 90% of the ideal speedup.
+            "met_as_ratio": ok(r["ratio_to_ideal"])
+            and ok(r["cpu_speedup"] / r["flops_ideal_speedup"] if r["cpu_speedup"] else None),
         }
         for r in results
         if r["method"] != "none" and r["keep_ratio"] == 0.25
@@ -311,14 +316,15 @@ def markdown_pi0(out: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| target | share of ideal | speedup / ideal | CPU share of ideal | |",
-        "|---|---|---|---|---|",
+        "| target | share of ideal | speedup / ideal | CPU share of ideal | gain reading "
+        "| speedup / ideal reading |",
+        "|---|---|---|---|---|---|",
     ]
     for t in out["targets"]:
         v = "-" if t["value"] is None else f"{100 * t['value']:.1f}%"
         lines.append(
             f"| {t['target']} | {v} | {pct(t['ratio'])} | {pct(t['cpu_value'])} "
-            f"| {'met' if t['met'] else 'missed'} |"
+            f"| {'met' if t['met'] else 'missed'} | {'met' if t['met_as_ratio'] else 'missed'} |"
         )
     return "\n".join(lines + part_lines(out["results"]) + kv_table_lines(out["kv"])) + "\n"
 
