@@ -44,8 +44,10 @@ INSTRUCTION = (
 #: Issue 17's target: the pruned chunk at keep 0.25 realises >= 90% of the FLOPs-ideal gain
 #: ((speedup - 1) / (ideal - 1), ``share_of_ideal``; the plain speedup / ideal is beside it).
 PI0_TARGET_SHARE = 0.9
-#: The worker's counters per part of a chunk (``Pi0ForActionPrediction._add_times``).
-PARTS = tuple(f"{p}_{u}" for p in ("vision", "prefix", "denoise") for u in ("s", "cpu_s"))
+#: The parts of a chunk the worker times, and its counters for each
+#: (``Pi0ForActionPrediction._add_times``).
+CHUNK_PARTS = ("vision", "prefix", "denoise")
+PARTS = tuple(f"{p}_{u}" for p in CHUNK_PARTS for u in ("s", "cpu_s"))
 
 
 def pi0_flops(cfg: dict[str, Any], rows: int, kept_rows: int, steps: int, images: int) -> dict:
@@ -173,7 +175,7 @@ def run_pi0(
                 s["select"].append(sel / wall)
                 for k, v in parts.items():
                     s[k].append(v)
-                s["cpu"].append(sum(parts[f"{k}_cpu_s"] for k in ("vision", "prefix", "denoise")))
+                s["cpu"].append(sum(parts[f"{k}_cpu_s"] for k in CHUNK_PARTS))
                 s["kept"] += kept
                 s["history"] += hist
                 bar.update(1)
@@ -204,10 +206,7 @@ def run_pi0(
                     "vision_ms": 1000 * statistics.median(s["vision_s"]),
                     "prefix_ms": 1000 * statistics.median(s["prefix_s"]),
                     "denoise_ms": 1000 * den,
-                    "cpu_ms": {
-                        k: 1000 * statistics.median(s[f"{k}_cpu_s"])
-                        for k in ("vision", "prefix", "denoise")
-                    }
+                    "cpu_ms": {k: 1000 * statistics.median(s[f"{k}_cpu_s"]) for k in CHUNK_PARTS}
                     | {"chunk": 1000 * cpu},
                     "chunks_per_s": batch / wall,
                     "chunk_speedup": speed,
@@ -350,7 +349,7 @@ def part_lines(results: list[dict[str, Any]]) -> list[str]:
         if r["method"] == "none" or r["keep_ratio"] != 0.25 or b is None or not r["cpu_speedup"]:
             continue
         cells, ideal_sum = [], 0.0
-        for part in ("vision", "prefix", "denoise"):
+        for part in CHUNK_PARTS:
             ideal = b["cpu_ms"][part] * r["gflops"][part] / b["gflops"][part]
             ideal_sum += ideal
             cells.append(f"{r['cpu_ms'][part]:.1f} / {ideal:.1f}")
