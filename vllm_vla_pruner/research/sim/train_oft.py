@@ -207,11 +207,13 @@ def random_visual_drop(
     rng: np.random.Generator, batch: int, num_visual: int, share: float
 ) -> np.ndarray:
     """[batch, num_visual] bool: True for the visual tokens a sample loses. A ``share`` of the
-    samples keep ``round(num_visual * r)`` tokens at random, r drawn from DROP_KEEP_RATIOS;
-    the others keep every token."""
+    samples keep the engine's budget (``budget_for``) for a ratio r drawn from
+    DROP_KEEP_RATIOS, at random; the others keep every token."""
+    from vllm_vla_pruner.pruning import budget_for
+
     out = np.zeros((batch, num_visual), dtype=bool)
     for i in np.flatnonzero(rng.random(batch) < share):
-        keep = max(1, round(num_visual * rng.choice(DROP_KEEP_RATIOS)))
+        keep = budget_for(num_visual, float(rng.choice(DROP_KEEP_RATIOS)))
         out[i, rng.permutation(num_visual)[keep:]] = True
     return out
 
