@@ -21,7 +21,9 @@ import time
 import types
 
 import torch
-from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
+from vllm.distributed import init_distributed_environment, initialize_model_parallel
+from vllm.utils.network_utils import get_open_port
 from vllm.model_executor.layers.rotary_embedding import get_rope
 
 from vllm_vla_pruner import pi0
@@ -40,12 +42,16 @@ def build(model_dir: str) -> pi0.Pi0ForActionPrediction:
     m.normalizer = Pi0Normalizer(spec, load_norm_stats(model_dir, spec))
     m.expert = pi0.ActionExpert(spec, text["num_hidden_layers"], heads, kv, hd, 1e-6)
     we, a = spec.expert_width, spec.action_dim
-    m.action_in_proj, m.state_proj = torch.nn.Linear(a, we), torch.nn.Linear(a, we)
-    m.action_time_mlp_in = torch.nn.Linear(2 * we, we)
-    m.action_time_mlp_out = torch.nn.Linear(we, we)
-    m.action_out_proj = torch.nn.Linear(we, a)
+    m.action_in_proj, m.state_proj = pi0._linear(a, we), pi0._linear(a, we)
+    m.action_time_mlp_in = pi0._linear(2 * we, we)
+    m.action_time_mlp_out = pi0._linear(we, we)
+    m.action_out_proj = pi0._linear(we, a)
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.05)
+    for module in m.modules():  # what vLLM's loader does after loading (CPU: oneDNN packing)
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
     rope = get_rope(
         hd,
         max_position=text["max_position_embeddings"],
@@ -69,7 +75,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    with set_current_vllm_config(VllmConfig()):
+    # The plugin's engines run eagerly (enforce_eager), so vLLM's custom ops (RoPE's C kernel
+    # on CPU) are on: the same config here.
+    eager = VllmConfig(compilation_config=CompilationConfig(mode=CompilationMode.NONE))
+    with set_current_vllm_config(eager):
+        # vLLM's linear layers need a (one-process) tensor-parallel group to exist.
+        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{get_open_port()}", 0, "gloo")
+        initialize_model_parallel(1, 1)
         m = build(args.model)
     spec, n, kvw = m.spec, args.prefix_rows, m.num_kv_heads * m.head_dim
     rows = [
