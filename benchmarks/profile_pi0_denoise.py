@@ -23,8 +23,8 @@ import types
 import torch
 from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
 from vllm.distributed import init_distributed_environment, initialize_model_parallel
-from vllm.utils.network_utils import get_open_port
 from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.utils.network_utils import get_open_port
 
 from vllm_vla_pruner import pi0
 from vllm_vla_pruner.config import load_config_json
