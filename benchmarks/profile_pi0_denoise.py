@@ -28,6 +28,7 @@ from vllm.utils.network_utils import get_open_port
 
 from vllm_vla_pruner import pi0
 from vllm_vla_pruner.config import load_config_json
+from vllm_vla_pruner.cpu_allocator import tune_glibc_malloc
 from vllm_vla_pruner.pi0_spec import Pi0Normalizer, load_norm_stats, pi0_spec
 
 
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=3, help="the pruning layer K")
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
+    tune_glibc_malloc()  # as in the engine's processes (without it, run-to-run noise)
     torch.set_num_threads(1)
     # The plugin's engines run eagerly (enforce_eager), so vLLM's custom ops (RoPE's C kernel
     # on CPU) are on: the same config here.

@@ -272,10 +272,12 @@ class GemmaNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm: one fused kernel, the same float32 math (x * rsqrt(mean(x^2) + eps) * w).
+        shape = (x.shape[-1],)
         if cond is None:
-            return (xf * (1.0 + self.weight.float())).to(x.dtype), None
+            w = 1.0 + self.weight.float()
+            return F.rms_norm(x.float(), shape, w, self.eps).to(x.dtype), None
+        xf = F.rms_norm(x.float(), shape, None, self.eps)
         scale, shift, gate = self.dense(cond).chunk(3, -1)
         return (xf * (1.0 + scale.float()) + shift.float()).to(x.dtype), gate.to(x.dtype)
 
@@ -667,7 +669,7 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
                 normed, res_gate = layer.input_layernorm(hid, cond)
                 qkv = layer.self_attn.qkv_proj(normed).view(b * r, qs + 2 * kvs)
                 q, k, v = qkv.split([qs, kvs, kvs], -1)
-                q, k = rope(pos, q.contiguous(), k.contiguous())
+                q, k = rope(pos, q, k)  # strided views of qkv: the kernel reads the row stride
                 q = q.view(b, r, hq, d).transpose(1, 2)
                 keys, vals, full_mask, n = prefix[i]
                 mask = full_mask if r > h else action_masks[i]
