@@ -35,6 +35,7 @@ branch), as openpi's PyTorch port.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -336,8 +337,12 @@ class ActionExpert(nn.Module):
         return load_stacked(self, weights)
 
 
+@functools.lru_cache(maxsize=1024)
 def time_embedding(t: float, width: int, min_period: float = 4e-3, max_period: float = 4.0):
-    """pi0's sin-cos embedding of the flow time [width] (float64 math, float32 result)."""
+    """pi0's sin-cos embedding of the flow time [width] (float64 math, float32 result).
+
+    Cached: a chunk's steps reuse the same few t, and the float64 math costs more than the
+    expert's step inputs. Callers must not modify the returned tensor."""
     frac = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float64)
     period = min_period * (max_period / min_period) ** frac
     x = torch.tensor(float(t), dtype=torch.float64) * (2 * math.pi / period)
