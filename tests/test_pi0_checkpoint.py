@@ -53,7 +53,9 @@ def ref05(pi05_dir):
 
 
 def test_presets_listed():
-    assert {"tiny-pi0", "bench-pi0", "tiny-pi05", "bench-pi05"} <= set(preset_names())
+    assert {"tiny-pi0", "bench-pi0", "bench-pi0-wide", "tiny-pi05", "bench-pi05"} <= set(
+        preset_names()
+    )
 
 
 def test_layout_follows_openpi_names(pi0_dir):

@@ -2,7 +2,8 @@
 
 ``vla-pruner checkpoint --preset tiny-pi0`` (seconds, for tests) and ``--preset bench-pi0``
 (pi0's token layout: 3 cameras x 256 SigLIP tokens at 224 px / patch 14, 48 language slots,
-horizon 50, 18 layers, at reduced widths; for performance work). ``tiny-pi05`` /
+horizon 50, 18 layers, at reduced widths; for performance work; ``bench-pi0-wide``: every
+width doubled). ``tiny-pi05`` /
 ``bench-pi05`` are the same shapes as pi0.5 (the ``pi05`` override makes any preset one:
 adaptive-norm expert, ``time_mlp_*`` heads, no state token, 200 language slots, quantile
 statistics). The file layout is described in :mod:`vllm_vla_pruner.pi0_spec`. As for the
@@ -64,6 +65,17 @@ PI0_PRESETS: dict[str, dict[str, Any]] = {
         "tokenizer_vocab_size": 4096,
         "max_position_embeddings": 1024,
     },
+}
+# bench-pi0 with every width doubled (~4x the FLOPs): where the chunk's GEMMs, not the
+# per-op costs of a 128-wide expert on one core, set the time.
+PI0_PRESETS["bench-pi0-wide"] = {
+    **PI0_PRESETS["bench-pi0"],
+    "tower": VisionTowerSpec("siglip", 384, 4, 6, 14, 1536, act="gelu_tanh"),
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "head_dim": 64,
+    "expert_width": 256,
+    "expert_mlp": 1024,
 }
 PI0_PRESETS["tiny-pi05"] = {**PI0_PRESETS["tiny-pi0"], "pi05": True}
 PI0_PRESETS["bench-pi05"] = {**PI0_PRESETS["bench-pi0"], "pi05": True}
