@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,6 +99,21 @@ def test_bench_preset_is_pi0s_token_layout():
     assert config["text_config"]["num_hidden_layers"] == 18
     assert config["image_sizes"] == [224] and config["vision_towers"][0]["patch_size"] == 14
     assert prompt_budget(config) == 3 * 256 + 48
+
+
+def test_wide_bench_preset_doubles_every_width_and_keeps_the_layout():
+    base = build_pi0_config(pi0_preset_config("bench-pi0"))
+    wide = build_pi0_config(pi0_preset_config("bench-pi0-wide"))
+    for key in ("hidden_size", "intermediate_size", "head_dim"):
+        assert wide["text_config"][key] == 2 * base["text_config"][key]
+    for key in ("width", "mlp_dim"):
+        assert wide["pi0"]["expert"][key] == 2 * base["pi0"]["expert"][key]
+    for key in ("width", "mlp_hidden"):
+        assert wide["vision_towers"][0][key] == 2 * base["vision_towers"][0][key]
+    w, b = spec_from_config(wide), spec_from_config(base)
+    assert (w.expert_width, w.expert_mlp) == (2 * b.expert_width, 2 * b.expert_mlp)
+    assert replace(w, expert_width=b.expert_width, expert_mlp=b.expert_mlp) == b  # the rest
+    assert prompt_budget(wide) == prompt_budget(base)
 
 
 def test_pi05_layout_follows_openpis_port(pi05_dir):
