@@ -1,6 +1,7 @@
 """What a pi0-style checkpoint directory says, as a plain dataclass (no vLLM import).
 
-Layout (``vla-pruner checkpoint --preset tiny-pi0|bench-pi0|tiny-pi05|bench-pi05`` writes it):
+Layout (``vla-pruner checkpoint --preset tiny-pi0|bench-pi0|bench-pi0-wide|tiny-pi05|bench-pi05``
+writes it):
 
 * ``model.safetensors``: every tensor under the name openpi's PyTorch port gives it
   (``examples/convert_jax_model_to_pytorch.py`` -> ``PI0Pytorch``): the SigLIP tower
