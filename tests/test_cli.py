@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,6 +206,34 @@ def test_demo_options_reach_the_demo_in_order():
     argv = ["demo", "--episodes", "1", "--tasks", "drawer-open-v3", "--verbose"]
     args, extra = build_parser().parse_known_args(argv)
     assert args.command == "demo" and extra == argv[1:]
+
+
+QUIET_ENV = ("VLLM_LOGGING_LEVEL", "PYTHONWARNINGS", "TORCH_CPP_LOG_LEVEL")
+
+
+def test_benchmarks_are_quiet_unless_verbose(monkeypatch):
+    """`vla-pruner bench X ...` hands X its options without --verbose; without the flag the
+    third-party log levels are set for this process and the engine's (the user's values win)."""
+    from vllm_vla_pruner import cli
+    from vllm_vla_pruner.research.bench import cli as bench_cli
+
+    seen: list[list[str]] = []
+    module = type(cli)("fake_bench")
+    module.main = lambda argv: seen.append(list(argv)) or 0
+    monkeypatch.setitem(sys.modules, "fake_bench", module)
+    monkeypatch.setitem(bench_cli.BENCHMARKS, "engine", ("fake_bench:main", "test"))
+    for key in QUIET_ENV:  # set, then removed: the teardown restores each key's absence
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
+    vllm_logger = logging.getLogger("vllm")
+    monkeypatch.setattr(vllm_logger, "level", vllm_logger.level)  # restored after the test
+    assert cli.main(["bench", "engine", "--batch", "1", "--verbose"]) == 0
+    assert seen[-1] == ["--batch", "1"] and not any(k in os.environ for k in QUIET_ENV)
+    monkeypatch.setenv("PYTHONWARNINGS", "default")
+    assert cli.main(["bench", "engine", "--batch", "8"]) == 0
+    assert seen[-1] == ["--batch", "8"]
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "ERROR" and os.environ["PYTHONWARNINGS"] == "default"
+    assert os.environ["TORCH_CPP_LOG_LEVEL"] == "ERROR"
 
 
 def test_vllm_import_warnings_follow_vllm_logging_level():

@@ -186,7 +186,9 @@ def _bench_configure(p: argparse.ArgumentParser) -> None:
 def _bench_run(args: argparse.Namespace, extra: list[str]) -> int:
     from vllm_vla_pruner.research.bench.cli import run
 
-    return run(args, extra)
+    argv = _quiet_unless_verbose([*args.args, *extra])  # the benchmark's own options
+    args.args = argv
+    return run(args, [])
 
 
 def _demo_configure(p: argparse.ArgumentParser) -> None:
@@ -197,15 +199,22 @@ def _demo_configure(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _demo_run(args: argparse.Namespace, extra: list[str]) -> int:
-    argv = list(extra)  # in the order given: the demo parses them itself
+def _quiet_unless_verbose(argv: list[str]) -> list[str]:
+    """``argv`` without ``--verbose``; without it, vLLM's own log lines, third-party warnings
+    (deprecations, multiprocessing's shared-memory notices at engine shutdown) and torch's
+    C++ notices stay out of what the demo and the benchmarks print. Set before vLLM is
+    imported or starts its processes, so they hold there too; a value the user set wins."""
     if "--verbose" in argv:
-        argv.remove("--verbose")
-    else:  # before vLLM is imported, here or in the engine's processes
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # third-party deprecation noise
-        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's NUMA-binding notice
-        _vllm_import_log_level()  # this process imported the module before the line above
+        return [a for a in argv if a != "--verbose"]
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's NUMA-binding notice
+    _vllm_import_log_level()  # this process imported the module before the lines above
+    return argv
+
+
+def _demo_run(args: argparse.Namespace, extra: list[str]) -> int:
+    argv = _quiet_unless_verbose(list(extra))  # in the order given: the demo parses them itself
     from vllm_vla_pruner.research.sim.demo import demo
 
     return demo(argv)
@@ -250,7 +259,8 @@ SUBCOMMANDS: list[Subcommand] = [
     ),
     Subcommand(
         "bench",
-        "run a benchmark: engine, pruning, metaworld or fleet (options after the name)",
+        "run a benchmark: engine, pruning, metaworld or fleet (options after the name; "
+        "--verbose also shows vLLM's own log lines)",
         _bench_configure,
         _bench_run,
         passthrough=True,
