@@ -248,7 +248,7 @@ def test_greedy_batched_padding_matches_single():
     assert greedy_maxmin_batched(emb[:1], valid[:1], [99])[0].tolist() == list(range(7))
 
 
-def test_greedy_numpy_loop_equals_torch_loop():
+def test_greedy_numpy_loop_equals_torch_loop(monkeypatch):
     """The CPU loop (NumPy views) picks exactly what the device loop picks, ties and padding
     included: duplicated rows make exact ties, and the sets' sizes and budgets differ."""
     from vllm_vla_pruner.pruning import selection
@@ -260,14 +260,14 @@ def test_greedy_numpy_loop_equals_torch_loop():
     emb[:, 10:20] = emb[:, :10]  # exact duplicates: equal distances, ties to the lowest id
     valid = torch.arange(n).unsqueeze(0) < torch.tensor(sizes).unsqueeze(1)
     dist = cosine_distance_matrix(emb)
-    eye = torch.eye(n, dtype=torch.bool)
-    nearest = dist.masked_fill(eye | ~valid.unsqueeze(1), float("inf")).amin(-1)
-    first = nearest.masked_fill(~valid, float("-inf")).argmax(-1)
-    rows = dist.masked_fill(eye, float("-inf")).view(-1, n)
-    start = rows.index_select(0, torch.arange(len(sizes)) * n + first)
-    start = start.masked_fill(~valid, float("-inf"))
-    kmax = max(budgets)
-    by_torch = selection._greedy_loop_torch(rows, start.clone(), first, kmax)
-    by_numpy = selection._greedy_loop_numpy(rows, start.clone(), first, kmax)
-    assert by_numpy.dtype == by_torch.dtype and by_numpy.tolist() == by_torch.tolist()
-    assert len(set(by_numpy[0].tolist())) == kmax  # a real run: distinct picks
+    numpy_loop, used = selection._greedy_loop_numpy, []
+    monkeypatch.setattr(
+        selection, "_greedy_loop_numpy", lambda *a: used.append(1) or numpy_loop(*a)
+    )
+    by_numpy = selection.greedy_maxmin_from_distances(dist, valid, budgets)
+    assert used  # CPU tensors take the NumPy loop
+    monkeypatch.setattr(selection, "_greedy_loop_numpy", selection._greedy_loop_torch)
+    by_torch = selection.greedy_maxmin_from_distances(dist, valid, budgets)
+    for a, b in zip(by_numpy, by_torch, strict=True):
+        assert a.dtype == b.dtype and a.tolist() == b.tolist()
+    assert len(set(by_numpy[0].tolist())) == budgets[0]  # a real run: distinct picks
