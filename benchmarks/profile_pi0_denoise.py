@@ -49,6 +49,7 @@ def build(model_dir: str) -> pi0.Pi0ForActionPrediction:
     m.action_out_proj = pi0._linear(we, a)
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.05)
+    m.expert.weights_loaded()  # what the model's load_weights does after loading
     for module in m.modules():  # what vLLM's loader does after loading (CPU: oneDNN packing)
         method = getattr(module, "quant_method", None)
         if method is not None:
@@ -108,7 +109,7 @@ def main() -> None:
         f"{spec.num_steps} Euler steps x {len(rows)} expert layers, prefix rows {rows}: "
         f"median {1e3 * times[len(times) // 2]:.1f} ms thread CPU ({args.repeats} runs)"
     )
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

@@ -260,7 +260,13 @@ class GemmaNorm(nn.Module):
     """Gemma's RMSNorm in float32: scale ``1 + weight`` (pi0), or pi0.5's adaptive form
     (``adaptive``): ``dense(cond)`` gives scale, shift and gate, the rows become
     ``rms(x) * (1 + scale) + shift`` and the gate scales the residual branch that follows.
-    Returns (normed, gate); the gate is None for the plain norm."""
+    Returns (normed, gate); the gate is None for the plain norm.
+
+    The plain norm on float32 rows runs vLLM's own RMSNorm kernels (``_C.rms_norm``, and
+    ``_C.fused_add_rms_norm`` for residual + norm in one pass): the same float32 math as
+    ``F.rms_norm`` in one call, where PyTorch's CPU RMSNorm is several element-wise passes.
+    The expert runs 370 of them per chunk on 50-row inputs, where that per-call cost adds up.
+    """
 
     def __init__(self, dim: int, eps: float, adaptive: bool = False) -> None:
         super().__init__()
@@ -269,18 +275,42 @@ class GemmaNorm(nn.Module):
             self.dense = nn.Linear(dim, 3 * dim)
         else:
             self.weight = nn.Parameter(torch.zeros(dim))
+            self._scale: torch.Tensor | None = None  # 1 + weight, set by weights_loaded()
+
+    def weights_loaded(self) -> None:
+        """Fix ``1 + weight`` in float32 once the weight is in (not per call)."""
+        if not hasattr(self, "dense"):
+            self._scale = (1.0 + self.weight.detach().float()).contiguous()
+
+    def scale(self) -> torch.Tensor:
+        if self._scale is None:
+            raise RuntimeError("GemmaNorm used before weights_loaded()")
+        return self._scale
 
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # F.rms_norm: one fused kernel, the same float32 math (x * rsqrt(mean(x^2) + eps) * w).
         shape = (x.shape[-1],)
         if cond is None:
-            w = 1.0 + self.weight.float()
-            return F.rms_norm(x.float(), shape, w, self.eps).to(x.dtype), None
+            if x.dtype == torch.float32 and x.is_contiguous():
+                out = torch.empty_like(x)
+                torch.ops._C.rms_norm(out, x, self.scale(), self.eps)
+                return out, None
+            return F.rms_norm(x.float(), shape, self.scale(), self.eps).to(x.dtype), None
         xf = F.rms_norm(x.float(), shape, None, self.eps)
         scale, shift, gate = self.dense(cond).chunk(3, -1)
         return (xf * (1.0 + scale.float()) + shift.float()).to(x.dtype), gate.to(x.dtype)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain norm of ``residual + x`` and that sum: (normed, new residual). In place
+        on float32 rows (``x`` becomes the normed rows, ``residual`` the sum)."""
+        if x.dtype == torch.float32 and x.is_contiguous() and residual.is_contiguous():
+            torch.ops._C.fused_add_rms_norm(x, residual, self.scale(), self.eps)
+            return x, residual
+        residual = residual + x
+        return self(residual)[0], residual
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -293,6 +323,7 @@ class _ExpertAttention(nn.Module):
 
     def __init__(self, width: int, heads: int, kv_heads: int, head_dim: int) -> None:
         super().__init__()
+        self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
         self.qkv_proj = _qkv(width, heads, kv_heads, head_dim, bias=False)
         self.o_proj = _linear(heads * head_dim, width, bias=False)
 
@@ -321,6 +352,42 @@ class _ExpertLayer(nn.Module):
         self.mlp = _ExpertMlp(width, mlp)
 
 
+def expert_attention_in(
+    layer: _ExpertLayer,
+    rope: nn.Module,
+    rows: torch.Tensor,
+    cond: torch.Tensor | None,
+    pos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One expert layer up to its attention, on [T, We] rows: norm, q/k/v, RoPE.
+
+    Returns q [T, H*D], k and v [T, Hkv*D] (strided views of the fused projection) and pi0.5's
+    residual gate."""
+    normed, gate = layer.input_layernorm(rows, cond)
+    attn = layer.self_attn
+    q, k, v = attn.qkv_proj(normed).split([attn.q_size, attn.kv_size, attn.kv_size], -1)
+    q, k = rope(pos, q, k)  # vLLM's kernel reads the views' row stride: no copies
+    return q, k, v, gate
+
+
+def expert_attention_out(
+    layer: _ExpertLayer,
+    rows: torch.Tensor,
+    attn: torch.Tensor,
+    gate: torch.Tensor | None,
+    cond: torch.Tensor | None,
+) -> torch.Tensor:
+    """The rest of one expert layer from its attention output [T, H*D]: output projection,
+    residual, norm, MLP, residual (pi0.5: gated). May overwrite ``rows`` in place."""
+    o = layer.self_attn.o_proj(attn)
+    if cond is None:  # pi0: residual add and norm in one kernel
+        normed, rows = layer.post_attention_layernorm.add_and_norm(o, rows)
+        return rows + layer.mlp(normed)
+    rows = gated_residual(rows, o, gate)
+    normed, gate = layer.post_attention_layernorm(rows, cond)
+    return gated_residual(rows, layer.mlp(normed), gate)
+
+
 class ActionExpert(nn.Module):
     """pi0's Gemma action expert: its own weights per layer, no embedding table (pi0.5:
     adaptive norms)."""
@@ -334,7 +401,14 @@ class ActionExpert(nn.Module):
         self.norm = GemmaNorm(w, eps, ada)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_stacked(self, weights)
+        loaded = load_stacked(self, weights)
+        self.weights_loaded()
+        return loaded
+
+    def weights_loaded(self) -> None:
+        for module in self.modules():
+            if isinstance(module, GemmaNorm):
+                module.weights_loaded()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -664,21 +738,19 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
             state_emb = self.state_proj(torch.stack(states).to(device, dtype))[:, None]
         dt = -1.0 / steps
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qs, kvs, g = hq * d, hkv * d, hq // hkv
+        qs, g = hq * d, hq // hkv
         for k_step in range(steps):
             hid, cond = self._suffix_rows(x, 1.0 - k_step / steps, state_emb)  # [B, R, We]
             state_emb = None  # pi0: the state row's K/V stay in the buffers from now on
             r = hid.shape[1]
             pos = suffix_pos[:, s - r :].flatten()
+            hid = hid.reshape(b * r, -1)
             for i, layer in enumerate(self.expert.layers):
-                normed, res_gate = layer.input_layernorm(hid, cond)
-                qkv = layer.self_attn.qkv_proj(normed).view(b * r, qs + 2 * kvs)
-                q, k, v = qkv.split([qs, kvs, kvs], -1)
-                q, k = rope(pos, q, k)  # strided views of qkv: the kernel reads the row stride
-                q = q.view(b, r, hq, d).transpose(1, 2)
+                q, k, v, res_gate = expert_attention_in(layer, rope, hid, cond, pos)
+                q = q.reshape(b, r, hq, d).transpose(1, 2)
                 keys, vals, full_mask, n = prefix[i]
                 mask = full_mask if r > h else action_masks[i]
-                keys[:, :, n + s - r :] = k.view(b, r, hkv, d).transpose(1, 2)
+                keys[:, :, n + s - r :] = k.reshape(b, r, hkv, d).transpose(1, 2)
                 vals[:, :, n + s - r :] = v.reshape(b, r, hkv, d).transpose(1, 2)
                 if i == act_layer and any(track):
                     # Grouped heads folded into rows: [B, Hkv, G*R, D] against the shared keys.
@@ -695,10 +767,9 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
                     o = F.scaled_dot_product_attention(
                         q, keys, vals, attn_mask=mask, scale=d**-0.5, enable_gqa=hq != hkv
                     )
-                o = layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, r, qs))
-                hid = gated_residual(hid, o, res_gate)
-                normed, res_gate = layer.post_attention_layernorm(hid, cond)
-                hid = gated_residual(hid, layer.mlp(normed), res_gate)
+                o = o.transpose(1, 2).reshape(b * r, qs)
+                hid = expert_attention_out(layer, hid, o, res_gate, cond)
+            hid = hid.view(b, r, -1)
             v_t = self.action_out_proj(self.expert.norm(hid, cond)[0][:, r - h :])
             x = x + dt * v_t
         actions = self.normalizer.actions(x.float())
