@@ -388,6 +388,29 @@ def expert_attention_out(
     return gated_residual(rows, layer.mlp(normed), gate)
 
 
+def attention_with_probs(
+    q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention that also returns its probabilities, for the layer whose action rows feed
+    the action signal: q [B, Hq, R, D] over keys / vals [B, Hkv, N, D] (``mask`` [B, 1, R, N],
+    True = visible, or None). Returns the output [B, Hq, R, D] and the probabilities'
+    head mean [B, R, N] (float32).
+
+    Grouped heads fold into rows ([B*Hkv, G*R, D] against their shared keys: no repeated K/V);
+    the scores are scaled, masked and softmaxed in place (one [B*Hkv, G*R, N] buffer)."""
+    b, hq, r, d = q.shape
+    hkv, n = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    qf = q.reshape(b * hkv, g * r, d).float()
+    scores = torch.bmm(qf, keys.float().reshape(b * hkv, n, d).transpose(1, 2))
+    scores.mul_(scale)
+    if mask is not None:
+        scores.view(b, hkv, g, r, n).masked_fill_(~mask[:, :, None], float("-inf"))
+    torch.softmax(scores, -1, out=scores)
+    o = torch.bmm(scores, vals.float().reshape(b * hkv, n, d)).view(b, hq, r, d).to(q.dtype)
+    return o, scores.view(b, hq, r, n).mean(1)
+
+
 class ActionExpert(nn.Module):
     """pi0's Gemma action expert: its own weights per layer, no embedding table (pi0.5:
     adaptive norms)."""
@@ -738,7 +761,7 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
             state_emb = self.state_proj(torch.stack(states).to(device, dtype))[:, None]
         dt = -1.0 / steps
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qs, g = hq * d, hq // hkv
+        qs = hq * d
         for k_step in range(steps):
             hid, cond = self._suffix_rows(x, 1.0 - k_step / steps, state_emb)  # [B, R, We]
             state_emb = None  # pi0: the state row's K/V stay in the buffers from now on
@@ -753,15 +776,8 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
                 keys[:, :, n + s - r :] = k.reshape(b, r, hkv, d).transpose(1, 2)
                 vals[:, :, n + s - r :] = v.reshape(b, r, hkv, d).transpose(1, 2)
                 if i == act_layer and any(track):
-                    # Grouped heads folded into rows: [B, Hkv, G*R, D] against the shared keys.
-                    qf = q.reshape(b, hkv, g * r, d).float()
-                    scores = (qf @ keys.float().transpose(-1, -2)) * d**-0.5
-                    if mask is not None:
-                        scores = scores.masked_fill(~mask.repeat(1, 1, g, 1), float("-inf"))
-                    probs = scores.softmax(-1)
-                    o = (probs @ vals.float()).view(b, hq, r, d).to(dtype)
-                    # Head mean of the action rows: [B, H, N + S].
-                    rows = probs.view(b, hkv, g, r, -1).mean((1, 2))[:, r - h :]
+                    o, probs = attention_with_probs(q, keys, vals, mask, d**-0.5)
+                    rows = probs[:, r - h :]  # the action rows' head mean [B, H, N + S]
                     attn_sum = rows if attn_sum is None else attn_sum + rows
                 else:
                     o = F.scaled_dot_product_attention(
