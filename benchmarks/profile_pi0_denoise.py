@@ -43,10 +43,10 @@ def build(model_dir: str) -> pi0.Pi0ForActionPrediction:
     m.normalizer = Pi0Normalizer(spec, load_norm_stats(model_dir, spec))
     m.expert = pi0.ActionExpert(spec, text["num_hidden_layers"], heads, kv, hd, 1e-6)
     we, a = spec.expert_width, spec.action_dim
-    m.action_in_proj, m.state_proj = pi0._linear(a, we), pi0._linear(a, we)
-    m.action_time_mlp_in = pi0._linear(2 * we, we)
-    m.action_time_mlp_out = pi0._linear(we, we)
-    m.action_out_proj = pi0._linear(we, a)
+    m.action_in_proj, m.state_proj = pi0.replicated_linear(a, we), pi0.replicated_linear(a, we)
+    m.action_time_mlp_in = pi0.replicated_linear(2 * we, we)
+    m.action_time_mlp_out = pi0.replicated_linear(we, we)
+    m.action_out_proj = pi0.replicated_linear(we, a)
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.05)
     m.expert.weights_loaded()  # what the model's load_weights does after loading

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
-import torch
 
 from vllm_vla_pruner.config import (
     VisionTowerSpec,
@@ -48,25 +51,50 @@ def test_published_config_towers_and_tokens():
     assert action_vocab_size(OPENVLA_7B) == 32000  # OpenVLA: 32064 - 64
 
 
+# Builds the towers on the meta device in a fresh process: their projections are vLLM's linear
+# layers, which need a (one-process) tensor-parallel group, and that group must not outlive
+# this test inside pytest's process.
+_META_BACKBONE = """
+import json, sys, torch
+from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.distributed import init_distributed_environment, initialize_model_parallel
+from vllm.utils.network_utils import get_open_port
+from vllm_vla_pruner.config import tower_specs
+from vllm_vla_pruner.openvla import VisionBackbone
+with set_current_vllm_config(VllmConfig()):
+    init_distributed_environment(1, 0, f"tcp://127.0.0.1:{get_open_port()}", 0, "gloo")
+    initialize_model_parallel(1, 1)
+    with torch.device("meta"):
+        backbone = VisionBackbone(tower_specs(json.loads(sys.argv[1])), 224)
+shapes = {n: list(p.shape) for n, p in backbone.named_parameters()}
+print(json.dumps({"shapes": shapes, "embed_dim": backbone.embed_dim}))
+"""
+
+
 def test_published_towers_have_the_published_parameter_shapes():
     """Our compact ViT, built on the meta device, names and shapes its parameters like the
     published checkpoint's timm towers (so the safetensors load by name)."""
-    from vllm_vla_pruner.openvla import VisionBackbone
-
-    with torch.device("meta"):
-        backbone = VisionBackbone(tower_specs(OPENVLA_7B), 224)
-    shapes = {n: tuple(p.shape) for n, p in backbone.named_parameters()}
+    run = subprocess.run(
+        [sys.executable, "-c", _META_BACKBONE, json.dumps(OPENVLA_7B)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    built = json.loads(run.stdout.strip().splitlines()[-1])
+    shapes = {n: tuple(s) for n, s in built["shapes"].items()}
     assert shapes["featurizer.pos_embed"] == (1, 256, 1024)
     assert shapes["featurizer.reg_token"] == (1, 4, 1024)
     assert shapes["featurizer.cls_token"] == (1, 1, 1024)
     assert shapes["featurizer.blocks.0.attn.qkv.weight"] == (3072, 1024)
+    assert shapes["featurizer.blocks.0.attn.qkv.bias"] == (3072,)
     assert shapes["featurizer.blocks.22.ls2.scale_factor"] == (1024,)
     assert shapes["fused_featurizer.pos_embed"] == (1, 256, 1152)
     assert shapes["fused_featurizer.blocks.25.mlp.fc1.weight"] == (4304, 1152)
     # OpenVLA reads block depth-2: the last block is never built (nor loaded).
     assert "featurizer.blocks.23.attn.qkv.weight" not in shapes
     assert "fused_featurizer.blocks.26.attn.qkv.weight" not in shapes
-    assert backbone.embed_dim == 2176
+    assert built["embed_dim"] == 2176
 
 
 def test_explicit_single_tower():

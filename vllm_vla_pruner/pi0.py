@@ -50,7 +50,6 @@ from vllm.config import VllmConfig
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
-    ReplicatedLinear,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
@@ -70,7 +69,7 @@ from vllm_vla_pruner.config import VisionTowerSpec, image_size, num_visual_token
 from vllm_vla_pruner.engine.action_block import ActionBlock
 from vllm_vla_pruner.engine.plan import ActionChunk
 from vllm_vla_pruner.engine.step import StepContext, StepRequest
-from vllm_vla_pruner.openvla import VLAProcessingInfo
+from vllm_vla_pruner.openvla import VLAProcessingInfo, replicated_linear
 from vllm_vla_pruner.pi0_spec import (
     PI0_ARCH,
     Pi0Normalizer,
@@ -104,10 +103,6 @@ _HEADS = (
 # GEMM: on CPU, vLLM packs the weight once for oneDNN, which on one core runs the expert's
 # 50-row GEMMs ~1.5x faster than ATen's ``F.linear`` does with 18 layers' weights out of cache.
 # TP stays off (``disable_tp``): the expert and the towers are replicated.
-
-
-def _linear(in_features: int, out_features: int, bias: bool = True) -> ReplicatedLinear:
-    return ReplicatedLinear(in_features, out_features, bias=bias, return_bias=False)
 
 
 def _qkv(width: int, heads: int, kv_heads: int, head_dim: int, bias: bool) -> QKVParallelLinear:
@@ -195,7 +190,7 @@ class _SiglipAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv_proj = _qkv(dim, heads, heads, dim // heads, bias=True)
-        self.out_proj = _linear(dim, dim)
+        self.out_proj = replicated_linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -208,7 +203,7 @@ class _SiglipAttention(nn.Module):
 class _SiglipMlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1, self.fc2 = _linear(dim, hidden), _linear(hidden, dim)
+        self.fc1, self.fc2 = replicated_linear(dim, hidden), replicated_linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -325,7 +320,7 @@ class _ExpertAttention(nn.Module):
         super().__init__()
         self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
         self.qkv_proj = _qkv(width, heads, kv_heads, head_dim, bias=False)
-        self.o_proj = _linear(heads * head_dim, width, bias=False)
+        self.o_proj = replicated_linear(heads * head_dim, width, bias=False)
 
 
 class _ExpertMlp(nn.Module):
@@ -334,7 +329,7 @@ class _ExpertMlp(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             width, [hidden, hidden], bias=False, disable_tp=True, return_bias=False
         )
-        self.down_proj = _linear(hidden, width, bias=False)
+        self.down_proj = replicated_linear(hidden, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, -1)
@@ -495,7 +490,7 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
         self.eps = text.rms_norm_eps
         with self._mark_tower_model(vllm_config, "image"):
             self.vision_tower = SiglipTower(self.tower_spec, image_size(config))
-            self.projector = _linear(self.tower_spec.width, text.hidden_size)
+            self.projector = replicated_linear(self.tower_spec.width, text.hidden_size)
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config,
@@ -513,15 +508,15 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
             self.eps,
         )
         we, a = self.spec.expert_width, self.spec.action_dim
-        self.action_in_proj = _linear(a, we)
+        self.action_in_proj = replicated_linear(a, we)
         if self.spec.pi05:  # the flow time conditions the expert's norms
-            self.time_mlp_in = _linear(we, we)
-            self.time_mlp_out = _linear(we, we)
+            self.time_mlp_in = replicated_linear(we, we)
+            self.time_mlp_out = replicated_linear(we, we)
         else:  # a state token; the flow time mixed into each action token
-            self.state_proj = _linear(a, we)
-            self.action_time_mlp_in = _linear(2 * we, we)
-            self.action_time_mlp_out = _linear(we, we)
-        self.action_out_proj = _linear(we, a)
+            self.state_proj = replicated_linear(a, we)
+            self.action_time_mlp_in = replicated_linear(2 * we, we)
+            self.action_time_mlp_out = replicated_linear(we, we)
+        self.action_out_proj = replicated_linear(we, a)
         self.dtype = vllm_config.model_config.dtype
         self._step_ids: torch.Tensor | None = None
 
