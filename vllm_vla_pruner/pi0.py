@@ -346,41 +346,36 @@ class _ExpertLayer(nn.Module):
         self.post_attention_layernorm = GemmaNorm(width, eps, adaptive)
         self.mlp = _ExpertMlp(width, mlp)
 
+    # The layer's attention runs in ``_denoise_group`` (against the cached prefix); these are
+    # its two halves around it, on [T, We] rows.
 
-def expert_attention_in(
-    layer: _ExpertLayer,
-    rope: nn.Module,
-    rows: torch.Tensor,
-    cond: torch.Tensor | None,
-    pos: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One expert layer up to its attention, on [T, We] rows: norm, q/k/v, RoPE.
+    def attention_inputs(
+        self, rope: nn.Module, rows: torch.Tensor, cond: torch.Tensor | None, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Norm, q/k/v, RoPE: q [T, H*D], k and v [T, Hkv*D] (strided views of the fused
+        projection) and pi0.5's residual gate."""
+        normed, gate = self.input_layernorm(rows, cond)
+        attn = self.self_attn
+        q, k, v = attn.qkv_proj(normed).split([attn.q_size, attn.kv_size, attn.kv_size], -1)
+        q, k = rope(pos, q, k)  # vLLM's kernel reads the views' row stride: no copies
+        return q, k, v, gate
 
-    Returns q [T, H*D], k and v [T, Hkv*D] (strided views of the fused projection) and pi0.5's
-    residual gate."""
-    normed, gate = layer.input_layernorm(rows, cond)
-    attn = layer.self_attn
-    q, k, v = attn.qkv_proj(normed).split([attn.q_size, attn.kv_size, attn.kv_size], -1)
-    q, k = rope(pos, q, k)  # vLLM's kernel reads the views' row stride: no copies
-    return q, k, v, gate
-
-
-def expert_attention_out(
-    layer: _ExpertLayer,
-    rows: torch.Tensor,
-    attn: torch.Tensor,
-    gate: torch.Tensor | None,
-    cond: torch.Tensor | None,
-) -> torch.Tensor:
-    """The rest of one expert layer from its attention output [T, H*D]: output projection,
-    residual, norm, MLP, residual (pi0.5: gated). May overwrite ``rows`` in place."""
-    o = layer.self_attn.o_proj(attn)
-    if cond is None:  # pi0: residual add and norm in one kernel
-        normed, rows = layer.post_attention_layernorm.add_and_norm(o, rows)
-        return rows + layer.mlp(normed)
-    rows = gated_residual(rows, o, gate)
-    normed, gate = layer.post_attention_layernorm(rows, cond)
-    return gated_residual(rows, layer.mlp(normed), gate)
+    def after_attention(
+        self,
+        rows: torch.Tensor,
+        attn: torch.Tensor,
+        gate: torch.Tensor | None,
+        cond: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """From the attention output [T, H*D]: output projection, residual, norm, MLP,
+        residual (pi0.5: gated). May overwrite ``rows`` in place."""
+        o = self.self_attn.o_proj(attn)
+        if cond is None:  # pi0: residual add and norm in one kernel
+            normed, rows = self.post_attention_layernorm.add_and_norm(o, rows)
+            return rows + self.mlp(normed)
+        rows = gated_residual(rows, o, gate)
+        normed, gate = self.post_attention_layernorm(rows, cond)
+        return gated_residual(rows, self.mlp(normed), gate)
 
 
 def attention_with_probs(
@@ -764,7 +759,7 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
             pos = suffix_pos[:, s - r :].flatten()
             hid = hid.reshape(b * r, -1)
             for i, layer in enumerate(self.expert.layers):
-                q, k, v, res_gate = expert_attention_in(layer, rope, hid, cond, pos)
+                q, k, v, res_gate = layer.attention_inputs(rope, hid, cond, pos)
                 q = q.reshape(b, r, hq, d).transpose(1, 2)
                 keys, vals, full_mask, n = prefix[i]
                 mask = full_mask if r > h else action_masks[i]
@@ -779,7 +774,7 @@ class Pi0ForActionPrediction(nn.Module, SupportsMultiModal):
                         q, keys, vals, attn_mask=mask, scale=d**-0.5, enable_gqa=hq != hkv
                     )
                 o = o.transpose(1, 2).reshape(b * r, qs)
-                hid = expert_attention_out(layer, hid, o, res_gate, cond)
+                hid = layer.after_attention(hid, o, res_gate, cond)
             hid = hid.view(b, r, -1)
             v_t = self.action_out_proj(self.expert.norm(hid, cond)[0][:, r - h :])
             x = x + dt * v_t
