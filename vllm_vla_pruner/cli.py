@@ -186,9 +186,7 @@ def _bench_configure(p: argparse.ArgumentParser) -> None:
 def _bench_run(args: argparse.Namespace, extra: list[str]) -> int:
     from vllm_vla_pruner.research.bench.cli import run
 
-    argv = _quiet_unless_verbose([*args.args, *extra])  # the benchmark's own options
-    args.args = argv
-    return run(args, [])
+    return run(args.what, _quiet_unless_verbose([*args.args, *extra]))
 
 
 def _demo_configure(p: argparse.ArgumentParser) -> None:

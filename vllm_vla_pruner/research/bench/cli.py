@@ -51,8 +51,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
 
-def run(args: argparse.Namespace, extra: list[str]) -> int:
-    target, _ = BENCHMARKS[args.what]
+def run(what: str, argv: list[str]) -> int:
+    """Run benchmark ``what`` with its own options ``argv``; its exit code."""
+    target, _ = BENCHMARKS[what]
     module, func = target.split(":")
-    result = getattr(importlib.import_module(module), func)([*args.args, *extra])
+    result = getattr(importlib.import_module(module), func)(argv)
     return int(result or 0)
