@@ -21,15 +21,13 @@ import time
 import types
 
 import torch
-from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
-from vllm.distributed import init_distributed_environment, initialize_model_parallel
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.utils.network_utils import get_open_port
 
 from vllm_vla_pruner import pi0
 from vllm_vla_pruner.config import load_config_json
 from vllm_vla_pruner.cpu_allocator import tune_glibc_malloc
 from vllm_vla_pruner.pi0_spec import Pi0Normalizer, load_norm_stats, pi0_spec
+from vllm_vla_pruner.research.outside_engine import one_process_vllm
 
 
 def build(model_dir: str) -> pi0.Pi0ForActionPrediction:
@@ -78,13 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     tune_glibc_malloc()  # as in the engine's processes (without it, run-to-run noise)
     torch.set_num_threads(1)
-    # The plugin's engines run eagerly (enforce_eager), so vLLM's custom ops (RoPE's C kernel
-    # on CPU) are on: the same config here.
-    eager = VllmConfig(compilation_config=CompilationConfig(mode=CompilationMode.NONE))
-    with set_current_vllm_config(eager):
-        # vLLM's linear layers need a (one-process) tensor-parallel group to exist.
-        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{get_open_port()}", 0, "gloo")
-        initialize_model_parallel(1, 1)
+    with one_process_vllm():
         m = build(args.model)
     spec, n, kvw = m.spec, args.prefix_rows, m.num_kv_heads * m.head_dim
     rows = [

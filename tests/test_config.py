@@ -56,14 +56,10 @@ def test_published_config_towers_and_tokens():
 # this test inside pytest's process.
 _META_BACKBONE = """
 import json, sys, torch
-from vllm.config import VllmConfig, set_current_vllm_config
-from vllm.distributed import init_distributed_environment, initialize_model_parallel
-from vllm.utils.network_utils import get_open_port
 from vllm_vla_pruner.config import tower_specs
 from vllm_vla_pruner.openvla import VisionBackbone
-with set_current_vllm_config(VllmConfig()):
-    init_distributed_environment(1, 0, f"tcp://127.0.0.1:{get_open_port()}", 0, "gloo")
-    initialize_model_parallel(1, 1)
+from vllm_vla_pruner.research.outside_engine import one_process_vllm
+with one_process_vllm():
     with torch.device("meta"):
         backbone = VisionBackbone(tower_specs(json.loads(sys.argv[1])), 224)
 shapes = {n: list(p.shape) for n, p in backbone.named_parameters()}
