@@ -191,7 +191,7 @@ def _bench_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _demo_configure(p: argparse.ArgumentParser) -> None:
     p.epilog = (
-        "Options after `demo` go to the demo itself: --policy oft|ar, --model DIR, --out DIR, "
+        "Options after `demo` go to the demo itself: --policy oft|pi0|ar, --model DIR, --out DIR, "
         "--episodes N, --tasks T [T ...], --keep RATIO, --execute-steps K, --no-bench, "
         "--bench-repeats N; --verbose also shows vLLM's own log lines."
     )

@@ -112,7 +112,7 @@ def run_pi0(
     rows_total = len(ids) + m
     settings = PruningSettings.resolve(cfg.get("vla_pruner"))
     layer_k, window = settings.layer, settings.window
-    llm = make_llm(model_dir, max_num_seqs=max(batch_sizes))
+    llm = make_llm(model_dir, max_num_seqs=max(batch_sizes), use_tqdm_on_load=progress)
     layout = kv_layout(llm)
     configs = [("none", 1.0)] + [(meth, r) for meth in methods for r in keep_ratios if r < 1.0]
     session_seq = iter(range(10**9))

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from .evaluate import StepBatch
 
 OFT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "metaworld-oft"
+PI0_MODEL = Path(__file__).resolve().parents[2] / "assets" / "metaworld-pi0"
 KEEPS = (0.5, 0.25, 0.125)
 DEFAULT_EXECUTE_STEPS = 4  # of the 8-step chunk: re-plan twice per chunk length
 

@@ -4,12 +4,16 @@
    chunks of which the robot executes the first ``--execute-steps``) in closed loop through
    the vLLM engine, unpruned vs VLA-Pruner at ``--keep``, on the same held-out goals
    (``chunk_benchmark``): success of both and engine time per control step of both.
-2. In the same run, a short bench at OpenVLA-OFT-7B's token layout (the ``bench-oft``
-   preset: 2 x 256 visual tokens, 32 layers, chunk 8 x 7, random weights, built once into
-   the temp dir): one chunk at batch 1, unpruned vs VLA-Pruner at the same keep
-   (``engine_bench.run_oft``), beside its FLOPs-ideal speedup. The embedded policy is small
-   (64 visual tokens per view, 8 layers of width 128): pruning saves it ~1.2-1.3x per control
-   step on a CPU; the bench shows what it does where the visual tokens dominate the compute.
+   ``--policy pi0``: the embedded pi0-style policy (the same cameras and proprio as pi0's
+   state, an 8-step chunk by flow matching); ``--policy ar``: the autoregressive one.
+2. In the same run, a short bench at the full-size model's token layout (random weights,
+   built once into the temp dir): one chunk at batch 1, unpruned vs VLA-Pruner at the same
+   keep, beside its FLOPs-ideal speedup. OFT and AR: OpenVLA-OFT-7B's layout (``bench-oft``:
+   2 x 256 visual tokens, 32 layers, chunk 8 x 7; ``engine_bench.run_oft``); pi0: pi0's
+   (``bench-pi0``: 3 x 256 visual tokens, 18 layers, horizon 50, 10 Euler steps;
+   ``engine_bench_pi0.run_pi0``). The embedded policies are small (64 visual tokens per
+   view, a few layers of width 128): on a CPU they are overhead-bound; the bench shows what
+   pruning does where the visual tokens dominate the compute.
 
 One short summary is printed; tables, plots and the kept-patch overlay (both cameras) go to
 ``--out`` (``runs/demo``).
@@ -24,42 +28,62 @@ from pathlib import Path
 from typing import Any
 
 from .benchmark import DEFAULT_MODEL as AR_MODEL
-from .chunk_benchmark import DEFAULT_EXECUTE_STEPS, OFT_MODEL, evaluate_policies
+from .chunk_benchmark import DEFAULT_EXECUTE_STEPS, OFT_MODEL, PI0_MODEL, evaluate_policies
 
-BENCH_PRESET = "bench-oft"
+#: Per ``--policy``: the embedded checkpoint and the bench preset at its full-size layout.
+POLICIES: dict[str, tuple[Path, str]] = {
+    "oft": (OFT_MODEL, "bench-oft"),
+    "pi0": (PI0_MODEL, "bench-pi0"),
+    "ar": (AR_MODEL, "bench-oft"),
+}
 DEMO_TASKS_DEFAULT = None  # all seven tasks
 DEMO_EPISODES = 2  # per task: 14 episodes per policy, under 5 minutes on 2 cores in all
 
 
-def bench_checkpoint() -> Path:
-    """The ``bench-oft`` checkpoint, built once into the temp dir (13 s, 420 MB)."""
+def bench_checkpoint(preset: str) -> Path:
+    """The preset's checkpoint, built once into the temp dir (bench-oft: 13 s, 420 MB;
+    bench-pi0: 3 s). A marker written last tells a finished build from an interrupted one."""
     from vllm_vla_pruner.research.checkpoint import build_checkpoint
 
-    path = Path(tempfile.gettempdir()) / "vla-pruner-bench-oft-ckpt"
-    complete = (path / "config.json").is_file() and any(path.glob("action_head--*.pt"))
-    if not complete or not (path / "model.safetensors").is_file():
-        build_checkpoint(BENCH_PRESET, path, seed=0)
+    path = Path(tempfile.gettempdir()) / f"vla-pruner-{preset}-ckpt"
+    done = path / ".built"
+    if not done.is_file():
+        build_checkpoint(preset, path, seed=0)
+        done.write_text(preset)
     return path
 
 
-def run_bench(out: Path, keep: float, repeats: int) -> dict[str, Any]:
-    """Whole-chunk time at batch 1, unpruned vs VLA-Pruner at ``keep`` (medians of
-    ``repeats`` interleaved runs after VLA-Pruner's warm-up)."""
-    from vllm_vla_pruner.research.bench.engine_bench import run_oft
-
-    res = run_oft(
-        bench_checkpoint(),
-        out,
+def run_bench(preset: str, out: Path, keep: float, repeats: int) -> dict[str, Any]:
+    """Whole-chunk time at batch 1 on ``preset``, unpruned vs VLA-Pruner at ``keep``
+    (medians of ``repeats`` interleaved runs after VLA-Pruner's warm-up)."""
+    common = dict(
         batch_sizes=(1,),
         keep_ratios=(keep,),
         methods=("vlapruner",),
         repeats=repeats,
-        ar_model=None,
         progress=False,
         print_table=False,
     )
+    if preset == "bench-pi0":
+        from vllm_vla_pruner.research.bench.engine_bench_pi0 import run_pi0
+
+        res = run_pi0(bench_checkpoint(preset), out, **common)
+        layout = (
+            f"pi0's token layout ({preset}: {res['cameras']} x "
+            f"{res['visual_tokens'] // res['cameras']} visual tokens, 18 layers, horizon "
+            f"{res['horizon']}, {res['num_steps']} Euler steps)"
+        )
+    else:
+        from vllm_vla_pruner.research.bench.engine_bench import run_oft
+
+        res = run_oft(bench_checkpoint(preset), out, ar_model=None, **common)
+        layout = (
+            f"OFT-7B token layout ({preset}: {res['views']} x "
+            f"{res['visual_tokens'] // res['views']} visual tokens, 32 layers, chunk "
+            f"{res['chunk']} x {res['action_dim']})"
+        )
     rows = {r["method"]: r for r in res["results"]}
-    return {"base": rows["none"], "pruned": rows["vlapruner"], "result": res}
+    return {"base": rows["none"], "pruned": rows["vlapruner"], "layout": layout, "dir": out}
 
 
 def summary(
@@ -72,12 +96,13 @@ def summary(
         sum(t["success"] * t["episodes"] for t in s["per_task"].values()) for s in (base, pruned)
     ]
     kind = base["kind"]
-    what = (
-        f"OFT policy (fixed + wrist camera, proprio, chunk of 8, first {res['execute_steps']} "
-        "executed)"
-        if kind == "oft"
-        else "AR policy (one camera, one action per request)"
-    )
+    what = {
+        "oft": f"OFT policy (fixed + wrist camera, proprio, chunk of 8, first "
+        f"{res['execute_steps']} executed)",
+        "pi0": f"pi0 policy (fixed + wrist camera, proprio as pi0's state, a flow-matching "
+        f"chunk of 8, first {res['execute_steps']} executed)",
+        "ar": "AR policy (one camera, one action per request)",
+    }[kind]
     rel = pruned["relative_success"]
     lo, hi = pruned["relative_ci95"]
     ms0, ms1 = base["engine_ms_per_control_step"], pruned["engine_ms_per_control_step"]
@@ -96,18 +121,15 @@ def summary(
     ]
     if bench is not None:
         b, p = bench["base"], bench["pruned"]
-        r = bench["result"]
         lines += [
-            f"OFT-7B token layout ({BENCH_PRESET}: {r['views']} x "
-            f"{r['visual_tokens'] // r['views']} visual tokens, 32 layers, chunk {r['chunk']} x "
-            f"{r['action_dim']}), one chunk at batch 1:",
+            f"{bench['layout']}, one chunk at batch 1:",
             f"  unpruned {b['chunk_ms']:.0f} ms -> VLA-Pruner @ keep {keep} "
             f"{p['chunk_ms']:.0f} ms: {p['chunk_speedup']:.2f}x speedup "
             f"(FLOPs-ideal {p['flops_ideal_speedup']:.2f}x)",
         ]
     lines.append(
         f"({wall:.0f} s) table, plots, kept patches: {out}/"
-        + (" - the bench table in bench-oft/engine-oft.md" if bench is not None else "")
+        + (f" - the bench table in {bench['dir']}/" if bench is not None else "")
     )
     return "\n".join(lines)
 
@@ -117,9 +139,10 @@ def demo(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vla-pruner demo", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--policy",
-        choices=["oft", "ar"],
+        choices=sorted(POLICIES),
         default="oft",
-        help="oft: the embedded OFT-style policy (default); ar: the first, autoregressive one",
+        help="oft: the embedded OFT-style policy (default); pi0: the flow-matching one; "
+        "ar: the first, autoregressive one",
     )
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the policy's)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -131,9 +154,10 @@ def demo(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-steps", type=int, default=None, help="episode cap (default 200)")
     p.add_argument("--bench-repeats", type=int, default=3)
-    p.add_argument("--no-bench", action="store_true", help="skip the OFT-7B layout bench")
+    p.add_argument("--no-bench", action="store_true", help="skip the full-size layout bench")
     a = p.parse_args(argv)
-    model = a.model or (OFT_MODEL if a.policy == "oft" else AR_MODEL)
+    default_model, preset = POLICIES[a.policy]
+    model = a.model or default_model
     if not (model / "config.json").is_file():
         p.error(f"no checkpoint at {model} (pass --model DIR)")
     t0 = time.perf_counter()
@@ -151,10 +175,10 @@ def demo(argv: list[str] | None = None) -> int:
     bench = None
     if not a.no_bench:
         print(
-            f"timing one chunk at OpenVLA-OFT-7B's token layout ({BENCH_PRESET}), unpruned vs "
+            f"timing one chunk at the full-size token layout ({preset}), unpruned vs "
             f"VLA-Pruner @ keep {a.keep}, {a.bench_repeats} interleaved repeats ...",
             flush=True,
         )
-        bench = run_bench(a.out / "bench-oft", a.keep, a.bench_repeats)
+        bench = run_bench(preset, a.out / preset, a.keep, a.bench_repeats)
     print(summary(res, bench, a.keep, time.perf_counter() - t0, a.out))
     return 0
