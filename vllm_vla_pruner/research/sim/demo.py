@@ -64,22 +64,26 @@ def run_bench(preset: str, out: Path, keep: float, repeats: int) -> dict[str, An
         progress=False,
         print_table=False,
     )
+    from vllm_vla_pruner.config import load_config_json
+
+    model = bench_checkpoint(preset)
+    layers = load_config_json(model)["text_config"]["num_hidden_layers"]
     if preset == "bench-pi0":
         from vllm_vla_pruner.research.bench.engine_bench_pi0 import run_pi0
 
-        res = run_pi0(bench_checkpoint(preset), out, **common)
+        res = run_pi0(model, out, **common)
         layout = (
             f"pi0's token layout ({preset}: {res['cameras']} x "
-            f"{res['visual_tokens'] // res['cameras']} visual tokens, 18 layers, horizon "
+            f"{res['visual_tokens'] // res['cameras']} visual tokens, {layers} layers, horizon "
             f"{res['horizon']}, {res['num_steps']} Euler steps)"
         )
     else:
         from vllm_vla_pruner.research.bench.engine_bench import run_oft
 
-        res = run_oft(bench_checkpoint(preset), out, ar_model=None, **common)
+        res = run_oft(model, out, ar_model=None, **common)
         layout = (
             f"OFT-7B token layout ({preset}: {res['views']} x "
-            f"{res['visual_tokens'] // res['views']} visual tokens, 32 layers, chunk "
+            f"{res['visual_tokens'] // res['views']} visual tokens, {layers} layers, chunk "
             f"{res['chunk']} x {res['action_dim']})"
         )
     rows = {r["method"]: r for r in res["results"]}
