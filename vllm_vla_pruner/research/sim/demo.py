@@ -55,7 +55,11 @@ def bench_checkpoint(preset: str) -> Path:
 
 def run_bench(preset: str, out: Path, keep: float, repeats: int) -> dict[str, Any]:
     """Whole-chunk time at batch 1 on ``preset``, unpruned vs VLA-Pruner at ``keep``
-    (medians of ``repeats`` interleaved runs after VLA-Pruner's warm-up)."""
+    (medians of ``repeats`` interleaved runs after VLA-Pruner's warm-up); the checkpoint's
+    kind picks the bench (pi0 or OFT)."""
+    from vllm_vla_pruner.config import load_config_json
+    from vllm_vla_pruner.pi0_spec import is_pi0_checkpoint
+
     common = dict(
         batch_sizes=(1,),
         keep_ratios=(keep,),
@@ -64,11 +68,9 @@ def run_bench(preset: str, out: Path, keep: float, repeats: int) -> dict[str, An
         progress=False,
         print_table=False,
     )
-    from vllm_vla_pruner.config import load_config_json
-
     model = bench_checkpoint(preset)
     layers = load_config_json(model)["text_config"]["num_hidden_layers"]
-    if preset == "bench-pi0":
+    if is_pi0_checkpoint(model):
         from vllm_vla_pruner.research.bench.engine_bench_pi0 import run_pi0
 
         res = run_pi0(model, out, **common)
