@@ -13,7 +13,6 @@ clients send :data:`AUTH`.
 from __future__ import annotations
 
 import secrets
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,17 +20,13 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["AUTH", "FLEET_KEY", "FLEET_KEY_ENV", "ray_fleet", "ray_fleet_oft"]
+from vllm_vla_pruner.research.ports import free_port
+
+__all__ = ["AUTH", "FLEET_KEY", "FLEET_KEY_ENV", "fleet_test_config", "ray_fleet", "ray_fleet_oft"]
 
 FLEET_KEY_ENV = "VLA_TEST_FLEET_API_KEY"
 FLEET_KEY = "test-fleet-key-" + secrets.token_hex(8)
 AUTH = {"Authorization": f"Bearer {FLEET_KEY}"}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +55,7 @@ def _running_fleet(name: str, ckpt: Path, replicas: int) -> Iterator[object]:
     """A fleet started with the test config and key, stopped on exit."""
     from vllm_vla_pruner.serve.fleet import start_fleet, stop_fleet
 
-    cfg = _config(name, ckpt, replicas=replicas, http={"port": _free_port()})
+    cfg = fleet_test_config(name, ckpt, replicas=replicas, http={"port": free_port()})
     t0 = time.perf_counter()
     fleet = start_fleet(cfg, timeout_s=900.0, environ={FLEET_KEY_ENV: FLEET_KEY})
     print(f"\n[{name}] {replicas}-replica fleet ready in {time.perf_counter() - t0:.1f} s")
@@ -70,7 +65,7 @@ def _running_fleet(name: str, ckpt: Path, replicas: int) -> Iterator[object]:
         stop_fleet(fleet)
 
 
-def _config(name: str, ckpt: Path, replicas: int, http: dict) -> object:
+def fleet_test_config(name: str, ckpt: Path, replicas: int, http: dict) -> object:
     """The test fleets' config: fast health checks, bounded requests, the test key."""
     from vllm_vla_pruner.serve.config import parse_config
 

@@ -117,13 +117,51 @@ def start_fleet(
     t0 = time.perf_counter()
     model_dir = ensure_checkpoint(cfg)
     app = build_app(cfg, model_dir, environ)  # refuses an unguarded public fleet before Ray
+    if not cfg.ray.address:
+        _check_port_free(cfg.http.host, cfg.http.port)
     owns = connect_ray(cfg)
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    # serve.run returns once every replica's constructor (the engine start) finished.
-    serve.run(app, name=cfg.name, route_prefix=cfg.http.route_prefix)
-    url = fleet_url(cfg)
-    _wait_healthy(url, timeout_s)
+    try:
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        # serve.run returns once every replica's constructor (the engine start) finished.
+        serve.run(app, name=cfg.name, route_prefix=cfg.http.route_prefix)
+        url = fleet_url(cfg)
+        _wait_healthy(url, timeout_s)
+    except BaseException:
+        # A failed start must not leave a Ray it started behind: the next start_fleet in this
+        # process would join it, keep its broken Serve and wait on a port nobody serves.
+        if owns:
+            _shutdown_serve_and_ray()
+        raise
     return Fleet(cfg, url, model_dir, owns, time.perf_counter() - t0)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a local fleet whose HTTP port is taken, before Ray starts: otherwise Serve's
+    proxy fails to bind inside an actor and the error arrives a minute later as a traceback."""
+    import socket
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy's server binds
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise FleetConfigError(
+                f"http.port: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                "choose another port (--port)"
+            ) from None
+
+
+def _shutdown_serve_and_ray() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def stop_fleet(fleet: Fleet | FleetConfig, shutdown_ray: bool | None = None) -> None:
@@ -142,10 +180,7 @@ def stop_fleet(fleet: Fleet | FleetConfig, shutdown_ray: bool | None = None) -> 
     except Exception:  # noqa: BLE001 - already gone
         pass
     if shutdown_ray:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        _shutdown_serve_and_ray()
 
 
 # ----------------------------------------------------------------------------- CLI

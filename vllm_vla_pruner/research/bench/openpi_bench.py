@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,13 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from vllm_vla_pruner.research.ports import free_port
+
 PROMPT = "press the handle down"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -48,7 +43,7 @@ class Server:
     def __init__(self, model: str, extra: Sequence[str], log: Path) -> None:
         import httpx
 
-        self.port = _free_port()
+        self.port = free_port()
         cmd = [sys.executable, "-m", "vllm_vla_pruner.cli", "serve", model]
         cmd += ["--port", str(self.port), "--host", "127.0.0.1", *extra]
         self.log = open(log, "wb")  # noqa: SIM115 - open for the server's lifetime
