@@ -256,3 +256,43 @@ def test_vllm_import_warnings_follow_vllm_logging_level():
     if "Triton is installed" not in loud:
         pytest.skip("this vLLM / Triton logs nothing while being imported")
     assert "Triton is installed" not in stderr("ERROR")
+
+
+def test_serve_on_a_taken_port_says_so_before_starting(tiny_ckpt: Path) -> None:
+    """``vla-pruner serve`` (the console command, in its own process) on a port another server
+    listens on: one line naming ``--port``, exit 2, no engine started and no traceback."""
+    import socket
+    import subprocess
+
+    from vllm_vla_pruner.research.ports import free_port
+
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other_server:
+        other_server.bind(("127.0.0.1", port))
+        other_server.listen()
+        cmd = [sys.executable, "-m", "vllm_vla_pruner.cli", "serve", str(tiny_ckpt)]
+        for host in ([], ["--host", "127.0.0.1"]):
+            run = subprocess.run(
+                [*cmd, "--port", str(port), *host], capture_output=True, text=True, timeout=120
+            )
+            out = run.stdout + run.stderr
+            assert run.returncode == 2, out[-2000:]
+            assert f"--port {port}: cannot listen on" in out and "in use" in out
+            assert "Traceback" not in out and "starting vLLM" not in out
+
+
+def test_listen_error_names_the_reason() -> None:
+    import socket
+
+    from vllm_vla_pruner.listen_check import listen_error
+    from vllm_vla_pruner.research.ports import free_port
+
+    port = free_port()
+    assert listen_error("127.0.0.1", port) is None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        assert "in use" in (listen_error("127.0.0.1", port) or "")
+        assert "in use" in (listen_error(None, port) or "")  # all interfaces include it
+    assert listen_error("127.0.0.1", port) is None  # closed (never connected): free again
+    assert listen_error("127.0.0.1", 0) is None

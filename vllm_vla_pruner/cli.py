@@ -136,9 +136,14 @@ def _announce_when_ready(url: str, model: str, t0: float, stop: threading.Event)
 
 
 def _serve_run(args: argparse.Namespace, extra: list[str]) -> int:
+    from vllm_vla_pruner.listen_check import listen_error
     from vllm_vla_pruner.server_defaults import cpu_safe_env
 
     t0 = time.perf_counter()
+    why = listen_error(args.host, args.port)
+    if why:  # before the engine's start, not as vLLM's traceback after it
+        print(f"vla-pruner serve: --port {args.port}: cannot listen on {args.host or '*'}: {why}")
+        return 2
     # Before anything imports vLLM's env module or loads plugins.
     cpu_safe_env()
     argv = build_serve_args(args.model, args.port, args.host, extra, not args.no_cpu_defaults)
@@ -265,8 +270,8 @@ SUBCOMMANDS: list[Subcommand] = [
     ),
     Subcommand(
         "demo",
-        "closed-loop Meta-World run of the embedded OFT policy, unpruned vs VLA-Pruner, "
-        "and a short bench at OFT-7B's token layout",
+        "closed-loop Meta-World run of an embedded policy (OFT by default; pi0, AR), unpruned "
+        "vs VLA-Pruner, and a short bench at a full-size model's token layout",
         _demo_configure,
         _demo_run,
         passthrough=True,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_vla_pruner.listen_check import listen_error
 from vllm_vla_pruner.serve.config import FleetConfig, FleetConfigError, load_config
 
 __all__ = [
@@ -138,20 +139,11 @@ def start_fleet(
 def _check_port_free(host: str, port: int) -> None:
     """Refuse a local fleet whose HTTP port is taken, before Ray starts: otherwise Serve's
     proxy fails to bind inside an actor and the error arrives a minute later as a traceback."""
-    import socket
-
-    if port == 0:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy's server binds
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise FleetConfigError(
-                f"http.port: cannot listen on {host}:{port} ({exc.strerror or exc}); "
-                "choose another port (--port)"
-            ) from None
+    why = listen_error(host, port)
+    if why:
+        raise FleetConfigError(
+            f"http.port: cannot listen on {host}:{port} ({why}); choose another port (--port)"
+        )
 
 
 def _shutdown_serve_and_ray() -> None:
