@@ -184,6 +184,12 @@ def configure_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="override http.port")
     p.add_argument("--replicas", type=int, default=None, help="override replicas")
     p.add_argument(
+        "--start-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds to wait for every replica to be healthy (default 1800); then exit 1",
+    )
+    p.add_argument(
         "--detach",
         action="store_true",
         help="return after deploying (only with ray.address: a cluster keeps the fleet)",
@@ -236,10 +242,15 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
         print("vla-pruner fleet: --detach needs ray.address (a local Ray ends with this process)")
         return 2
     try:
-        fleet = start_fleet(cfg)
+        fleet = start_fleet(cfg, timeout_s=args.start_timeout)
     except FleetConfigError as exc:
         print(f"vla-pruner fleet: {exc}")
         return 2
+    except (TimeoutError, KeyboardInterrupt) as exc:  # a local Ray is already taken down
+        what = str(exc) if isinstance(exc, TimeoutError) else "interrupted while starting"
+        left = f"; `fleet down {args.config}` removes it" if cfg.ray.address else ""
+        print(f"vla-pruner fleet: {what}{left}")
+        return 1 if isinstance(exc, TimeoutError) else 130
     n = cfg.replica_count()
     from vllm_vla_pruner.serve.auth import resolve_api_key
 
