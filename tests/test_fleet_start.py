@@ -1,6 +1,7 @@
 """How ``vla-pruner fleet up`` fails to start: a taken HTTP port is refused by name before
-Ray starts, and a start that fails after Ray started (here: no replica healthy within
-``--start-timeout``) says so in one line and takes that Ray down again. (A CI run once lost
+Ray starts, and a start that fails after Ray started (no replica running within
+``--start-timeout``; a replica whose engine cannot start) says so in one line and takes that
+Ray down again. (A CI run once lost
 Serve's proxy port, left its Ray running, and the next fleet in the process joined it and
 waited 15 minutes on a port nobody served.) Both run the CLI in this process, so the test
 can see whether Ray is left initialized."""
@@ -8,6 +9,7 @@ can see whether Ray is left initialized."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -54,5 +56,31 @@ def test_failed_start_says_so_and_takes_down_the_ray_it_started(
     config = _config_file(tmp_path, tiny_ckpt, free_port())
     assert main(["up", config, "--start-timeout", "0"]) == 1
     out = capsys.readouterr().out
-    assert "vla-pruner fleet: fleet at http://127.0.0.1:" in out and "not healthy" in out
+    assert "vla-pruner fleet: start-test: replicas not running (still DEPLOYING)" in out
+    assert "(waited 0 s)" in out
+    assert not ray.is_initialized()
+
+
+@pytest.mark.ray
+def test_replica_that_cannot_start_fails_the_start_in_one_line(
+    tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A checkpoint whose weights file is cut short: Serve gives up on the replica after its
+    constructor retries, and the command names the error instead of printing a traceback."""
+    ray = pytest.importorskip("ray")
+    from vllm_vla_pruner.serve.fleet import main
+
+    broken = shutil.copytree(tiny_ckpt, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    monkeypatch.setenv(FLEET_KEY_ENV, FLEET_KEY)
+    # One constructor attempt instead of Serve's three (read by the controller, which the
+    # Ray started here inherits this environment into).
+    monkeypatch.setenv("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "1")
+    config = _config_file(tmp_path, broken, free_port())
+    assert main(["up", config, "--start-timeout", "600"]) == 1
+    out = capsys.readouterr().out
+    assert "vla-pruner fleet: start-test: deploying failed: VLAEngine: " in out, out[-2000:]
+    assert "worker-*.err" in out
+    assert "Traceback" not in out
     assert not ray.is_initialized()

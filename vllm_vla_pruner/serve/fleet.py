@@ -23,7 +23,9 @@ from vllm_vla_pruner.listen_check import listen_error
 from vllm_vla_pruner.serve.config import FleetConfig, FleetConfigError, load_config
 
 __all__ = [
+    "START_TIMEOUT_S",
     "Fleet",
+    "FleetStartError",
     "configure_cli",
     "ensure_checkpoint",
     "main",
@@ -90,26 +92,76 @@ def fleet_url(cfg: FleetConfig) -> str:
     return f"http://{shown}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
 
 
-def _wait_healthy(url: str, timeout_s: float) -> None:
+class FleetStartError(RuntimeError):
+    """The fleet's application failed to deploy (e.g. a replica's engine cannot start)."""
+
+
+START_TIMEOUT_S = 1800.0
+
+
+def _deploy(app: Any, cfg: FleetConfig, deadline: float) -> None:
+    """Deploy and wait, until ``deadline`` (``time.monotonic``), for the application to run.
+
+    ``serve.run`` would wait for the replicas' engines without a bound and report a failed
+    one as a traceback; this asks Serve's public status instead."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    target = serve.RunTarget(target=app, name=cfg.name, route_prefix=cfg.http.route_prefix)
+    serve.run_many([target], wait_for_applications_running=False)
+    while True:
+        app_status = serve.status().applications.get(cfg.name)
+        if app_status is not None and app_status.status == ApplicationStatus.RUNNING:
+            return
+        if app_status is not None and app_status.status == ApplicationStatus.DEPLOY_FAILED:
+            raise FleetStartError(f"{cfg.name}: deploying failed: {_failure(app_status)}")
+        if time.monotonic() >= deadline:
+            state = app_status.status.value if app_status is not None else "not created"
+            raise TimeoutError(f"{cfg.name}: replicas not running (still {state})")
+        time.sleep(0.5)
+
+
+def _failure(app_status: Any) -> str:
+    """One line for a failed deployment: the last line of the failed deployment's error (a
+    replica constructor's traceback) and where the engine's own error is (its worker log)."""
+    from ray.serve.schema import DeploymentStatus
+
+    failed = [
+        (name, d.message)
+        for name, d in app_status.deployments.items()
+        if d.status == DeploymentStatus.DEPLOY_FAILED
+    ]
+    name, message = failed[0] if failed else ("application", app_status.message)
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    return (
+        f"{name}: {lines[-1] if lines else 'no message'} (the engine's own error: Ray's worker "
+        "logs, /tmp/ray/session_latest/logs/worker-*.err on the replica's node)"
+    )
+
+
+def _wait_healthy(url: str, deadline: float) -> None:
     import httpx
 
-    t_end = time.monotonic() + timeout_s
-    while time.monotonic() < t_end:
+    while True:
         try:
             if httpx.get(f"{url}/health", timeout=5.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"fleet at {url} not healthy")
         time.sleep(0.5)
-    raise TimeoutError(f"fleet at {url} not healthy after {timeout_s:.0f} s")
 
 
 def start_fleet(
-    cfg: FleetConfig, timeout_s: float = 1800.0, environ: Mapping[str, str] | None = None
+    cfg: FleetConfig, timeout_s: float = START_TIMEOUT_S, environ: Mapping[str, str] | None = None
 ) -> Fleet:
     """Deploy (starting Ray if needed) and return once every replica's engine is up.
 
-    ``environ`` (default ``os.environ``) is where the API key is looked up.
+    Raises ``FleetConfigError`` before Ray starts for a config that cannot run here,
+    ``FleetStartError`` if a replica cannot start and ``TimeoutError`` after ``timeout_s``
+    seconds; a Ray this call started is taken down again on any failure. ``environ``
+    (default ``os.environ``) is where the API key is looked up.
     """
     from ray import serve
 
@@ -121,17 +173,19 @@ def start_fleet(
     if not cfg.ray.address:
         _check_port_free(cfg.http.host, cfg.http.port)
     owns = connect_ray(cfg)
+    deadline = time.monotonic() + timeout_s
     try:
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-        # serve.run returns once every replica's constructor (the engine start) finished.
-        serve.run(app, name=cfg.name, route_prefix=cfg.http.route_prefix)
+        _deploy(app, cfg, deadline)  # every replica's constructor (the engine start) finished
         url = fleet_url(cfg)
-        _wait_healthy(url, timeout_s)
-    except BaseException:
+        _wait_healthy(url, deadline)
+    except BaseException as exc:
         # A failed start must not leave a Ray it started behind: the next start_fleet in this
         # process would join it, keep its broken Serve and wait on a port nobody serves.
         if owns:
             _shutdown_serve_and_ray()
+        if isinstance(exc, TimeoutError):
+            raise TimeoutError(f"{exc} (waited {timeout_s:g} s)") from None
         raise
     return Fleet(cfg, url, model_dir, owns, time.perf_counter() - t0)
 
@@ -186,8 +240,9 @@ def configure_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--start-timeout",
         type=float,
-        default=1800.0,
-        help="seconds to wait for every replica to be healthy (default 1800); then exit 1",
+        default=START_TIMEOUT_S,
+        help=f"seconds for every replica's engine to start (default {START_TIMEOUT_S:.0f}); "
+        "then exit 1",
     )
     p.add_argument(
         "--detach",
@@ -246,11 +301,12 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
     except FleetConfigError as exc:
         print(f"vla-pruner fleet: {exc}")
         return 2
-    except (TimeoutError, KeyboardInterrupt) as exc:  # a local Ray is already taken down
-        what = str(exc) if isinstance(exc, TimeoutError) else "interrupted while starting"
+    except (FleetStartError, TimeoutError, KeyboardInterrupt) as exc:  # local Ray: taken down
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        what = "interrupted while starting" if interrupted else str(exc)
         left = f"; `fleet down {args.config}` removes it" if cfg.ray.address else ""
         print(f"vla-pruner fleet: {what}{left}")
-        return 1 if isinstance(exc, TimeoutError) else 130
+        return 130 if interrupted else 1
     n = cfg.replica_count()
     from vllm_vla_pruner.serve.auth import resolve_api_key
 
