@@ -1,10 +1,9 @@
 """How ``vla-pruner fleet up`` fails to start: a taken HTTP port is refused by name before
 Ray starts, and a start that fails after Ray started (no replica running within
 ``--start-timeout``; a replica whose engine cannot start) says so in one line and takes that
-Ray down again. (A CI run once lost
-Serve's proxy port, left its Ray running, and the next fleet in the process joined it and
-waited 15 minutes on a port nobody served.) Both run the CLI in this process, so the test
-can see whether Ray is left initialized."""
+Ray down again. (A CI run once lost Serve's proxy port, left its Ray running, and the next
+fleet in the process joined it and waited 15 minutes on a port nobody served.) The tests run
+the CLI in this process, so they can see whether Ray is left initialized."""
 
 from __future__ import annotations
 
