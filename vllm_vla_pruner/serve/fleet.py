@@ -122,8 +122,8 @@ def _deploy(app: Any, cfg: FleetConfig, deadline: float) -> None:
 
 
 def _failure(app_status: Any) -> str:
-    """One line for a failed deployment: the last line of the failed deployment's error (a
-    replica constructor's traceback) and where the engine's own error is (its worker log)."""
+    """One line for a failed deployment: the last line of its error (a replica constructor's
+    traceback) and where the whole error is (an engine's own: its replica's worker log)."""
     from ray.serve.schema import DeploymentStatus
 
     failed = [
@@ -134,8 +134,8 @@ def _failure(app_status: Any) -> str:
     name, message = failed[0] if failed else ("application", app_status.message)
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     return (
-        f"{name}: {lines[-1] if lines else 'no message'} (the engine's own error: Ray's worker "
-        "logs, /tmp/ray/session_latest/logs/worker-*.err on the replica's node)"
+        f"{name}: {lines[-1] if lines else 'no message'} (the whole error: Ray's worker logs, "
+        "/tmp/ray/session_latest/logs/worker-*.err on the replica's node)"
     )
 
 
@@ -304,7 +304,7 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
     except (FleetStartError, TimeoutError, KeyboardInterrupt) as exc:  # local Ray: taken down
         interrupted = isinstance(exc, KeyboardInterrupt)
         what = "interrupted while starting" if interrupted else str(exc)
-        left = f"; `fleet down {args.config}` removes it" if cfg.ray.address else ""
+        left = f"; `fleet down {args.config}` removes the application" if cfg.ray.address else ""
         print(f"vla-pruner fleet: {what}{left}")
         return 130 if interrupted else 1
     n = cfg.replica_count()
