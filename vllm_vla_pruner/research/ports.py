@@ -27,6 +27,8 @@ def _ephemeral_start() -> int:
 
 
 def _bindable(port: int) -> bool:
+    """A plain bind, stricter than ``listen_check.listen_error`` (which binds as servers do,
+    with SO_REUSEADDR): the port also suits a test's own plain socket."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind(("127.0.0.1", port))
